@@ -1,0 +1,1 @@
+"""Reading volumes, slicing, normalising, and the built-in data set."""

@@ -1,0 +1,238 @@
+"""The prepared-slice file: what ``mrsynth data prepare`` writes and every trainer reads.
+
+One ``.npz`` file holds, for N axial slices of size H x W:
+
+==========================  ==============  ==============================================
+key                         shape / dtype   meaning
+==========================  ==============  ==============================================
+``format_version``          () int          :data:`FORMAT_VERSION`
+``settings``                () str (JSON)   preparation settings (contrasts, size, slice
+                                            selection, split, seed, normalisation, source)
+``subjects``                () str (JSON)   per subject: source files, original shape,
+                                            affine, canonical shape/affine, voxel size
+``image__<C>``              (N,H,W) f32     contrast C, normalised (``(x - offset) / scale``)
+``available__<C>``          (N,) bool       whether contrast C exists for the slice (unpaired
+                                            data); missing images are all -1
+``offset__<C>``/``scale__<C>`` (N,) f64     per-volume linear intensity map, repeated per slice
+``mask``                    (N,H,W) bool    brain mask
+``subject``                 (N,) str        subject id
+``slice_index``             (N,) i32        axial index in the canonical (RAS) volume
+``crop``                    (N,2) i32       (row0, col0): ``slice[r, c] = canonical[r+row0, c+col0]``
+                                            (negative means the slice was padded there)
+``split``                   (N,) str        ``train`` or ``test``
+``paired``                  (N,) bool       every requested contrast is available
+==========================  ==============  ==============================================
+
+Why one file: it loads in well under a second and fits in memory, so training
+never decodes NIfTI per epoch, and it travels with its own provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrsynth.errors import DataError
+from mrsynth.utils import atomic_path
+
+FORMAT_VERSION = 1
+
+#: Settings that must agree between the data a run was trained on and the
+#: data it is evaluated or applied on (intensity model and geometry).
+COMPATIBILITY_KEYS = ("size", "normalisation", "orientation")
+
+
+@dataclass
+class PreparedData:
+    """In-memory prepared slices; see the module docstring for the fields."""
+
+    images: dict[str, np.ndarray]
+    available: dict[str, np.ndarray]
+    offset: dict[str, np.ndarray]
+    scale: dict[str, np.ndarray]
+    mask: np.ndarray
+    subject: np.ndarray
+    slice_index: np.ndarray
+    crop: np.ndarray
+    split: np.ndarray
+    paired: np.ndarray
+    settings: dict[str, Any] = field(default_factory=dict)
+    subjects: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return int(self.subject.shape[0])
+
+    @property
+    def contrasts(self) -> list[str]:
+        return list(self.images)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.mask.shape[1]), int(self.mask.shape[2])
+
+    def validate(self) -> None:
+        """Check internal consistency; raise :class:`DataError` naming the file."""
+        where = f"Prepared file {self.path}" if self.path else "Prepared data"
+        n = len(self)
+        if n == 0:
+            raise DataError(f"{where} holds no slices. Re-run `mrsynth data prepare`.")
+        if self.mask.ndim != 3 or self.mask.shape[0] != n:
+            raise DataError(f"{where}: mask has shape {self.mask.shape}, expected ({n}, H, W).")
+        for c in self.contrasts:
+            for name, arr, shape in (
+                ("image", self.images[c], self.mask.shape),
+                ("available", self.available[c], (n,)),
+                ("offset", self.offset[c], (n,)),
+                ("scale", self.scale[c], (n,)),
+            ):
+                if arr.shape != shape:
+                    raise DataError(
+                        f"{where}: {name} of {c} has shape {arr.shape}, expected {shape}. "
+                        "The file is damaged or from another mrsynth version; prepare it again."
+                    )
+            if not np.isfinite(self.images[c]).all():
+                raise DataError(f"{where}: images of {c} contain NaN or Inf; prepare it again.")
+        for name in ("slice_index", "split", "paired"):
+            if getattr(self, name).shape != (n,):
+                raise DataError(f"{where}: {name} has the wrong length.")
+        if self.crop.shape != (n, 2):
+            raise DataError(f"{where}: crop has shape {self.crop.shape}, expected ({n}, 2).")
+
+    def select(self, index: np.ndarray) -> PreparedData:
+        """A new PreparedData with the slices picked by a boolean mask or index array."""
+        idx = np.asarray(index)
+        return PreparedData(
+            images={c: v[idx] for c, v in self.images.items()},
+            available={c: v[idx] for c, v in self.available.items()},
+            offset={c: v[idx] for c, v in self.offset.items()},
+            scale={c: v[idx] for c, v in self.scale.items()},
+            mask=self.mask[idx],
+            subject=self.subject[idx],
+            slice_index=self.slice_index[idx],
+            crop=self.crop[idx],
+            split=self.split[idx],
+            paired=self.paired[idx],
+            settings=self.settings,
+            subjects=self.subjects,
+            path=self.path,
+        )
+
+    def split_view(self, split: str) -> PreparedData:
+        """Slices of one split (``train`` or ``test``)."""
+        sel = self.split == split
+        if not sel.any():
+            raise DataError(
+                f"{self.path or 'Prepared data'} has no '{split}' slices "
+                f"(splits present: {sorted(set(self.split.tolist()))})."
+            )
+        return self.select(sel)
+
+    def require_contrasts(self, *contrasts: str) -> None:
+        missing = [c for c in contrasts if c not in self.images]
+        if missing:
+            raise DataError(
+                f"{self.path or 'Prepared data'} has contrasts {self.contrasts}, not {missing}. "
+                f"Prepare it with `--contrasts {' '.join(contrasts)}`."
+            )
+
+    def unscale(self, contrast: str, normalised: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Map normalised slices (N,H,W) back to the source volume's intensity units."""
+        o = self.offset[contrast][rows][:, None, None]
+        s = self.scale[contrast][rows][:, None, None]
+        return normalised.astype(np.float64) * s + o
+
+    def compatibility(self) -> dict[str, Any]:
+        """The settings a trained run must share with data it is applied to."""
+        return {k: self.settings.get(k) for k in COMPATIBILITY_KEYS}
+
+    # ------------------------------------------------------------------ file I/O
+    def save(self, path: str | Path, *, compress: bool = False) -> Path:
+        """Write atomically to ``path`` (``.npz``).
+
+        Uncompressed by default: the shared data set (a few hundred MB of float32)
+        then loads in well under a second; ``compress=True`` trades that for size.
+        """
+        self.validate()
+        arrays: dict[str, Any] = {
+            "format_version": np.asarray(FORMAT_VERSION),
+            "settings": np.asarray(json.dumps(self.settings, default=_json_default)),
+            "subjects": np.asarray(json.dumps(self.subjects, default=_json_default)),
+            "mask": self.mask.astype(bool),
+            "subject": self.subject.astype(str),
+            "slice_index": self.slice_index.astype(np.int32),
+            "crop": self.crop.astype(np.int32),
+            "split": self.split.astype(str),
+            "paired": self.paired.astype(bool),
+        }
+        for c in self.contrasts:
+            arrays[f"image__{c}"] = self.images[c].astype(np.float32)
+            arrays[f"available__{c}"] = self.available[c].astype(bool)
+            arrays[f"offset__{c}"] = self.offset[c].astype(np.float64)
+            arrays[f"scale__{c}"] = self.scale[c].astype(np.float64)
+        dest = Path(path)
+        with atomic_path(dest, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                (np.savez_compressed if compress else np.savez)(fh, **arrays)
+        return dest
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Read and validate a prepared file; every problem is a :class:`DataError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(
+            f"Prepared data file {p} does not exist. Create it with "
+            "`mrsynth data prepare DATA --out FILE.npz` (or `mrsynth data prepare builtin`)."
+        )
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            files = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(
+            f"Cannot read prepared data file {p}: {exc}. It is not an mrsynth prepared file "
+            "or it is truncated; prepare it again."
+        ) from exc
+    if "format_version" not in files:
+        raise DataError(f"{p} is not an mrsynth prepared file (no format_version field).")
+    version = int(files["format_version"])
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{p} has prepared-file format {version}; this mrsynth reads format "
+            f"{FORMAT_VERSION}. Prepare the data again with this version."
+        )
+    try:
+        contrasts = [k.split("__", 1)[1] for k in files if k.startswith("image__")]
+        data = PreparedData(
+            images={c: files[f"image__{c}"] for c in contrasts},
+            available={c: files[f"available__{c}"] for c in contrasts},
+            offset={c: files[f"offset__{c}"] for c in contrasts},
+            scale={c: files[f"scale__{c}"] for c in contrasts},
+            mask=files["mask"],
+            subject=files["subject"],
+            slice_index=files["slice_index"],
+            crop=files["crop"],
+            split=files["split"],
+            paired=files["paired"],
+            settings=json.loads(str(files["settings"])),
+            subjects=json.loads(str(files["subjects"])),
+            path=p,
+        )
+    except KeyError as exc:
+        raise DataError(f"{p} lacks the field {exc}; it is damaged, prepare it again.") from exc
+    data.validate()
+    return data

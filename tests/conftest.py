@@ -1,0 +1,45 @@
+"""Shared fixtures: the real BIDS data set in ../shared and small prepared files made from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MRSYNTH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def mrpaired() -> Path:
+    """The seven-subject BIDS data set every test and benchmark uses."""
+    path = SHARED_DATA / "mrpaired"
+    if not (path / "dataset_description.json").is_file():
+        pytest.fail(f"shared data set not found at {path}; set MRSYNTH_SHARED_DATA")
+    return path
+
+
+#: Subjects held out as the test split in the small prepared fixture.
+SMALL_TEST_SUBJECTS = ("sub-ms19", "sub-met00110")
+
+
+@pytest.fixture(scope="session")
+def prepared_small(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real shared slices, T1w/T2w, downsampled x4 to 64x64, every 4th brain slice.
+
+    Small enough for CPU model tests (a few hundred slices) yet real data.
+    """
+    from mrsynth.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "small.npz"
+    return prepare_dataset(
+        mrpaired,
+        out,
+        contrasts=("T1w", "T2w"),
+        size=(64, 64),
+        downsample=4,
+        slice_step=4,
+        test_subjects=SMALL_TEST_SUBJECTS,
+        seed=0,
+    )
