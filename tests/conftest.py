@@ -43,3 +43,37 @@ def prepared_small(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         test_subjects=SMALL_TEST_SUBJECTS,
         seed=0,
     )
+
+
+def _write_halved(src: Path, dest: Path) -> None:
+    """Save ``src`` at half resolution (every 2nd voxel), keeping its orientation and dtype."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj)[::2, ::2, ::2]
+    affine = img.affine.copy()
+    affine[:3, :3] *= 2
+    out = nib.Nifti1Image(data, affine)
+    out.set_data_dtype(img.get_data_dtype())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, dest)
+
+
+#: Real subjects in the mini data set: LAS float32, RAS int16, LPS float64.
+MINI_SUBJECTS = ("sub-ms19", "sub-met00110", "sub-bratscase")
+
+
+@pytest.fixture(scope="session")
+def mini_bids(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small BIDS copy of three real shared subjects (T1w, T2w) at half resolution.
+
+    Read-only for tests: copy it (``shutil.copytree``) before changing anything.
+    """
+    root = tmp_path_factory.mktemp("mini") / "bids"
+    for sub in MINI_SUBJECTS:
+        for c in ("T1w", "T2w"):
+            name = f"{sub}_{c}.nii.gz"
+            _write_halved(mrpaired / sub / "anat" / name, root / sub / "anat" / name)
+    (root / "dataset_description.json").write_text('{"Name": "mini", "BIDSVersion": "1.9.0"}\n')
+    return root

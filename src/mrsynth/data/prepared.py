@@ -17,7 +17,7 @@ key                         shape / dtype   meaning
 ``mask``                    (N,H,W) bool    brain mask
 ``subject``                 (N,) str        subject id
 ``slice_index``             (N,) i32        axial index in the canonical (RAS) volume
-``crop``                    (N,2) i32       (row0, col0): ``slice[r, c] = canonical[r+row0, c+col0]``
+``crop``                    (N,2) i32       (row0, col0): ``slice[r,c] = canonical[r+row0, c+col0]``
                                             (negative means the slice was padded there)
 ``split``                   (N,) str        ``train`` or ``test``
 ``paired``                  (N,) bool       every requested contrast is available
@@ -177,9 +177,8 @@ class PreparedData:
             arrays[f"offset__{c}"] = self.offset[c].astype(np.float64)
             arrays[f"scale__{c}"] = self.scale[c].astype(np.float64)
         dest = Path(path)
-        with atomic_path(dest, suffix=".npz") as tmp:
-            with open(tmp, "wb") as fh:
-                (np.savez_compressed if compress else np.savez)(fh, **arrays)
+        with atomic_path(dest, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            (np.savez_compressed if compress else np.savez)(fh, **arrays)
         return dest
 
 

@@ -1,0 +1,269 @@
+"""``mrsynth data info`` and ``mrsynth data prepare``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mrsynth.data import DataWarning
+from mrsynth.data.slicing import DEFAULT_SLICES
+from mrsynth.errors import DataError
+
+if TYPE_CHECKING:
+    from mrsynth.data.info import DatasetInfo
+
+data_app = typer.Typer(
+    help="Inspect data sets and prepare normalised training slices.",
+    no_args_is_help=True,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+_LAYOUT_HELP = "Force the layout: bids, hcp or folders (default: detect)."
+
+
+@contextlib.contextmanager
+def _print_data_warnings() -> Iterator[None]:
+    """Show DataWarnings as one-line notices on stderr instead of Python's warning format."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if issubclass(category, DataWarning):
+                err_console.print(f"[yellow]Warning:[/yellow] {message}", highlight=False,
+                                  soft_wrap=True)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out: list[str] = []
+    for v in values:
+        out.extend(s.strip() for s in v.split(",") if s.strip())
+    return out
+
+
+def _fmt_range(lo: float | None, hi: float | None) -> str:
+    if lo is None or hi is None:
+        return "-"
+    return f"{lo:.4g} .. {hi:.4g}"
+
+
+@data_app.command("info")
+def info_cmd(
+    path: str = typer.Argument(..., help="Data set directory, `builtin`, or a prepared .npz file."),
+    layout: str | None = typer.Option(None, "--layout", help=_LAYOUT_HELP),
+    contrasts: list[str] | None = typer.Option(
+        None, "--contrasts", help="Contrasts every subject should have (repeat or comma-separate); "
+        "for the folders layout, the names of A and B."),
+    n_subjects: int | None = typer.Option(None, "--n-subjects", help="builtin: how many subjects."),
+    seed: int = typer.Option(0, "--seed", help="builtin: simulation seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Print each subject's contrasts, grid, voxel size, dtype, intensity range and problems.
+
+    Exits with status 1 when a problem was found (so scripts can check a data set).
+    """
+    from mrsynth.data.info import inspect_dataset
+
+    p = Path(path)
+    if path != "builtin" and p.is_file() and p.suffix == ".npz":
+        _prepared_info(p, as_json)
+        return
+    with _print_data_warnings():
+        info = inspect_dataset(path, layout=layout, contrasts=_split_list(contrasts),
+                               n_subjects=n_subjects, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(), indent=2))
+    else:
+        _print_info_table(info)
+    if info.n_problems:
+        raise DataError(
+            f"{info.n_problems} problem(s) found in {info.source} (listed above). Fix or remove "
+            "the files named there; `mrsynth data prepare` stops at the first of them.",
+            exit_code=1,
+        )
+
+
+def _print_info_table(info: DatasetInfo) -> None:
+    out = _wide(console)
+    table = Table(
+        title=f"{info.source}: {info.layout} layout, {len(info.subjects)} subject(s), "
+        f"contrasts {', '.join(info.contrasts)}",
+        title_justify="left",
+    )
+    for col in ("subject", "contrast", "grid", "voxel (mm)", "dtype", "orient.", "range",
+                "brain slices", "status"):
+        table.add_column(col, overflow="fold")
+    messages: list[str] = []
+
+    def ref(msg: str) -> str:
+        messages.append(msg)
+        return f"[red]problem [{len(messages)}][/red]"
+
+    for s in info.subjects:
+        subj_status = [ref(p) for p in s.problems] + [f"({n})" for n in s.notes]
+        for i, c in enumerate(s.contrasts):
+            status = [ref(c.problem)] if c.problem else []
+            if i == 0:
+                status += subj_status
+            table.add_row(
+                s.id if i == 0 else "",
+                c.contrast,
+                "x".join(map(str, c.shape)) if c.shape else "-",
+                "x".join(f"{v:g}" for v in c.voxel_size) if c.voxel_size else "-",
+                c.dtype or "-",
+                c.orientation or "-",
+                _fmt_range(c.min, c.max),
+                str(s.brain_slices) if i == 0 and s.brain_slices is not None else "",
+                "; ".join(status) or "ok",
+            )
+        if not s.contrasts:
+            table.add_row(s.id, "-", "-", "-", "-", "-", "-", "", "; ".join(subj_status))
+        table.add_section()
+    out.print(table)
+    for i, m in enumerate(messages, 1):
+        out.print(f"[red][{i}][/red] {m}", highlight=False, soft_wrap=True)
+    for n in info.notes:
+        out.print(f"[yellow]Note:[/yellow] {n}", highlight=False, soft_wrap=True)
+    if not info.n_problems:
+        out.print("[green]No problems found.[/green]")
+
+
+def _wide(con: Console) -> Console:
+    """Tables are wide; when writing to a file or pipe use 150 columns instead of 80."""
+    if con.is_terminal:
+        return con
+    return Console(file=con.file, width=150)
+
+
+def _prepared_info(path: Path, as_json: bool) -> None:
+    import numpy as np
+
+    from mrsynth.data.prepared import load_prepared
+
+    d = load_prepared(path)
+    summary = {
+        "file": str(path),
+        "n_slices": len(d),
+        "size": list(d.size),
+        "contrasts": d.contrasts,
+        "splits": {s: int((d.split == s).sum()) for s in sorted(set(d.split.tolist()))},
+        "subjects": {
+            s: {"split": str(d.split[d.subject == s][0]), "n_slices": int((d.subject == s).sum())}
+            for s in np.unique(d.subject).tolist()
+        },
+        "settings": d.settings,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    st = d.settings
+    out = _wide(console)
+    table = Table(title=f"{path}: {len(d)} slices of {d.size[0]}x{d.size[1]}, "
+                  f"contrasts {', '.join(d.contrasts)}", title_justify="left")
+    for col in ("subject", "split", "slices", "paired"):
+        table.add_column(col)
+    for s, v in summary["subjects"].items():
+        paired = bool(d.paired[d.subject == s].all())
+        table.add_row(s, v["split"], str(v["n_slices"]), "yes" if paired else "no")
+    out.print(table)
+    out.print(
+        f"source {st.get('source')} ({st.get('layout')}), slices {st.get('slices')} step "
+        f"{st.get('slice_step')}, downsample {st.get('downsample')}, seed {st.get('seed')}, "
+        f"normalisation {st.get('normalisation', {}).get('method')} "
+        f"{st.get('normalisation', {}).get('percentiles')}", highlight=False)
+
+
+@data_app.command("prepare")
+def prepare_cmd(
+    source: str = typer.Argument(..., help="Data set directory (BIDS, HCP-style, or "
+                                 "trainA/trainB/testA/testB), or `builtin`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (.npz)."),
+    contrasts: tuple[str, str] = typer.Option(
+        ("T1w", "T2w"), "--contrasts", help="Source and target contrast (A B)."),
+    extra_contrast: list[str] | None = typer.Option(
+        None, "--extra-contrast", help="Keep another contrast too (repeatable), e.g. FLAIR."),
+    size: tuple[int, int] = typer.Option((256, 256), "--size", help="Slice size H W."),
+    slices: str = typer.Option(
+        DEFAULT_SLICES, "--slices",
+        help="Axial slices: an index (120), indices (100,120), a range (60:100, end exclusive) "
+        "or brain:F (slices with at least a fraction F of brain voxels)."),
+    slice_step: int = typer.Option(1, "--slice-step", help="Keep every k-th selected slice."),
+    downsample: int = typer.Option(
+        1, "--downsample", help="In-plane block-average factor before crop/pad (fast CPU runs)."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction",
+                                        help="Fraction of subjects in the test split."),
+    test_subjects: list[str] | None = typer.Option(
+        None, "--test-subjects", help="Subjects for the test split (repeat or comma-separate); "
+        "overrides --test-fraction."),
+    split_from: Path | None = typer.Option(
+        None, "--split-from", help="Reuse the test subjects of an earlier prepared file (.npz), "
+        "a JSON list or a text file."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subject split (and the builtin set)."),
+    layout: str | None = typer.Option(None, "--layout", help=_LAYOUT_HELP),
+    unpaired: bool = typer.Option(
+        False, "--unpaired", help="Keep subjects that lack one contrast (for CycleGAN/UNIT)."),
+    strict: bool = typer.Option(False, "--strict",
+                                help="Fail on a subject missing a contrast (default: skip it)."),
+    resample: bool = typer.Option(
+        False, "--resample", help="Interpolate contrasts onto the first one's grid when grids "
+        "differ."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    n_subjects: int | None = typer.Option(
+        None, "--n-subjects", help="builtin: number of simulated subjects (default 20)."),
+    resolution: float | None = typer.Option(
+        None, "--resolution", help="builtin: voxel size in mm, 1 or 2 (default 2)."),
+    compress: bool = typer.Option(
+        False, "--compress", help="Compressed NPZ (smaller, loads several times slower)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Write normalised, subject-split axial slices (one .npz file) for training."""
+    from mrsynth.data.prepare import prepare_dataset
+    from mrsynth.data.prepared import load_prepared
+
+    cs = list(contrasts) + [c for c in (_split_list(extra_contrast) or []) if c not in contrasts]
+    t0 = time.perf_counter()
+    with _print_data_warnings():
+        path = prepare_dataset(
+            source, out, contrasts=cs, size=size, slices=slices, slice_step=slice_step,
+            downsample=downsample, test_fraction=test_fraction,
+            test_subjects=_split_list(test_subjects), split_from=split_from, seed=seed,
+            layout=layout, unpaired=unpaired, strict=strict, resample=resample,
+            overwrite=overwrite, n_subjects=n_subjects, resolution=resolution, compress=compress,
+            progress=not quiet,
+        )
+    elapsed = time.perf_counter() - t0
+    if quiet:
+        return
+    d = load_prepared(path)
+    n_train = int((d.split == "train").sum())
+    n_test = int((d.split == "test").sum())
+    st = d.settings
+    console.print(
+        f"Wrote {path}: {len(d)} slices ({n_train} train, {n_test} test) of "
+        f"{d.size[0]}x{d.size[1]}, contrasts {', '.join(d.contrasts)}, "
+        f"{len(st['train_subjects'])} train / {len(st['test_subjects'])} test subjects "
+        f"(test: {', '.join(st['test_subjects']) or 'none'}) in {elapsed:.1f} s.",
+        highlight=False, soft_wrap=True,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")

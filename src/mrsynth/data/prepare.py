@@ -1,0 +1,593 @@
+"""``mrsynth data prepare``: volumes -> normalised, subject-split axial slices in one file.
+
+Pipeline per subject: load and validate every contrast (canonical RAS+),
+check the contrasts share one grid (or resample onto the first), build a joint
+brain mask, pick axial slices, block-average in-plane (``downsample``),
+normalise each volume to [-1, 1] with robust brain percentiles, set the
+background to -1, and crop/pad to ``size`` around the brain. The split is by
+participant, drawn from ``seed`` (or given), so no subject's slices are in both
+train and test. The result is written atomically with
+:meth:`mrsynth.data.prepared.PreparedData.save`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrsynth import __version__
+from mrsynth.data import warn
+from mrsynth.data.normalise import BACKGROUND, DEFAULT_PERCENTILES, fit_scale, normalise
+from mrsynth.data.normalise import settings as normalisation_settings
+from mrsynth.data.prepared import FORMAT_VERSION, PreparedData
+from mrsynth.data.readers import DatasetIndex, SubjectRecord, index_dataset, load_image_2d
+from mrsynth.data.slicing import (
+    DEFAULT_SLICES,
+    SliceSpec,
+    block_average,
+    brain_origin,
+    crop_or_pad,
+    downsample_mask,
+    image_origin,
+    slices_first,
+)
+from mrsynth.data.volumes import (
+    Volume,
+    affine_list,
+    brain_mask,
+    check_data,
+    grid_difference,
+    load_volume,
+    orientation,
+    resample_to,
+    same_grid,
+    voxel_size,
+)
+from mrsynth.errors import ConfigError, DataError
+from mrsynth.utils import check_can_write
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class _Chunk:
+    """The slices of one subject, ready to be concatenated."""
+
+    images: dict[str, np.ndarray]
+    available: dict[str, bool]
+    offset: dict[str, float]
+    scale: dict[str, float]
+    mask: np.ndarray
+    slice_index: np.ndarray
+    origin: tuple[int, int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- options
+def _check_options(
+    contrasts: Sequence[str], size: Sequence[int], slice_step: int, downsample: int,
+    test_fraction: float,
+) -> tuple[list[str], tuple[int, int]]:
+    cs = [str(c) for c in contrasts]
+    if not cs:
+        raise ConfigError("No contrasts given; pass at least one, e.g. --contrasts T1w T2w.")
+    if len(set(cs)) != len(cs):
+        raise ConfigError(f"Contrasts {cs} repeat a name; give each contrast once.")
+    for c in cs:
+        if not c or "/" in c or "__" in c:
+            raise ConfigError(f"Contrast name {c!r} is not valid (no '/', no '__').")
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--size must be two integers H W, not {size!r}.") from exc
+    if h < 8 or w < 8:
+        raise ConfigError(f"--size {h} {w} is too small; use at least 8 x 8.")
+    if int(slice_step) < 1:
+        raise ConfigError(f"--slice-step must be >= 1, not {slice_step}.")
+    if int(downsample) < 1:
+        raise ConfigError(f"--downsample must be an integer >= 1, not {downsample}.")
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise ConfigError(f"--test-fraction must be in [0, 1), not {test_fraction}.")
+    return cs, (h, w)
+
+
+# --------------------------------------------------------------------------- split
+def read_split_file(path: str | os.PathLike[str]) -> list[str]:
+    """Test subjects from an earlier prepared file (.npz), a JSON list/dict or a text file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Split file {p} does not exist.")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                settings = json.loads(str(z["settings"]))
+            return [str(s) for s in settings["test_subjects"]]
+        text = p.read_text()
+        if p.suffix == ".json":
+            obj = json.loads(text)
+            obj = obj.get("test_subjects", obj.get("test")) if isinstance(obj, dict) else obj
+            return [str(s) for s in obj]
+        return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"Cannot read the test subjects from split file {p} ({exc}). Give an mrsynth "
+            "prepared file, a JSON list (or {\"test_subjects\": [...]}) or a text file with one "
+            "subject per line."
+        ) from exc
+
+
+def split_participants(
+    participants: Iterable[str], test_fraction: float, seed: int
+) -> list[str]:
+    """Test participants drawn reproducibly from ``seed``.
+
+    Participants are sorted first, so the result depends only on the set of names
+    and the seed (not on file-system order). At least one participant goes to each
+    side when ``test_fraction > 0`` and there are two or more participants.
+    """
+    names = sorted(set(participants))
+    if test_fraction <= 0 or len(names) < 2:
+        return []
+    n_test = int(round(test_fraction * len(names)))
+    n_test = min(max(n_test, 1), len(names) - 1)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    return sorted(names[i] for i in order[:n_test])
+
+
+def _resolve_test(
+    idx: DatasetIndex, records: list[SubjectRecord], test_subjects: Sequence[str] | None,
+    split_from: str | os.PathLike[str] | None, test_fraction: float, seed: int,
+    warnings_out: list[str],
+) -> tuple[set[str], str]:
+    participants = sorted({r.participant for r in records})
+    if idx.layout == "folders":
+        if test_subjects or split_from:
+            warn("The folders layout takes its split from trainA/testA; --test-subjects and "
+                 "--split-from are ignored.", warnings_out)
+        return {r.participant for r in records if r.split == "test"}, "folders"
+    given: list[str] | None = None
+    method = "seed"
+    if split_from is not None:
+        given, method = read_split_file(split_from), f"file:{split_from}"
+    elif test_subjects is not None:
+        given, method = [str(s) for s in test_subjects], "given"
+    if given is None:
+        test = set(split_participants(participants, test_fraction, seed))
+        if test_fraction > 0 and not test:
+            warn(f"Only {len(participants)} participant(s): every slice goes to the train split.",
+                 warnings_out)
+        return test, method
+    by_id = {r.id: r.participant for r in records}
+    test: set[str] = set()
+    unknown = []
+    for s in given:
+        if s in participants:
+            test.add(s)
+        elif s in by_id:
+            test.add(by_id[s])
+        elif f"sub-{s}" in participants:
+            test.add(f"sub-{s}")
+        else:
+            unknown.append(s)
+    if unknown:
+        raise ConfigError(
+            f"Test subject(s) {', '.join(unknown)} are not in {idx.source} (after dropping "
+            f"subjects without the requested contrasts). Subjects: {', '.join(participants)}."
+        )
+    if set(participants) <= test and participants:
+        warn("Every subject is in the test split; nothing is left to train on.", warnings_out)
+    return test, method
+
+
+# --------------------------------------------------------------------------- per subject
+def _load_record_volumes(rec: SubjectRecord, contrasts: list[str]) -> dict[str, Volume]:
+    if rec.simulate is not None:
+        imgs = rec.simulate()
+        return {c: load_volume(imgs[c]) for c in contrasts if c in imgs}
+    return {c: load_volume(rec.files[c]) for c in contrasts if c in rec.files}
+
+
+def _prepare_volume_record(
+    rec: SubjectRecord, contrasts: list[str], spec: SliceSpec, slice_step: int,
+    downsample: int, size: tuple[int, int], percentiles: tuple[float, float], resample: bool,
+    warnings_out: list[str],
+) -> _Chunk | None:
+    vols = _load_record_volumes(rec, contrasts)
+    present = [c for c in contrasts if c in vols]
+    ref = present[0]
+    resampled: list[str] = []
+    for c in present[1:]:
+        if not same_grid(vols[c].canonical, vols[ref].canonical):
+            diff = grid_difference(vols[c].canonical, vols[ref].canonical)
+            if not resample:
+                raise DataError(
+                    f"Subject {rec.id}: {c} ({rec.describe(c)}) and {ref} ({rec.describe(ref)}) "
+                    f"are not on the same voxel grid ({diff}). Paired slices need co-registered "
+                    f"volumes: register them first, or pass --resample to interpolate {c} onto "
+                    f"the {ref} grid (trilinear; only right if they are already aligned in world "
+                    "space)."
+                )
+            warn(f"Subject {rec.id}: resampled {c} onto the {ref} grid ({diff}).", warnings_out)
+            vols[c] = resample_to(vols[c], vols[ref].canonical)
+            resampled.append(c)
+    masks = {c: brain_mask(vols[c].data) for c in present}
+    joint = masks[ref].copy()
+    for c in present[1:]:
+        joint &= masks[c]
+    if not joint.any():
+        raise DataError(
+            f"Subject {rec.id}: the brain masks of {', '.join(present)} do not overlap, so the "
+            "volumes do not show the same brain. Check that they are co-registered."
+        )
+    index = spec.select(joint, name=f"Subject {rec.id} ({rec.describe(ref)})", step=slice_step)
+    if index.size == 0:
+        warn(f"Subject {rec.id}: no axial slice matches --slices {spec.text}; subject skipped.",
+             warnings_out)
+        return None
+
+    mask_ds = downsample_mask(joint, downsample)
+    origin = brain_origin(mask_ds, size)
+    sel_mask = mask_ds[:, :, index]
+    proj = mask_ds.any(axis=2)
+    kept = crop_or_pad(proj, size, origin, fill=False).sum()
+    if kept < proj.sum():
+        rows = np.flatnonzero(proj.any(axis=1))
+        cols = np.flatnonzero(proj.any(axis=0))
+        warn(
+            f"Subject {rec.id}: the brain spans {rows[-1] - rows[0] + 1} x "
+            f"{cols[-1] - cols[0] + 1} voxels in-plane (after downsample {downsample}), larger "
+            f"than --size {size[0]} {size[1]}, so its edges are cut off "
+            f"({int(proj.sum() - kept)} voxels of its outline). Use a larger --size or "
+            "--downsample.", warnings_out)
+
+    images: dict[str, np.ndarray] = {}
+    offsets: dict[str, float] = {}
+    scales: dict[str, float] = {}
+    per_contrast: dict[str, Any] = {}
+    for c in contrasts:
+        if c not in vols:
+            images[c] = np.full((index.size, *size), BACKGROUND, np.float32)
+            offsets[c], scales[c] = 0.0, 1.0
+            continue
+        v = vols[c]
+        offset, scale = fit_scale(v.data, joint, percentiles, name=f"{rec.describe(c)}")
+        sub = block_average(v.data[:, :, index], downsample)
+        norm = normalise(sub, offset, scale)
+        np.clip(norm, -1.0, 1.0, out=norm)
+        norm[~sel_mask] = BACKGROUND
+        images[c] = slices_first(crop_or_pad(norm.astype(np.float32), size, origin, BACKGROUND))
+        offsets[c], scales[c] = offset, scale
+        per_contrast[c] = {
+            "file": rec.describe(c),
+            "original_shape": [int(s) for s in v.original.shape],
+            "original_affine": affine_list(v.original),
+            "original_orientation": orientation(v.original),
+            "original_dtype": str(v.original.get_data_dtype()),
+            "canonical_shape": [int(s) for s in v.canonical.shape],
+            "canonical_affine": affine_list(v.canonical),
+            "voxel_size": list(voxel_size(v.canonical)),
+            "resampled": c in resampled,
+            "offset": offset,
+            "scale": scale,
+            "intensity_range": [float(v.data.min()), float(v.data.max())],
+        }
+    refc = per_contrast[ref]
+    info = {
+        "files": {c: per_contrast[c]["file"] for c in per_contrast},
+        "original_shape": refc["original_shape"],
+        "original_affine": refc["original_affine"],
+        "canonical_shape": refc["canonical_shape"],
+        "canonical_affine": refc["canonical_affine"],
+        "voxel_size": refc["voxel_size"],
+        "grid_shape": [int(s) for s in mask_ds.shape],
+        "reference_contrast": ref,
+        "contrasts": per_contrast,
+    }
+    mask = slices_first(crop_or_pad(sel_mask, size, origin, fill=False))
+    return _Chunk(
+        images=images, available={c: c in vols for c in contrasts}, offset=offsets, scale=scales,
+        mask=mask, slice_index=index.astype(np.int32), origin=origin, info=info,
+    )
+
+
+def _prepare_image_record(
+    rec: SubjectRecord, contrasts: list[str], downsample: int, size: tuple[int, int],
+    percentiles: tuple[float, float], resample: bool, warnings_out: list[str],
+) -> _Chunk:
+    data: dict[str, np.ndarray] = {}
+    for c in contrasts:
+        if c in rec.files:
+            arr = load_image_2d(rec.files[c])
+            check_data(arr, str(rec.files[c]))
+            data[c] = arr
+    present = list(data)
+    ref = present[0]
+    for c in present[1:]:
+        if data[c].shape != data[ref].shape:
+            if not resample:
+                raise DataError(
+                    f"{rec.files[c]} is {data[c].shape[0]}x{data[c].shape[1]} but its pair "
+                    f"{rec.files[ref]} is {data[ref].shape[0]}x{data[ref].shape[1]}. Paired "
+                    "images must have one size: fix the export, or pass --resample to resize "
+                    f"{c} to the {ref} image."
+                )
+            from skimage.transform import resize
+
+            warn(f"{rec.files[c]}: resized to {data[ref].shape} to match {rec.files[ref]}.",
+                 warnings_out)
+            data[c] = resize(data[c], data[ref].shape, order=1, preserve_range=True,
+                             anti_aliasing=False).astype(np.float32)
+    masks = {c: brain_mask(data[c]) for c in present}
+    joint = masks[ref].copy()
+    for c in present[1:]:
+        joint &= masks[c]
+    if not joint.any():
+        raise DataError(f"{rec.files[ref]}: no foreground found (the image is all background).")
+    mask_ds = downsample_mask(joint, downsample)
+    origin = image_origin(mask_ds.shape, size)
+    images, offsets, scales, per_contrast = {}, {}, {}, {}
+    for c in contrasts:
+        if c not in data:
+            images[c] = np.full((1, *size), BACKGROUND, np.float32)
+            offsets[c], scales[c] = 0.0, 1.0
+            continue
+        offset, scale = fit_scale(data[c], joint, percentiles, name=str(rec.files[c]))
+        norm = normalise(block_average(data[c], downsample), offset, scale)
+        np.clip(norm, -1.0, 1.0, out=norm)
+        norm[~mask_ds] = BACKGROUND
+        images[c] = crop_or_pad(norm.astype(np.float32), size, origin, BACKGROUND)[None]
+        offsets[c], scales[c] = offset, scale
+        per_contrast[c] = {
+            "file": str(rec.files[c]),
+            "original_shape": list(data[c].shape),
+            "original_affine": None,
+            "canonical_shape": list(data[c].shape),
+            "canonical_affine": np.eye(4).tolist(),
+            "voxel_size": [1.0, 1.0],
+            "offset": offset,
+            "scale": scale,
+            "intensity_range": [float(data[c].min()), float(data[c].max())],
+        }
+    refc = per_contrast[ref]
+    info = {
+        "files": {c: per_contrast[c]["file"] for c in per_contrast},
+        "original_shape": refc["original_shape"],
+        "original_affine": None,
+        "canonical_shape": refc["canonical_shape"],
+        "canonical_affine": refc["canonical_affine"],
+        "voxel_size": refc["voxel_size"],
+        "grid_shape": [int(s) for s in mask_ds.shape],
+        "reference_contrast": ref,
+        "contrasts": per_contrast,
+    }
+    return _Chunk(
+        images=images, available={c: c in data for c in contrasts}, offset=offsets,
+        scale=scales, mask=crop_or_pad(mask_ds, size, origin, fill=False)[None],
+        slice_index=np.zeros(1, np.int32), origin=origin, info=info,
+    )
+
+
+# --------------------------------------------------------------------------- main entry
+def _progress_callback(progress: bool | ProgressFn | None) -> tuple[ProgressFn | None, Any]:
+    if callable(progress):
+        return progress, None
+    if not progress:
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task("preparing", total=None)
+
+    def update(done: int, total: int, what: str) -> None:
+        bar.update(task, completed=done, total=total, description=f"preparing {what}")
+
+    return update, bar
+
+
+def prepare_dataset(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    contrasts: Sequence[str] = ("T1w", "T2w"),
+    size: Sequence[int] = (256, 256),
+    slices: str | int = DEFAULT_SLICES,
+    slice_step: int = 1,
+    downsample: int = 1,
+    test_fraction: float = 0.2,
+    test_subjects: Sequence[str] | None = None,
+    split_from: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    layout: str | None = None,
+    unpaired: bool = False,
+    strict: bool = False,
+    resample: bool = False,
+    overwrite: bool = False,
+    n_subjects: int | None = None,
+    resolution: float | None = None,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    compress: bool = False,
+    progress: bool | ProgressFn | None = False,
+) -> Path:
+    """Prepare normalised, subject-split axial slices from ``source`` into ``out`` (.npz).
+
+    ``source`` is a data set directory (BIDS, HCP-style, or ``trainA/trainB/testA/testB``)
+    or ``"builtin"`` (simulated subjects; ``n_subjects`` and ``resolution`` apply to it).
+    See ``docs/data.md`` for every option. Returns ``out``. Every input problem raises
+    :class:`~mrsynth.errors.MrsynthError`; ``out`` is only ever replaced by a complete file.
+    """
+    cs, hw = _check_options(contrasts, size, slice_step, downsample, test_fraction)
+    spec = SliceSpec.parse(slices)
+    out_path = check_can_write(out, overwrite)
+    if out_path.is_dir():
+        raise ConfigError(f"Output {out_path} is a directory; give a file name like data.npz.")
+    warnings_out: list[str] = []
+
+    is_builtin = str(source) == "builtin"
+    builtin_settings: dict[str, Any] | None = None
+    if is_builtin:
+        from mrsynth.data import builtin
+
+        idx, builtin_settings = builtin.index(
+            n_subjects=n_subjects, seed=seed, contrasts=cs, resolution=resolution
+        )
+    else:
+        if n_subjects is not None or resolution is not None:
+            raise ConfigError("--n-subjects and --resolution only apply to the builtin data set.")
+        idx = index_dataset(source, layout, cs)
+    for note in idx.notes:
+        warn(note, warnings_out)
+
+    found = idx.contrasts
+    missing_everywhere = [c for c in cs if c not in found]
+    if missing_everywhere:
+        raise DataError(
+            f"No subject in {idx.source} has {', '.join(missing_everywhere)} (layout {idx.layout}; "
+            f"contrasts found: {', '.join(found) or 'none'}). Choose contrasts that exist with "
+            "--contrasts."
+        )
+
+    records: list[SubjectRecord] = []
+    skipped: list[str] = []
+    for rec in idx.subjects:
+        for note in rec.notes:
+            warn(f"Subject {rec.id}: {note}", warnings_out)
+        missing = [c for c in cs if c not in rec.files]
+        if not missing:
+            records.append(rec)
+            continue
+        has = [c for c in cs if c in rec.files]
+        where = rec.describe(has[0]) if has else rec.id
+        if strict:
+            raise DataError(
+                f"Subject {rec.id} ({where}) has no {', '.join(missing)}, and --strict is set. "
+                "Add the missing file(s), remove the subject, or drop --strict to skip it "
+                "(--unpaired keeps it for unpaired models)."
+            )
+        if unpaired and has:
+            records.append(rec)
+            continue
+        skipped.append(rec.id)
+        warn(f"Subject {rec.id} has no {', '.join(missing)}; skipped (use --unpaired to keep "
+             "its other contrasts, or --strict to make this an error).", warnings_out)
+    if not records:
+        raise DataError(
+            f"No subject in {idx.source} has all of {', '.join(cs)}; nothing to prepare. "
+            "Check --contrasts, or pass --unpaired to use subjects with only some of them."
+        )
+
+    test, split_method = _resolve_test(
+        idx, records, test_subjects, split_from, test_fraction, seed, warnings_out
+    )
+
+    update, bar = _progress_callback(progress)
+    chunks: list[tuple[SubjectRecord, _Chunk]] = []
+    try:
+        if bar is not None:
+            bar.start()
+        for i, rec in enumerate(records):
+            if update:
+                update(i, len(records), rec.id)
+            if rec.kind == "image2d":
+                chunk = _prepare_image_record(rec, cs, downsample, hw, percentiles, resample,
+                                              warnings_out)
+            else:
+                chunk = _prepare_volume_record(rec, cs, spec, slice_step, downsample, hw,
+                                               percentiles, resample, warnings_out)
+            if chunk is not None:
+                chunks.append((rec, chunk))
+        if update:
+            update(len(records), len(records), "done")
+    finally:
+        if bar is not None:
+            bar.stop()
+    if not chunks:
+        raise DataError(
+            f"No slices were selected from {idx.source} with --slices {spec.text}. Lower the "
+            "brain fraction or choose other slices."
+        )
+
+    # the folders layout fixes each image's split; otherwise it follows the participant
+    splits = [rec.split or ("test" if rec.participant in test else "train") for rec, _ in chunks]
+    data = _assemble(chunks, cs, splits)
+    test_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
+                        if s == "test"})
+    train_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
+                         if s == "train"})
+    if test and not test_list:
+        warn("None of the test subjects produced slices; the test split is empty.", warnings_out)
+    data.settings = {
+        "format_version": FORMAT_VERSION,
+        "mrsynth_version": __version__,
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": "builtin" if is_builtin else str(Path(source).resolve()),
+        "layout": idx.layout,
+        "contrasts": cs,
+        "size": list(hw),
+        "downsample": int(downsample),
+        "orientation": "RAS",
+        "plane": "axial",
+        "geometry": "slice[r, c] = canonical_downsampled[r + row0, c + col0, slice_index]",
+        "normalisation": normalisation_settings(percentiles, clip=True),
+        "slices": spec.text if idx.layout != "folders" else "all (2-D images)",
+        "slice_step": int(slice_step),
+        "seed": int(seed),
+        "test_fraction": float(test_fraction),
+        "split_method": split_method,
+        "test_subjects": test_list,
+        "train_subjects": train_list,
+        "unpaired": bool(unpaired),
+        "strict": bool(strict),
+        "resample": bool(resample),
+        "skipped_subjects": skipped,
+        "n_subjects": len(chunks),
+        "n_slices": len(data),
+        "warnings": warnings_out,
+    }
+    if builtin_settings is not None:
+        data.settings["builtin"] = builtin_settings
+    data.save(out_path, compress=compress)
+    return out_path
+
+
+def _assemble(
+    chunks: list[tuple[SubjectRecord, _Chunk]], contrasts: list[str], splits: list[str]
+) -> PreparedData:
+    n_per = [int(ch.slice_index.size) for _, ch in chunks]
+    subjects: dict[str, Any] = {}
+    for (rec, ch), split in zip(chunks, splits, strict=True):
+        subjects[rec.id] = {
+            "participant": rec.participant,
+            "kind": rec.kind,
+            "split": split,
+            "crop": [int(ch.origin[0]), int(ch.origin[1])],
+            "n_slices": int(ch.slice_index.size),
+            "slice_indices": ch.slice_index.tolist(),
+            "available": [c for c in contrasts if ch.available[c]],
+            **ch.info,
+        }
+    return PreparedData(
+        images={c: np.concatenate([ch.images[c] for _, ch in chunks]) for c in contrasts},
+        available={
+            c: np.repeat([ch.available[c] for _, ch in chunks], n_per).astype(bool)
+            for c in contrasts
+        },
+        offset={c: np.repeat([ch.offset[c] for _, ch in chunks], n_per) for c in contrasts},
+        scale={c: np.repeat([ch.scale[c] for _, ch in chunks], n_per) for c in contrasts},
+        mask=np.concatenate([ch.mask for _, ch in chunks]),
+        subject=np.repeat([rec.id for rec, _ in chunks], n_per),
+        slice_index=np.concatenate([ch.slice_index for _, ch in chunks]),
+        crop=np.repeat(np.asarray([ch.origin for _, ch in chunks], np.int32), n_per, axis=0),
+        split=np.repeat(splits, n_per),
+        paired=np.repeat([all(ch.available.values()) for _, ch in chunks], n_per).astype(bool),
+        subjects=subjects,
+    )

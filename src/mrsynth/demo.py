@@ -1,0 +1,277 @@
+"""``mrsynth demo``: the whole study in one command (what ``make demo`` runs).
+
+Stages, each resumed rather than redone when its final output exists:
+
+1. **prepare** the built-in simulated set (or ``--data PATH``, a BIDS/HCP data
+   set) -> ``OUT/data/prepared.npz``;
+2. **train** all six models with the ``cpu-small`` preset -> ``OUT/runs/<model>/``
+   (done when its ``metrics.json`` says ``completed``; an interrupted run resumes
+   from its checkpoint);
+3. **evaluate** them on the test split -> ``OUT/eval/`` (done when ``eval.json``
+   exists; redone when any run was (re)trained in this invocation);
+4. **report** -> ``OUT/report.html`` (same rule).
+
+Then it prints the report's path and the summary table. ``OUT/demo.json``
+records each stage's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mrsynth.errors import ConfigError
+from mrsynth.utils import atomic_write_json
+
+#: Prepared slice size and in-plane downsampling per source: the built-in set is
+#: simulated at 2 mm (91 x 109 voxels in-plane); real data is usually 1 mm.
+BUILTIN_GEOMETRY = {"size": 112, "downsample": 1}
+REAL_GEOMETRY = {"size": 128, "downsample": 2}
+DEFAULT_SUBJECTS = 10
+#: Training iterations per epoch in the demo (the cpu-small preset's epochs are kept): six
+#: models x 10 epochs x 150 steps fit the 10-minute budget on a 2-core CPU (docs/evaluation.md).
+DEFAULT_STEPS_PER_EPOCH = 150
+
+
+def _stage(console: Console, i: int, n: int, title: str) -> float:
+    console.rule(f"[bold]Stage {i}/{n}: {title}", align="left")
+    return time.perf_counter()
+
+
+def _done(console: Console, t0: float, what: str) -> float:
+    dt = time.perf_counter() - t0
+    console.print(f"[green]✓[/green] {what} ({dt:.1f} s)", highlight=False)
+    return dt
+
+
+def _run_completed(run_dir: Path, epochs: int) -> bool:
+    try:
+        m = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return m.get("status") == "completed" and int(m.get("epochs_completed", 0)) >= epochs
+
+
+def _config(model: str, epochs: int | None, steps: int | None, device: str,
+            seed: int) -> dict[str, Any]:
+    from mrsynth.train.config import default_config, resolve_config
+
+    base = default_config(model, "cpu-small")
+    over: dict[str, Any] = {"device": device, "seed": seed, "train.progress": True}
+    if epochs is not None:
+        over["train.epochs"] = epochs
+        decay = base["train"].get("decay_start_epoch")
+        if decay is not None and decay > epochs:
+            over["train.decay_start_epoch"] = None
+    if steps is not None:
+        over["train.max_steps_per_epoch"] = steps
+    return resolve_config(model, "cpu-small", over)
+
+
+def _subset_bids(src: Path, dest: Path, n: int) -> Path:
+    """A BIDS view of the first ``n`` subjects (symbolic links), for ``--subjects``."""
+    subs = sorted(p for p in src.glob("sub-*") if p.is_dir())
+    if not subs:
+        raise ConfigError(
+            f"--subjects needs a BIDS data set (sub-*/ folders); {src} has none. Leave "
+            "--subjects out to use every subject."
+        )
+    if n < 2:
+        raise ConfigError("--subjects must be at least 2 (one to train on, one to test).")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name in ("dataset_description.json", "participants.tsv"):
+            link = dest / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    for s in subs[:n]:
+        link = dest / s.name
+        if not link.exists():
+            link.symlink_to(s.resolve(), target_is_directory=True)
+    return dest
+
+
+def run_demo(
+    out: str | Path = "demo-out",
+    *,
+    data: str = "builtin",
+    epochs: int | None = None,
+    subjects: int | None = None,
+    models: Sequence[str] | None = None,
+    size: int | None = None,
+    downsample: int | None = None,
+    slice_step: int = 1,
+    steps: int | None = DEFAULT_STEPS_PER_EPOCH,
+    device: str = "auto",
+    c2st_steps: int = 200,
+    seed: int = 0,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the demo in ``out``; returns paths and stage timings."""
+    from mrsynth.data.prepare import prepare_dataset
+    from mrsynth.eval.evaluate import evaluate
+    from mrsynth.eval.report import build_report
+    from mrsynth.models.base import model_names
+    from mrsynth.train.trainer import train
+
+    con = console or Console(stderr=True)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(models) if models else model_names()
+    unknown = [m for m in names if m not in model_names()]
+    if unknown:
+        raise ConfigError(
+            f"Unknown model(s) {', '.join(unknown)}; available: {', '.join(model_names())}."
+        )
+    builtin = data == "builtin"
+    geo = dict(BUILTIN_GEOMETRY if builtin else REAL_GEOMETRY)
+    if size is not None:
+        geo["size"] = size
+    if downsample is not None:
+        geo["downsample"] = downsample
+    timings: dict[str, float] = {}
+    n_stages = 4
+    t_all = time.perf_counter()
+
+    # ---- 1. prepare
+    prepared = root / "data" / "prepared.npz"
+    t0 = _stage(con, 1, n_stages, f"prepare data ({'built-in simulated set' if builtin else data})")
+    if prepared.is_file():
+        con.print(f"{prepared} exists; reusing it.")
+    else:
+        source: str | Path = "builtin"
+        opts: dict[str, Any] = {}
+        if builtin:
+            opts["n_subjects"] = subjects or DEFAULT_SUBJECTS
+        else:
+            source = Path(data)
+            if not source.is_dir():
+                raise ConfigError(f"--data {data}: no such directory (a BIDS or HCP data set).")
+            if subjects is not None:
+                source = _subset_bids(source, root / "data" / "subset", subjects)
+        prepare_dataset(
+            source, prepared, contrasts=("T1w", "T2w"), size=(geo["size"], geo["size"]),
+            downsample=geo["downsample"], slice_step=slice_step, seed=seed, progress=True,
+            **opts,
+        )
+    timings["prepare_s"] = _done(con, t0, f"prepared slices: {prepared}")
+
+    # ---- 2. train
+    t0 = _stage(con, 2, n_stages, f"train {len(names)} models (cpu-small preset)")
+    trained_now = False
+    run_dirs = []
+    for i, m in enumerate(names, start=1):
+        rd = root / "runs" / m
+        run_dirs.append(rd)
+        cfg = _config(m, epochs, steps, device, seed)
+        ep = int(cfg["train"]["epochs"])
+        if _run_completed(rd, ep):
+            con.print(f"[{i}/{len(names)}] {m}: already trained ({ep} epochs); reusing it.")
+            continue
+        tm = time.perf_counter()
+        resume = (rd / "config.json").is_file()
+        con.print(f"[{i}/{len(names)}] {m}: {'resuming' if resume else 'training'} "
+                  f"{ep} epoch(s)", highlight=False)
+        train(cfg, prepared, rd, resume=resume, console=con)
+        trained_now = True
+        timings[f"train_{m}_s"] = _done(con, tm, f"{m} trained")
+    timings["train_s"] = _done(con, t0, "all models trained")
+
+    # ---- 3. evaluate
+    ev = root / "eval"
+    t0 = _stage(con, 3, n_stages, "evaluate on the test split")
+    if (ev / "eval.json").is_file() and not trained_now:
+        con.print(f"{ev} exists; reusing it.")
+    else:
+        from mrsynth.eval.commands import resolve_device
+
+        evaluate(run_dirs, prepared, ev, device=resolve_device(device), c2st_steps=c2st_steps,
+                 seed=seed, overwrite=True,
+                 log=lambda s: con.print(f"  {s}", highlight=False))
+        trained_now = True
+    timings["evaluate_s"] = _done(con, t0, f"evaluation: {ev}")
+
+    # ---- 4. report
+    report = root / "report.html"
+    t0 = _stage(con, 4, n_stages, "report")
+    if report.is_file() and not trained_now:
+        con.print(f"{report} exists; reusing it.")
+    else:
+        build_report(ev, report)
+    timings["report_s"] = _done(con, t0, f"report: {report}")
+    timings["total_s"] = time.perf_counter() - t_all
+    atomic_write_json(root / "demo.json", {"timings_s": timings, "models": names,
+                                           "data": data, "geometry": geo,
+                                           "epochs": epochs, "subjects": subjects})
+    return {"report": report, "eval": ev, "prepared": prepared, "runs": run_dirs,
+            "timings": timings}
+
+
+def summary_table(eval_dir: Path) -> Table:
+    """Mean ± std of MAE, PSNR, MI and SSIM per model and direction (primary region)."""
+    from mrsynth.eval.metrics import METRIC_LABELS
+    from mrsynth.eval.report import read_csv
+
+    man = json.loads((eval_dir / "eval.json").read_text())
+    region = man.get("primary_region", "image")
+    rows = [r for r in read_csv(eval_dir / "summary.csv") if r["region"] == region]
+    metrics = ("mae", "psnr", "mi", "ssim")
+    table = Table(title=f"Test-set metrics (z-scored, {'whole image' if region == 'image' else 'brain'}; "
+                  "mean ± std)")
+    table.add_column("model")
+    table.add_column("direction")
+    for m in metrics:
+        table.add_column(METRIC_LABELS[m], justify="right")
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        if r["metric"] in metrics:
+            cells.setdefault((r["model"], r["direction"]), {})[r["metric"]] = (
+                f"{float(r['mean']):.3f} ± {float(r['std']):.3f}"
+            )
+    for (model, direction), c in cells.items():
+        table.add_row(model, direction, *[c.get(m, "n/a") for m in metrics])
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo_cmd(
+        out: Path = typer.Option(Path("demo-out"), "--out", help="Output directory."),
+        data: str = typer.Option("builtin", "--data",
+                                 help="builtin (simulated) or a BIDS/HCP data set directory."),
+        epochs: int | None = typer.Option(None, "--epochs", min=1,
+                                          help="Epochs per model (default: the preset's)."),
+        subjects: int | None = typer.Option(None, "--subjects", min=1,
+                                            help="Number of subjects to use."),
+        models: str | None = typer.Option(None, "--models",
+                                          help="Comma-separated subset of models."),
+        size: int | None = typer.Option(None, "--size", min=8, help="Prepared slice size."),
+        downsample: int | None = typer.Option(None, "--downsample", min=1,
+                                              help="In-plane downsampling before cropping."),
+        slice_step: int = typer.Option(1, "--slice-step", min=1, help="Use every k-th slice."),
+        steps: int = typer.Option(DEFAULT_STEPS_PER_EPOCH, "--steps-per-epoch", min=0,
+                                  help="Cap training iterations per epoch (0: full epochs)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        c2st_steps: int = typer.Option(200, "--c2st-steps", min=1),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """The whole study in one command: prepare, train all models, evaluate, report."""
+        console = Console(stderr=True)
+        res = run_demo(
+            out, data=data, epochs=epochs, subjects=subjects,
+            models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+            size=size, downsample=downsample, slice_step=slice_step, steps=steps or None,
+            device=device, c2st_steps=c2st_steps, seed=seed, console=console,
+        )
+        out_console = Console() if sys.stdout.isatty() else Console(width=120)
+        out_console.print(summary_table(res["eval"]))
+        typer.echo(f"Report: {res['report'].resolve()}")
+        typer.echo(f"Total time: {res['timings']['total_s']:.1f} s")

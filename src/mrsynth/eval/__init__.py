@@ -1,0 +1,1 @@
+"""Evaluation: metrics, statistics, figures, the HTML report, translate and ONNX export."""

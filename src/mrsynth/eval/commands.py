@@ -1,0 +1,116 @@
+"""CLI: ``mrsynth translate``, ``export``, ``evaluate`` and ``report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mrsynth.errors import ConfigError
+
+console = Console(stderr=True)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; a missing GPU is a clear error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {device}: no CUDA GPU is available to this PyTorch "
+            f"({torch.__version__}). Use --device cpu."
+        )
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"Unknown --device {device!r}; use auto, cpu or cuda.")
+    return device
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]·[/dim] {msg}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("translate")
+    def translate_cmd(
+        run: Path = typer.Option(..., "--run", help="Run directory written by `mrsynth train`."),
+        direction: str = typer.Option(..., "--direction", help="e.g. T1w2T2w or T2w2T1w."),
+        input: Path = typer.Option(..., "--input", help="NIfTI volume, 2-D image, or a folder."),
+        output: Path = typer.Option(..., "--output",
+                                    help="Output file (for a file) or folder (for a folder)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per batch."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    ) -> None:
+        """Translate NIfTI volumes (every axial slice) or 2-D images with a trained run."""
+        from mrsynth.eval.translate import translate_path
+
+        res = translate_path(run, direction, input, output, device=resolve_device(device),
+                             batch_size=batch_size, overwrite=overwrite, log=_log)
+        rate = res["slices"] / res["seconds"] if res["seconds"] > 0 else float("inf")
+        typer.echo(
+            f"Translated {res['files']} file(s), {res['slices']} slices in "
+            f"{res['seconds']:.2f} s ({rate:.1f} slices/s) -> {output}"
+        )
+
+    @app.command("export")
+    def export_cmd(
+        run: Path = typer.Option(..., "--run", help="Run directory written by `mrsynth train`."),
+        direction: str = typer.Option(..., "--direction", help="e.g. T1w2T2w."),
+        out: Path = typer.Option(..., "--out", help="Output .onnx file."),
+        opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: torch's)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    ) -> None:
+        """Export one direction's generator to ONNX (dynamic batch axis)."""
+        from mrsynth.eval.export import export_onnx
+
+        info = export_onnx(run, direction, out, overwrite=overwrite, opset=opset)
+        typer.echo(
+            f"Wrote {info['path']} ({info['model']}, {info['direction']}, input "
+            f"{'x'.join(str(s) for s in info['input_shape'])}); onnxruntime vs PyTorch max "
+            f"|diff| = {info['max_abs_diff']:.2e}"
+        )
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        runs: list[Path] = typer.Option(..., "--runs",
+                                        help="Run directories (--runs A B C or repeated)."),
+        more_runs: list[Path] | None = typer.Argument(None, hidden=True),
+        data: Path = typer.Option(..., "--data", help="Prepared .npz file (its test split)."),
+        out: Path = typer.Option(..., "--out", help="Evaluation directory to create."),
+        mask: str = typer.Option("image", "--mask",
+                                 help="Primary region: image (whole slice, as the study) or "
+                                      "brain. Both are always computed."),
+        bins: int = typer.Option(256, "--bins", min=2, help="Histogram bins for MI/NMI."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        batch_size: int = typer.Option(16, "--batch-size", min=1),
+        c2st_steps: int = typer.Option(200, "--c2st-steps", min=1,
+                                       help="Optimiser steps of the C2ST classifier."),
+        seed: int = typer.Option(0, "--seed", help="Seed for bootstrap and C2ST."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing EVAL_DIR."),
+    ) -> None:
+        """Score runs on the test split: metrics, statistics, timing, C2ST, figures."""
+        from mrsynth.eval.evaluate import evaluate, summary_markdown
+
+        all_runs = list(runs) + list(more_runs or [])
+        region = {"none": "image", "whole": "image"}.get(mask, mask)
+        ev = evaluate(all_runs, data, out, region=region, bins=bins,
+                      batch_size=batch_size, device=resolve_device(device),
+                      c2st_steps=c2st_steps, seed=seed, overwrite=overwrite, log=_log)
+        typer.echo(summary_markdown(ev))
+        typer.echo(f"Evaluation written to {ev}")
+
+    @app.command("report")
+    def report_cmd(
+        eval_dir: Path = typer.Option(..., "--eval", help="Directory from `mrsynth evaluate`."),
+        out: Path = typer.Option(..., "--out", help="Output HTML file."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    ) -> None:
+        """Write one self-contained HTML report (figures embedded, readable offline)."""
+        from mrsynth.eval.report import build_report
+        from mrsynth.utils import check_can_write
+
+        check_can_write(out, overwrite)
+        typer.echo(f"Report written to {build_report(eval_dir, out)}")

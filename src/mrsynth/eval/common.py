@@ -1,0 +1,104 @@
+"""Helpers shared by evaluate, translate and export: directions, runs and data checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mrsynth.data.prepared import COMPATIBILITY_KEYS, PreparedData
+from mrsynth.errors import ConfigError, RunError
+from mrsynth.utils import atomic_path
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One translation direction of a run: internal name and contrasts."""
+
+    internal: str  # "A2B" or "B2A"
+    source: str  # e.g. "T1w"
+    target: str  # e.g. "T2w"
+
+    @property
+    def label(self) -> str:
+        """The command-line spelling, e.g. ``T1w2T2w``."""
+        return f"{self.source}2{self.target}"
+
+
+def directions(contrasts: Sequence[str]) -> list[Direction]:
+    """Both directions of a contrast pair (A, B), A->B first."""
+    a, b = contrasts
+    return [Direction("A2B", a, b), Direction("B2A", b, a)]
+
+
+def parse_direction(text: str, contrasts: Sequence[str], run_dir: Path | str = "") -> Direction:
+    """Map ``T1w2T2w`` (or ``A2B``/``B2A``) onto a run's direction; error names the options."""
+    for d in directions(contrasts):
+        if text in (d.label, d.internal):
+            return d
+    opts = " or ".join(d.label for d in directions(contrasts))
+    raise ConfigError(
+        f"Direction {text!r} does not match the run {run_dir} (contrasts "
+        f"{contrasts[0]} and {contrasts[1]}). Use {opts}."
+    )
+
+
+def load_run_checked(run_dir: str | Path, device: str = "cpu") -> Any:
+    """``mrsynth.train.runs.load_run`` with a clear error for a path that is not a run."""
+    from mrsynth.train.runs import load_run
+
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise RunError(
+            f"Run directory {p} does not exist. Pass the output directory of `mrsynth train`."
+        )
+    return load_run(p, device=device)
+
+
+def _canon(v: Any) -> Any:
+    """JSON round trip so tuples and lists (and numpy scalars) compare equal."""
+    return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def check_compatible(run: Any, run_dir: Path | str, data: PreparedData) -> None:
+    """Refuse data prepared differently (size, normalisation, orientation) from the run's."""
+    settings = dict(run.data_settings or {})
+    want = {k: settings.get(k) for k in COMPATIBILITY_KEYS}
+    have = data.compatibility()
+    diff = [k for k in COMPATIBILITY_KEYS if _canon(want[k]) != _canon(have[k])]
+    if diff:
+        details = "; ".join(f"{k}: run {want[k]!r}, data {have[k]!r}" for k in diff)
+        raise ConfigError(
+            f"The prepared data {data.path} was prepared with settings that differ from those "
+            f"the run {run_dir} was trained on ({details}). Prepare the evaluation data with "
+            "the run's settings (see its config.json, section data) and try again."
+        )
+    missing = [c for c in run.contrasts if c not in data.images]
+    if missing:
+        raise ConfigError(
+            f"The run {run_dir} translates {run.contrasts[0]} <-> {run.contrasts[1]} but the "
+            f"prepared data {data.path} has no {', '.join(missing)} images (it has "
+            f"{', '.join(data.contrasts)}). Prepare data with both contrasts."
+        )
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe label (model names go into paths)."""
+    return _SAFE.sub("-", name).strip("-") or "model"
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Path:
+    """Atomic CSV with a fixed column order (missing values empty, floats in full precision)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path

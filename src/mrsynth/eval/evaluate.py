@@ -1,0 +1,365 @@
+"""``mrsynth evaluate``: score trained runs on the test split of a prepared file.
+
+For every run and both directions it translates each paired test slice,
+scores it against the real slice (:mod:`mrsynth.eval.metrics`, in both regions:
+whole image and brain mask), and writes into ``EVAL_DIR``:
+
+==============================  ====================================================
+``per_image.csv``               subject, slice, model, direction, source, target,
+                                region, mae, psnr, mi, nmi, ssim
+``summary.csv`` / ``summary.md`` mean ± std, median, 95 % bootstrap CI per model,
+                                direction, region and metric
+``wilcoxon.csv``                paired Wilcoxon signed-rank tests between models
+``timing.csv``                  training s/epoch (from each run) and inference ms/slice
+``c2st.csv``                    classifier two-sample test accuracy per model/direction
+``figure1[-brain].png/.pdf``    Figure 1 (primary region; the other region too)
+``figure2.png/.pdf``            Figure 2
+``synthetic/<model>/``          ``<subject>_slice-<k:03d>_<contrast>.npy``: every synthetic
+                                test slice, float32, normalised units (the perceptual
+                                study reads these)
+``eval.json``                   manifest: runs and their configs, data settings,
+                                definitions, environment
+==============================  ====================================================
+
+The whole directory is built in a temporary sibling and renamed into place at
+the end, so a failed or interrupted evaluation leaves nothing behind and a
+directory named ``EVAL_DIR`` is always complete (``eval.json`` marks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrsynth.data.prepared import PreparedData, load_prepared
+from mrsynth.errors import ConfigError, DataError
+from mrsynth.eval import stats
+from mrsynth.eval.c2st import c2st
+from mrsynth.eval.common import (
+    Direction,
+    check_compatible,
+    directions,
+    load_run_checked,
+    safe_name,
+    write_csv,
+)
+from mrsynth.eval.figures import figure1, figure2
+from mrsynth.eval.metrics import DEFAULT_BINS, METRICS, REGIONS, image_metrics
+from mrsynth.utils import atomic_write_json, atomic_write_text, check_can_write, environment_info
+
+PER_IMAGE_FIELDS = ("subject", "slice", "model", "direction", "source", "target", "region",
+                    *METRICS)
+SUMMARY_FIELDS = ("region", "model", "direction", "metric", "n", "n_excluded", "mean", "std",
+                  "median", "ci_low", "ci_high")
+WILCOXON_FIELDS = ("region", "direction", "metric", "model_a", "model_b", "n", "median_diff",
+                   "statistic", "p_value", "p_holm")
+TIMING_FIELDS = ("model", "direction", "train_s_per_epoch", "epochs", "train_device",
+                 "inference_ms_per_slice", "n_slices", "inference_device", "batch_size")
+C2ST_FIELDS = ("model", "direction", "accuracy", "ci_low", "ci_high", "p_value", "n_train",
+               "n_test", "steps", "seed", "human_accuracy")
+
+METRIC_DEFINITIONS = {
+    "mae": "mean |syn_z - real_z| over the region (standard deviations)",
+    "psnr": "10 log10(peak^2 / MSE) dB, peak = max - min of the z-scored real image in the "
+            "region (z-scored images have no nominal range; the reference's own range is "
+            "unit-free and what it actually spans)",
+    "mi": "H(real) + H(syn) - H(real, syn) in nats from numpy.histogram2d, equal-width bins "
+          "over each image's range",
+    "nmi": "scikit-image normalized_mutual_information, (H(real)+H(syn))/H(real,syn), 1 to 2",
+    "ssim": "scikit-image structural_similarity, 7x7 uniform window, data_range = PSNR peak; "
+            "brain region: mean of the SSIM map inside the mask",
+}
+
+Log = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def train_timing(metrics: dict[str, Any] | None) -> tuple[float, int | None, str]:
+    """Training seconds per epoch, epochs and device from a run's ``metrics.json``.
+
+    Prefers per-epoch wall times (``epochs: [{"wall_s": ...}]``) and falls back
+    to summary fields, so runs written by older trainers still report something.
+    """
+    m = metrics or {}
+    device = str(m.get("device") or m.get("environment", {}).get("device") or "n/a")
+    per_epoch = m.get("epochs") if isinstance(m.get("epochs"), list) else None
+    if per_epoch:
+        walls = [float(e.get("wall_s", e.get("seconds", e.get("time_s", np.nan))))
+                 for e in per_epoch if isinstance(e, dict)]
+        walls = [w for w in walls if np.isfinite(w)]
+        if walls:
+            return float(np.mean(walls)), len(per_epoch), device
+    for key in ("s_per_epoch", "seconds_per_epoch", "mean_epoch_s", "epoch_s"):
+        if key in m:
+            n = m.get("epochs_done", m.get("n_epochs"))
+            return float(m[key]), int(n) if isinstance(n, int | float) else None, device
+    return float("nan"), None, device
+
+
+def _paired_test(data: PreparedData, contrasts: Sequence[str]) -> PreparedData:
+    test = data.split_view("test")
+    sel = np.ones(len(test), dtype=bool)
+    for c in contrasts:
+        sel &= test.available[c].astype(bool)
+    if not sel.any():
+        raise DataError(
+            f"The prepared data {data.path} has no test slices with both {contrasts[0]} and "
+            f"{contrasts[1]}; evaluation needs paired test images. Prepare paired data."
+        )
+    test = test.select(sel)
+    order = np.lexsort((test.slice_index, test.subject))  # deterministic order
+    return test.select(order)
+
+
+def _translate_all(
+    run: Any, x: np.ndarray, direction: str, batch_size: int, device: str
+) -> tuple[np.ndarray, float]:
+    """Synthetic slices (N,H,W) float32 and inference ms/slice (warm-up batch excluded)."""
+    import torch
+
+    def run_batch(i: int) -> np.ndarray:
+        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size, None]))
+        yb = run.translate(xb.to(device), direction)
+        return yb.detach().float().cpu().numpy()[:, 0]
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    run_batch(0)  # warm-up: allocations, lazy init, cudnn autotune
+    sync()
+    outs = []
+    t0 = time.perf_counter()
+    for i in range(0, x.shape[0], batch_size):
+        outs.append(run_batch(i))
+    sync()
+    ms = (time.perf_counter() - t0) * 1000.0 / x.shape[0]
+    return np.concatenate(outs).astype(np.float32), ms
+
+
+def _figure2_pick(test: PreparedData) -> int:
+    """Row of Figure 2: the first test subject's slice with the most brain."""
+    first = sorted(set(test.subject.tolist()))[0]
+    rows = np.flatnonzero(test.subject == first)
+    area = test.mask[rows].reshape(rows.size, -1).sum(axis=1)
+    return int(rows[int(np.argmax(area))])
+
+
+def _human_accuracy(study: Path | None) -> dict[tuple[str, str], float]:
+    """Per (model, synthetic contrast) accuracy of the perceptual study, when one is given."""
+    if study is None:
+        return {}
+    try:
+        from mrsynth.study.results import human_accuracy_by_model  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ConfigError(
+            f"--study {study}: this mrsynth has no study-results API yet; leave --study out."
+        ) from exc
+    return human_accuracy_by_model(study)
+
+
+def evaluate(
+    run_dirs: Sequence[str | Path],
+    data_path: str | Path,
+    out_dir: str | Path,
+    *,
+    region: str = "image",
+    bins: int = DEFAULT_BINS,
+    batch_size: int = 16,
+    device: str = "cpu",
+    c2st_steps: int = 200,
+    seed: int = 0,
+    study: str | Path | None = None,
+    overwrite: bool = False,
+    log: Log = _noop,
+) -> Path:
+    """Evaluate runs on ``data_path``'s test split; return ``out_dir`` (see module docstring)."""
+    if region not in REGIONS:
+        raise ConfigError(f"Unknown mask/region {region!r}; use one of {', '.join(REGIONS)}.")
+    if not run_dirs:
+        raise ConfigError("Give at least one run directory (--runs RUN_DIR ...).")
+    out = Path(out_dir)
+    check_can_write(out, overwrite)
+    data = load_prepared(data_path)
+
+    # ---- validate every run before any work or output
+    runs: list[tuple[str, Path, Any]] = []
+    labels: set[str] = set()
+    pair: tuple[str, str] | None = None
+    for rd in run_dirs:
+        rd = Path(rd)
+        run = load_run_checked(rd, device)
+        check_compatible(run, rd, data)
+        contrasts = tuple(run.contrasts)
+        if pair is None:
+            pair = contrasts  # type: ignore[assignment]
+        elif contrasts != pair:
+            raise ConfigError(
+                f"Run {rd} translates {contrasts[0]} <-> {contrasts[1]} but the first run "
+                f"translates {pair[0]} <-> {pair[1]}; evaluate runs of one contrast pair together."
+            )
+        label = safe_name(run.model_name)
+        if label in labels:
+            label = safe_name(f"{run.model_name}-{rd.name}")
+        if label in labels:
+            raise ConfigError(f"Run {rd} is given twice; list each run directory once.")
+        labels.add(label)
+        runs.append((label, rd, run))
+    assert pair is not None
+    human = _human_accuracy(Path(study) if study else None)
+    test = _paired_test(data, pair)
+    dirs = directions(pair)
+    log(f"{len(test)} paired test slices from {len(set(test.subject.tolist()))} subjects")
+
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        manifest = _evaluate_into(work, runs, data, test, dirs, pair, region=region, bins=bins,
+                                  batch_size=batch_size, device=device, c2st_steps=c2st_steps,
+                                  seed=seed, human=human, log=log)
+        manifest["data"] = {"path": str(Path(data_path).resolve()), "settings": data.settings}
+        atomic_write_json(work / "eval.json", manifest)
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move the finished directory into place (the old one only goes once the new is there)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _evaluate_into(
+    work: Path,
+    runs: list[tuple[str, Path, Any]],
+    data: PreparedData,
+    test: PreparedData,
+    dirs: list[Direction],
+    pair: tuple[str, str],
+    *,
+    region: str,
+    bins: int,
+    batch_size: int,
+    device: str,
+    c2st_steps: int,
+    seed: int,
+    human: dict[tuple[str, str], float],
+    log: Log,
+) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
+    c2st_rows: list[dict[str, Any]] = []
+    fig2_row = _figure2_pick(test)
+    fig2_syn: dict[str, dict[str, np.ndarray]] = {}
+    run_info = []
+    for label, rd, run in runs:
+        s_epoch, n_epochs, train_dev = train_timing(run.metrics)
+        syn_dir = work / "synthetic" / label
+        syn_dir.mkdir(parents=True, exist_ok=True)
+        fig2_syn[label] = {}
+        for d in dirs:
+            src = test.images[d.source]
+            tgt = test.images[d.target]
+            log(f"{label}: translating {len(test)} slices {d.label}")
+            syn, ms = _translate_all(run, src, d.internal, batch_size, device)
+            if syn.shape != tgt.shape:
+                raise DataError(
+                    f"Run {rd} produced images of shape {syn.shape[1:]} for {d.label}, "
+                    f"expected {tgt.shape[1:]} (the prepared data's size)."
+                )
+            fig2_syn[label][d.target] = syn[fig2_row]
+            for i in range(len(test)):
+                subj, k = str(test.subject[i]), int(test.slice_index[i])
+                np.save(syn_dir / f"{subj}_slice-{k:03d}_{d.target}.npy", syn[i])
+                for reg in REGIONS:
+                    m = image_metrics(tgt[i], syn[i], test.mask[i] if reg == "brain" else None,
+                                      bins=bins)
+                    rows.append({"subject": subj, "slice": k, "model": label,
+                                 "direction": d.label, "source": d.source, "target": d.target,
+                                 "region": reg, **m})
+            timing.append({"model": label, "direction": d.label, "train_s_per_epoch": s_epoch,
+                           "epochs": n_epochs if n_epochs is not None else "",
+                           "train_device": train_dev, "inference_ms_per_slice": ms,
+                           "n_slices": len(test), "inference_device": device,
+                           "batch_size": batch_size})
+            log(f"{label}: C2ST {d.label}")
+            res = c2st(tgt, syn, seed=seed, steps=c2st_steps)
+            h = human.get((label, d.target))
+            c2st_rows.append({"model": label, "direction": d.label, **res.as_dict(),
+                              "human_accuracy": "" if h is None else h})
+        run_info.append({"label": label, "model": run.model_name, "run_dir": str(rd.resolve()),
+                         "contrasts": list(run.contrasts), "config": run.config,
+                         "metrics": run.metrics})
+
+    log("statistics and figures")
+    order = [label for label, _, _ in runs]
+    summary = stats.summarize(rows, seed=seed)
+    tests = stats.paired_wilcoxon(rows)
+    write_csv(work / "per_image.csv", rows, PER_IMAGE_FIELDS)
+    write_csv(work / "summary.csv", summary, SUMMARY_FIELDS)
+    write_csv(work / "wilcoxon.csv", tests, WILCOXON_FIELDS)
+    write_csv(work / "timing.csv", timing, TIMING_FIELDS)
+    write_csv(work / "c2st.csv", c2st_rows, C2ST_FIELDS)
+    md = [f"# Evaluation summary\n\n{len(test)} paired test slices; metrics on per-image "
+          "z-scored images (mean ± std, median [95 % bootstrap CI]).\n"]
+    for reg in [region] + [r for r in REGIONS if r != region]:
+        name = "whole image" if reg == "image" else "brain mask"
+        md.append(f"\n## Region: {name}{' (primary)' if reg == region else ''}\n\n")
+        md.append(stats.markdown_table(*stats.summary_table(summary, reg, models=order)))
+    atomic_write_text(work / "summary.md", "".join(md))
+
+    a, b = pair
+    fig_dirs = {f"{b}2{a}": f"synthetic {a}", f"{a}2{b}": f"synthetic {b}"}
+    figure1(summary, region, fig_dirs, work / "figure1", c2st=c2st_rows, models=order)
+    for reg in REGIONS:
+        if reg != region:
+            figure1(summary, reg, fig_dirs, work / f"figure1-{reg}", c2st=c2st_rows,
+                    models=order)
+    subj, k = str(test.subject[fig2_row]), int(test.slice_index[fig2_row])
+    figure2({c: test.images[c][fig2_row] for c in pair}, fig2_syn, test.mask[fig2_row], pair,
+            work / "figure2", title=f"Figure 2: {subj}, axial slice {k}")
+    return {
+        "format": "mrsynth-eval",
+        "version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "primary_region": region,
+        "regions": list(REGIONS),
+        "bins": bins,
+        "seed": seed,
+        "contrasts": list(pair),
+        "directions": {d.label: {"internal": d.internal, "source": d.source, "target": d.target}
+                       for d in dirs},
+        "runs": run_info,
+        "n_test_slices": len(test),
+        "test_subjects": sorted(set(test.subject.tolist())),
+        "figure2": {"subject": subj, "slice": k},
+        "metric_definitions": METRIC_DEFINITIONS,
+        "environment": environment_info(),
+    }
+
+
+def summary_markdown(eval_dir: str | Path) -> str:
+    """The summary table of an evaluation (what the demo prints)."""
+    return (Path(eval_dir) / "summary.md").read_text(encoding="utf-8")

@@ -1,0 +1,363 @@
+"""``mrsynth translate``: apply a trained run to NIfTI volumes or 2-D images.
+
+A volume goes through the same steps ``mrsynth data prepare`` applies to a
+subject (the data package's own functions, in the same order), then back:
+
+1. load, validate and reorient to canonical RAS+ (:func:`~mrsynth.data.volumes.load_volume`;
+   not 3-D, NaN/Inf, unreadable: a clear error);
+2. brain mask (:func:`~mrsynth.data.volumes.brain_mask`), per-volume ``offset``/``scale``
+   from the brain's robust percentiles recorded in the run's preparation settings
+   (:func:`~mrsynth.data.normalise.fit_scale`), in-plane block averaging by the
+   run's ``downsample``, clip to [-1, 1], background -1, crop/pad every axial slice
+   with brain to the training size around the brain
+   (:func:`~mrsynth.data.slicing.brain_origin`, :func:`~mrsynth.data.slicing.crop_or_pad`);
+3. translate in batches (``LoadedRun.translate``);
+4. undo the crop (:func:`~mrsynth.data.slicing.uncrop`), undo the downsampling
+   (bilinear, block centres to voxel centres), map back to the **input's** units
+   with the input's own ``offset``/``scale`` (``y * scale + offset``), and
+   put the array back in the input's voxel order
+   (:func:`~mrsynth.data.volumes.from_canonical`).
+
+The output is float32 NIfTI with the input's header: the same shape, affine,
+qform/sform (codes included) and zooms; only the data type, scaling and
+display range (``cal_min``/``cal_max``) change. **Background**: voxels outside
+the input's brain mask, outside the translated crop, or in slices without brain
+get the input's background value (the exact fill value of skull-stripped data,
+e.g. 0; the input's minimum when the background is noisy).
+
+2-D images (PNG, TIFF, NPY) follow the preparation of 2-D folders (the image is
+centred rather than the brain); the output format follows the output's suffix:
+NPY and TIFF as float32 in the input's units, PNG rounded and clipped to
+8-bit (or 16-bit when the input's values exceed 255).
+
+A folder input translates every NIfTI/2-D image below it into the output
+folder (same relative paths) with BIDS names: the source contrast, the last
+entity of the name, becomes ``desc-<model>_<target>``, e.g. ``sub-ms19_T1w.nii.gz``
+-> ``sub-ms19_desc-cyclegan_T2w.nii.gz`` (``<model>`` alphanumeric only, as BIDS
+labels must be). Files named for another contrast (``..._T2w`` when
+translating T1w2T2w) are left out.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from mrsynth.data.normalise import BACKGROUND, DEFAULT_PERCENTILES, denormalise, fit_scale, normalise
+from mrsynth.data.readers import IMAGE_SUFFIXES, KNOWN_CONTRASTS, load_image_2d
+from mrsynth.data.slicing import (
+    block_average,
+    brain_origin,
+    crop_or_pad,
+    image_origin,
+    slices_first,
+    uncrop,
+)
+from mrsynth.data.volumes import (
+    NIFTI_SUFFIXES,
+    background_value,
+    brain_mask,
+    check_data,
+    from_canonical,
+    load_volume,
+    open_image,
+)
+from mrsynth.errors import ConfigError, DataError
+from mrsynth.eval.common import Direction, load_run_checked, parse_direction
+from mrsynth.utils import atomic_path, check_can_write
+
+Log = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+@dataclass
+class Geometry:
+    """What translation needs from the run's preparation settings."""
+
+    size: tuple[int, int]
+    downsample: int
+    percentiles: tuple[float, float]
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], run_dir: Path | str) -> Geometry:
+        size = settings.get("size")
+        if not size or len(size) != 2:
+            raise ConfigError(
+                f"The run {run_dir} records no prepared slice size in config.json (data "
+                "settings); it cannot place new volumes on its training grid. Retrain it with "
+                "this mrsynth version."
+            )
+        norm = settings.get("normalisation") or {}
+        if norm and norm.get("method", "percentile") != "percentile":
+            raise ConfigError(
+                f"The run {run_dir} was trained on data normalised with method "
+                f"{norm.get('method')!r}, which translate does not know how to reproduce."
+            )
+        pct = norm.get("percentiles", DEFAULT_PERCENTILES)
+        return cls((int(size[0]), int(size[1])), int(settings.get("downsample", 1) or 1),
+                   (float(pct[0]), float(pct[1])))
+
+
+def _translate_slices(run: Any, x: np.ndarray, d: Direction, batch_size: int,
+                      device: str) -> np.ndarray:
+    import torch
+
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size, None])).to(device)
+        outs.append(run.translate(xb, d.internal).float().cpu().numpy()[:, 0])
+    return np.concatenate(outs) if outs else np.empty((0, *x.shape[1:]), np.float32)
+
+
+def _upsample(plane: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """Undo :func:`block_average`: bilinear from block centres back to the voxel grid."""
+    if factor == 1:
+        return plane
+    from skimage.transform import resize
+
+    big = resize(plane, (plane.shape[0] * factor, plane.shape[1] * factor, *plane.shape[2:]),
+                 order=1, mode="edge", anti_aliasing=False, preserve_range=True)
+    return big[: shape[0], : shape[1]]
+
+
+def _fill_value(data: np.ndarray) -> float:
+    bg = background_value(data)
+    return float(data.min()) if bg is None else float(bg)
+
+
+# --------------------------------------------------------------------------- volumes
+def translate_array_volume(
+    data: np.ndarray, run: Any, d: Direction, geo: Geometry, *, batch_size: int = 32,
+    device: str = "cpu", name: str = "volume",
+) -> tuple[np.ndarray, int]:
+    """Translate a canonical (X, Y, Z) volume; returns (volume in input units, slices done)."""
+    mask = brain_mask(data)
+    if not mask.any():
+        raise DataError(f"{name}: no brain/foreground found; the volume looks empty.")
+    offset, scale = fit_scale(data, mask, geo.percentiles, name=name)
+    f = geo.downsample
+    mask_ds = mask if f == 1 else block_average(mask.astype(np.float32), f) >= 0.5
+    index = np.flatnonzero(mask.any(axis=(0, 1)))
+    origin = brain_origin(mask_ds, geo.size)
+    sub = block_average(data[:, :, index], f)
+    norm = normalise(sub, offset, scale)
+    np.clip(norm, -1.0, 1.0, out=norm)
+    norm[~mask_ds[:, :, index]] = BACKGROUND
+    x = slices_first(crop_or_pad(norm.astype(np.float32), geo.size, origin, BACKGROUND))
+    y = _translate_slices(run, x, d, batch_size, device)  # (n, H, W) normalised
+    plane = uncrop(np.moveaxis(y, 0, -1), mask_ds.shape[:2], origin, fill=np.nan)
+    plane = _upsample(plane, f, data.shape[:2])
+    fill = _fill_value(data)
+    out = np.full(data.shape, fill, dtype=np.float64)
+    vals = denormalise(plane, offset, scale)
+    keep = mask[:, :, index] & np.isfinite(vals)
+    block = out[:, :, index]
+    block[keep] = vals[keep]
+    out[:, :, index] = block
+    return out.astype(np.float32), int(index.size)
+
+
+def _output_header(img: Any, model: str, d: Direction) -> Any:
+    hdr = img.header.copy()
+    hdr.set_data_dtype(np.float32)
+    hdr.set_slope_inter(np.nan, np.nan)
+    for k in ("cal_min", "cal_max"):
+        if k in hdr:
+            hdr[k] = 0
+    if "descrip" in hdr:
+        hdr["descrip"] = f"mrsynth {model} {d.label}"[:79].encode()
+    return hdr
+
+
+def translate_volume(
+    src: Path, dest: Path, run: Any, d: Direction, geo: Geometry, *, batch_size: int,
+    device: str,
+) -> int:
+    """NIfTI in, NIfTI out (atomically); returns the number of translated slices."""
+    on_disk = open_image(src)
+    vol = load_volume(src)
+    out, n = translate_array_volume(vol.data, run, d, geo, batch_size=batch_size, device=device,
+                                    name=str(src))
+    arr = from_canonical(out, vol.original).astype(np.float32)
+    if tuple(arr.shape) != tuple(on_disk.shape) and arr.size == int(np.prod(on_disk.shape)):
+        arr = arr.reshape(on_disk.shape)  # 2-D NIfTI or a single-volume 4-D file
+    cls = type(on_disk) if isinstance(on_disk, nib.Nifti1Image | nib.Nifti2Image) else None
+    if cls is None:  # another format nibabel reads (MGH, Analyze): write NIfTI with its affine
+        img = nib.Nifti1Image(arr, on_disk.affine)
+    else:
+        img = cls(arr, None, _output_header(on_disk, run.model_name, d))
+    with atomic_path(dest) as tmp:
+        nib.save(img, tmp)
+    return n
+
+
+# --------------------------------------------------------------------------- 2-D images
+def translate_image(
+    src: Path, dest: Path, run: Any, d: Direction, geo: Geometry, *, batch_size: int,
+    device: str,
+) -> int:
+    """A 2-D image, prepared as ``data prepare`` prepares 2-D folders (image centred)."""
+    data = load_image_2d(src)
+    check_data(data, str(src))
+    mask = brain_mask(data)
+    if not mask.any():
+        raise DataError(f"{src}: no foreground found (the image is all background).")
+    offset, scale = fit_scale(data, mask, geo.percentiles, name=str(src))
+    f = geo.downsample
+    mask_ds = mask if f == 1 else block_average(mask.astype(np.float32), f) >= 0.5
+    origin = image_origin(mask_ds.shape, geo.size)
+    norm = normalise(block_average(data, f), offset, scale)
+    np.clip(norm, -1.0, 1.0, out=norm)
+    norm[~mask_ds] = BACKGROUND
+    x = crop_or_pad(norm.astype(np.float32), geo.size, origin, BACKGROUND)[None]
+    y = _translate_slices(run, x, d, batch_size, device)[0]
+    plane = _upsample(uncrop(y, mask_ds.shape, origin, fill=np.nan), f, data.shape)
+    vals = denormalise(plane, offset, scale)
+    out = np.full(data.shape, _fill_value(data), dtype=np.float64)
+    keep = mask & np.isfinite(vals)
+    out[keep] = vals[keep]
+    _write_image(dest, out.astype(np.float32), float(data.max()))
+    return 1
+
+
+def _write_image(dest: Path, arr: np.ndarray, input_max: float) -> None:
+    sfx = dest.suffix.lower()
+    with atomic_path(dest) as tmp:
+        if sfx == ".npy":
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+        elif sfx in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, arr)
+        elif sfx == ".png":
+            from PIL import Image
+
+            hi, dt = (255, np.uint8) if input_max <= 255 else (65535, np.uint16)
+            Image.fromarray(np.clip(np.rint(arr), 0, hi).astype(dt)).save(tmp, format="PNG")
+        else:
+            raise ConfigError(f"Output {dest}: unknown image type; use .png, .tif or .npy.")
+
+
+# --------------------------------------------------------------------------- names and folders
+def _split_name(path: Path) -> tuple[str, str]:
+    name = path.name
+    for sfx in (".nii.gz", ".nii", *IMAGE_SUFFIXES):
+        if name.lower().endswith(sfx):
+            return name[: -len(sfx)], name[len(name) - len(sfx):]
+    return path.stem, path.suffix
+
+
+def bids_label(model: str) -> str:
+    """BIDS labels are alphanumeric: ``cyclegan_s`` -> ``cyclegans``."""
+    return re.sub(r"[^A-Za-z0-9]", "", model) or "mrsynth"
+
+
+def output_name(path: Path, d: Direction, model: str) -> str | None:
+    """BIDS-style output name, or None when the file is another contrast (skip it)."""
+    stem, ext = _split_name(path)
+    label = bids_label(model)
+    parts = stem.split("_")
+    suffix = parts[-1] if len(parts) > 1 else ""
+    if suffix == d.source:
+        ents = [p for p in parts[:-1] if not p.startswith("desc-")]
+    elif suffix in KNOWN_CONTRASTS or suffix == d.target:
+        return None
+    else:
+        ents = [p for p in parts if not p.startswith("desc-")]
+    return "_".join([*ents, f"desc-{label}", d.target]) + ext
+
+
+def _is_input(p: Path) -> bool:
+    low = p.name.lower()
+    return p.is_file() and not p.name.startswith(".") and (
+        low.endswith(NIFTI_SUFFIXES) or p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def plan_folder(src: Path, dest: Path, d: Direction, model: str) -> list[tuple[Path, Path]]:
+    """(input, output) pairs for a folder, mirroring sub-folders."""
+    dest_res = dest.resolve()
+    pairs = []
+    for p in sorted(src.rglob("*")):
+        if not _is_input(p) or dest_res in p.resolve().parents:
+            continue
+        name = output_name(p, d, model)
+        if name is None:
+            continue
+        pairs.append((p, dest / p.parent.relative_to(src) / name))
+    if not pairs:
+        raise DataError(
+            f"No {d.source} NIfTI volumes or 2-D images (.nii, .nii.gz, .png, .tif, .npy) "
+            f"found under {src}. Files named for another contrast are skipped; check the "
+            "folder and --direction."
+        )
+    return pairs
+
+
+def _check_input(p: Path) -> None:
+    """Cheap header checks for every input before any output is written."""
+    if p.name.lower().endswith(NIFTI_SUFFIXES):
+        img = open_image(p)
+        shape = tuple(int(s) for s in img.shape)
+        if len(shape) > 3 and int(np.prod(shape[3:])) != 1:
+            raise DataError(
+                f"{p} is a {len(shape)}-D image of shape {shape}, not a 3-D volume; translate "
+                "needs one 3-D volume per file. Extract the volume you want first (e.g. "
+                "`fslroi in out 0 1`)."
+            )
+        if len(shape) < 2:
+            raise DataError(f"{p} has shape {shape}; translate needs a 3-D volume.")
+
+
+def translate_path(
+    run_dir: str | Path,
+    direction: str,
+    src: str | Path,
+    dest: str | Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 32,
+    overwrite: bool = False,
+    log: Log = _noop,
+) -> dict[str, Any]:
+    """Translate a file or folder; returns counts and timing (slices, files, seconds)."""
+    src, dest = Path(src), Path(dest)
+    if not src.exists():
+        raise DataError(f"Input {src} does not exist.")
+    run = load_run_checked(run_dir, device)
+    d = parse_direction(direction, run.contrasts, run_dir)
+    geo = Geometry.from_settings(run.data_settings or {}, run_dir)
+    if src.is_dir():
+        if dest.exists() and not dest.is_dir():
+            raise ConfigError(f"Input {src} is a folder, so --output {dest} must be a folder.")
+        pairs = plan_folder(src, dest, d, run.model_name)
+    else:
+        if dest.is_dir():
+            dest = dest / (output_name(src, d, run.model_name) or src.name)
+        pairs = [(src, dest)]
+    for s, o in pairs:
+        _check_input(s)
+        check_can_write(o, overwrite)
+        if s.resolve() == o.resolve():
+            raise ConfigError(f"Output {o} is the input file; choose another --output.")
+    t0 = time.perf_counter()
+    slices = 0
+    for s, o in pairs:
+        is_nifti = s.name.lower().endswith(NIFTI_SUFFIXES)
+        fn = translate_volume if is_nifti else translate_image
+        n = fn(s, o, run, d, geo, batch_size=batch_size, device=device)
+        slices += n
+        log(f"{s} -> {o} ({n} slices)")
+    return {"files": len(pairs), "slices": slices, "seconds": time.perf_counter() - t0,
+            "direction": d.label, "outputs": [o for _, o in pairs]}

@@ -1,0 +1,223 @@
+"""The model interface every translation model implements, and the registry of models.
+
+A model is one file in this package: a :class:`TranslationModel` subclass decorated with
+:func:`register_model`. It owns its networks (as submodules, so ``state_dict()`` holds all
+weights), builds its optimisers from the config, and performs one training step on a batch
+of ``{"A": (B,1,H,W), "B": (B,1,H,W)}`` tensors. Everything else (device, precision, epochs,
+learning-rate schedule, checkpoints, logging, resume, signals) belongs to the one trainer in
+:mod:`mrsynth.train.trainer`, which knows nothing about any particular model.
+
+The step receives a :class:`StepContext` from the trainer: forward passes run inside
+``ctx.autocast()`` and each optimiser is stepped with ``ctx.step(name, loss)``, so mixed
+precision and gradient scaling stay the trainer's business. Losses are returned as detached
+tensors (no ``.item()``), so a step never forces a device synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mrsynth.errors import ConfigError
+
+#: Translation directions: A -> B (e.g. T1w -> T2w) and back.
+DIRECTIONS = ("A2B", "B2A")
+
+
+class StepContext:
+    """What the trainer lends a model for one step: autocast and optimiser stepping.
+
+    ``precision`` is ``fp32``, ``bf16`` or ``fp16``; with fp16 a ``torch.amp.GradScaler`` is
+    used for every optimiser and updated once per iteration in :meth:`end_iteration`.
+    """
+
+    def __init__(
+        self,
+        optimizers: dict[str, torch.optim.Optimizer],
+        device_type: str = "cpu",
+        precision: str = "fp32",
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.optimizers = optimizers
+        self.device_type = device_type
+        self.precision = precision
+        self.scaler = scaler
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed-precision region for forward passes (a no-op in fp32)."""
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self._dtype)
+
+    def step(self, name: str, loss: Tensor) -> None:
+        """Zero the grads of optimiser ``name``, back-propagate ``loss`` and step it."""
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+
+    def end_iteration(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+
+class TranslationModel(nn.Module):
+    """Base class: networks, optimisers and a training step for one model family.
+
+    Subclasses set ``name``, ``needs_paired`` and ``summary``, implement
+    :meth:`preset_config`, ``__init__`` (build the networks from ``config``), :meth:`generator`,
+    :meth:`build_optimizers` and :meth:`train_step`; models with extra training state (image
+    pools) override :meth:`aux_state_dict` / :meth:`load_aux_state_dict`.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when the model learns from aligned A/B pairs (refuses unpaired data).
+    needs_paired: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+    #: Position in listings (the study's order first).
+    order: ClassVar[int] = 100
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.arch: dict[str, Any] = config["arch"]
+        self.loss_cfg: dict[str, Any] = config["loss"]
+        self.optim_cfg: dict[str, Any] = config["optim"]
+
+    # ------------------------------------------------------------------ to implement
+    @classmethod
+    def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
+        """Sections ``arch``, ``loss``, ``optim`` and ``train`` (overrides) for a preset."""
+        raise NotImplementedError
+
+    def generator(self, direction: str) -> nn.Module:
+        """The network mapping (N,1,H,W) in one direction (``A2B`` or ``B2A``)."""
+        raise NotImplementedError
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        """One iteration: forward, losses, optimiser steps; returns detached fp32 losses."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optional hooks
+    def aux_state_dict(self) -> dict[str, Any]:
+        """Training state that is not weights (image pools), for checkpoints."""
+        return {}
+
+    def load_aux_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
+        del state, device
+
+    # ------------------------------------------------------------------ shared helpers
+    def networks(self) -> dict[str, nn.Module]:
+        """The named networks (top-level submodules) for listings and checkpoints."""
+        return dict(self.named_children())
+
+    @torch.no_grad()
+    def translate(self, x: Tensor, direction: str) -> Tensor:
+        check_direction(direction)
+        return self.generator(direction)(x)
+
+    def adam(self, params: Iterator[nn.Parameter] | list[nn.Parameter]) -> torch.optim.Adam:
+        """Adam from the ``optim`` section; fused kernels on CUDA (one launch per step)."""
+        params = list(params)
+        fused = bool(params) and params[0].is_cuda and self.optim_cfg.get("fused", True)
+        return torch.optim.Adam(
+            params,
+            lr=float(self.optim_cfg["lr"]),
+            betas=(float(self.optim_cfg["beta1"]), float(self.optim_cfg["beta2"])),
+            weight_decay=float(self.optim_cfg.get("weight_decay", 0.0)),
+            fused=fused or None,
+        )
+
+
+def check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"Unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}.")
+    return direction
+
+
+def set_requires_grad(nets: list[nn.Module] | tuple[nn.Module, ...], flag: bool) -> None:
+    """Freeze discriminators during the generator step (saves their weight gradients)."""
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------- losses (fp32)
+def l1(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error computed in fp32 whatever the autocast dtype."""
+    return F.l1_loss(pred.float(), target.float())
+
+
+def gan_loss(pred: Tensor, real: bool, mode: str) -> Tensor:
+    """Adversarial loss on discriminator outputs: ``lsgan`` (MSE) or ``vanilla`` (BCE on logits)."""
+    pred = pred.float()
+    target = torch.ones_like(pred) if real else torch.zeros_like(pred)
+    if mode == "lsgan":
+        return F.mse_loss(pred, target)
+    if mode == "vanilla":
+        return F.binary_cross_entropy_with_logits(pred, target)
+    raise ConfigError(f"Unknown GAN loss {mode!r}; use 'lsgan' or 'vanilla'.")
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[TranslationModel]] = {}
+_LOADED = False
+
+
+def register_model(cls: type[TranslationModel]) -> type[TranslationModel]:
+    """Class decorator: make a model available by its ``name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"model name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    """Import every module of this package once, so their decorators register the models."""
+    global _LOADED
+    if _LOADED:
+        return
+    import mrsynth.models as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("base", "blocks"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _LOADED = True
+
+
+def model_names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].order, n))
+
+
+def get_model_class(name: str) -> type[TranslationModel]:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown model {name!r}. Available models: {', '.join(model_names())} "
+            "(`mrsynth models` describes them)."
+        ) from None
+
+
+def build_model(config: dict[str, Any]) -> TranslationModel:
+    """Instantiate the model named in a resolved config."""
+    return get_model_class(config["model"])(config)

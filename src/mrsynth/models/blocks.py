@@ -1,0 +1,250 @@
+"""Building blocks shared by the models: ResNet generator, PatchGAN, init, image pool.
+
+The layer choices follow the study's Keras code (simontomaskarlsson/GAN-MRI): convolutions
+keep their bias (Keras' default) even before instance norm, instance norm has a learnable
+affine, and the discriminators pad like Keras' ``padding='same'`` so a 304x256 slice gives a
+38x32 patch map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """Normalisation by name; instance norm (per image) is the default of every model here.
+
+    Instance norm keeps no running statistics, so train and eval mode compute the same thing
+    and batch size or DistributedDataParallel sharding never change the result.
+    """
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True, eps=1e-5)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels, eps=1e-5)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r} (instance, batch, none)")
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) conv weights, zero biases, norm scales N(1, std): the study's init."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.InstanceNorm2d | nn.BatchNorm2d) and m.affine:
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_conv_layers(module: nn.Module) -> int:
+    """Convolution layers (transposed included): how the study counted generator depth."""
+    return sum(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in module.modules())
+
+
+def pad_to_multiple(x: Tensor, multiple: int, value: float = -1.0) -> tuple[Tensor, int, int]:
+    """Pad bottom/right with background (-1) so strided encoders and decoders round-trip.
+
+    Returns the padded tensor and the original height and width for cropping back.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), value=value)
+    return x, h, w
+
+
+class ResidualBlock(nn.Module):
+    """conv3-norm-act-conv3-norm (+ optional dropout) with an additive skip."""
+
+    def __init__(
+        self,
+        channels: int,
+        norm: str = "instance",
+        act: nn.Module | None = None,
+        dropout: float = 0.0,
+        pad: str = "zeros",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, channels, 3, padding=1, padding_mode=pad),
+            norm_layer(norm, channels),
+            act if act is not None else nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, padding_mode=pad),
+            norm_layer(norm, channels),
+        ]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """The study's CycleGAN generator (24 conv layers with 9 blocks).
+
+    reflect-pad 3, c7 ngf, two stride-2 c3 (2ngf, 4ngf), ``n_blocks`` residual blocks at 4ngf,
+    two stride-2 transposed c3 (2ngf, ngf), reflect-pad 3, c7 to ``out_channels``, tanh.
+    Inputs whose sides are not multiples of 4 are padded with background and cropped back.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        ngf: int = 32,
+        n_blocks: int = 9,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+
+        def down(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), norm_layer(norm, cout),
+                    nn.ReLU(inplace=True)]
+
+        def up(cin: int, cout: int) -> list[nn.Module]:
+            return [
+                nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1),
+                norm_layer(norm, cout),
+                nn.ReLU(inplace=True),
+            ]
+
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, 7),
+            norm_layer(norm, ngf),
+            nn.ReLU(inplace=True),
+            *down(ngf, 2 * ngf),
+            *down(2 * ngf, 4 * ngf),
+            *[ResidualBlock(4 * ngf, norm) for _ in range(n_blocks)],
+            *up(4 * ngf, 2 * ngf),
+            *up(2 * ngf, ngf),
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(ngf, out_channels, 7),
+            nn.Tanh(),
+        ]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, h, w = pad_to_multiple(x, 4)
+        return self.model(x)[..., :h, :w]
+
+
+class SamePad(nn.Module):
+    """Zero padding like Keras ``padding='same'`` for a k x k kernel at stride 1.
+
+    For even kernels the extra pixel goes bottom/right, as TensorFlow does.
+    """
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        total = kernel - 1
+        self.pad = (total // 2, total - total // 2, total // 2, total - total // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pad)
+
+
+class PatchDiscriminator(nn.Module):
+    """70x70 PatchGAN: C64(no norm)-C128-C256-C512, 4x4 kernels, LeakyReLU 0.2.
+
+    Strides 2,2,2,1 and a final 4x4 stride-1 conv to one channel, no sigmoid (the losses
+    take logits or LSGAN scores). ``n_layers`` is the number of stride-2 layers.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3, norm: str = "instance"
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        ch = ndf
+        for i in range(1, n_layers):
+            nxt = ndf * min(2**i, 8)
+            layers += [nn.Conv2d(ch, nxt, 4, stride=2, padding=1), norm_layer(norm, nxt),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            ch = nxt
+        nxt = ndf * min(2**n_layers, 8)
+        layers += [
+            SamePad(4), nn.Conv2d(ch, nxt, 4), norm_layer(norm, nxt),
+            nn.LeakyReLU(0.2, inplace=True),
+            SamePad(4), nn.Conv2d(nxt, 1, 4),
+        ]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+class ImagePool:
+    """History of generated images fed to the discriminator (Shrivastava et al. 2017).
+
+    Until the pool is full each new image is stored and returned; afterwards, with
+    probability 1/2 a random stored image is returned and replaced by the new one. The
+    decisions are drawn on the CPU from the pool's own generator, so the pool never forces a
+    device synchronisation and its randomness is saved and restored with a checkpoint. Each
+    DistributedDataParallel rank keeps its own pool.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = int(size)
+        self.count = 0
+        self.buffer: Tensor | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def query(self, images: Tensor) -> Tensor:
+        images = images.detach()
+        if self.size <= 0:
+            return images
+        if self.buffer is None:
+            self.buffer = torch.empty(
+                (self.size, *images.shape[1:]), dtype=images.dtype, device=images.device
+            )
+        out = []
+        for i in range(images.shape[0]):
+            img = images[i : i + 1]
+            if self.count < self.size:
+                self.buffer[self.count : self.count + 1].copy_(img)
+                self.count += 1
+                out.append(img)
+                continue
+            swap = torch.rand((), generator=self.generator).item() < 0.5
+            if swap:
+                j = int(torch.randint(self.size, (), generator=self.generator).item())
+                old = self.buffer[j : j + 1].clone()
+                self.buffer[j : j + 1].copy_(img)
+                out.append(old)
+            else:
+                out.append(img)
+        return torch.cat(out, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "count": self.count,
+            "buffer": None if self.buffer is None else self.buffer[: self.count].cpu(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
+        self.size = int(state["size"])
+        self.count = int(state["count"])
+        buf = state["buffer"]
+        if buf is None:
+            self.buffer = None
+        else:
+            self.buffer = torch.empty((self.size, *buf.shape[1:]), dtype=buf.dtype, device=device)
+            self.buffer[: self.count].copy_(buf.to(device))
+        self.generator.set_state(state["generator"])

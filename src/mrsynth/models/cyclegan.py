@@ -1,0 +1,148 @@
+"""CycleGAN (unpaired) and CycleGAN_s (CycleGAN plus a supervised MAE term), as in the study.
+
+Two ResNet generators (A->B, B->A) and two 70x70 PatchGAN discriminators, LSGAN losses,
+cycle-consistency L1 with weight 10 each way, discriminator loss halved, image pools of 50.
+
+One deliberate difference from the study's Keras loop: the generators are updated first and
+the discriminators then see the same (detached) synthetic images, so each iteration runs
+the generators forward once instead of twice. The study also stepped each discriminator
+separately on real and synthetic batches; here one step sees ``0.5 * (real + fake)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mrsynth.models.base import (
+    StepContext,
+    TranslationModel,
+    check_direction,
+    gan_loss,
+    l1,
+    register_model,
+    set_requires_grad,
+)
+from mrsynth.models.blocks import ImagePool, PatchDiscriminator, ResnetGenerator, init_weights
+
+#: Architecture and optimiser settings shared by the ResNet-generator models.
+RESNET_ARCH = {
+    "paper": {"ngf": 32, "n_blocks": 9, "ndf": 64, "d_layers": 3, "norm": "instance"},
+    "cpu-small": {"ngf": 16, "n_blocks": 3, "ndf": 16, "d_layers": 3, "norm": "instance"},
+}
+GAN_OPTIM = {"lr": 2e-4, "beta1": 0.5, "beta2": 0.999, "weight_decay": 0.0}
+#: 200 epochs, linear decay to zero over the second half (from epoch 101, the study).
+GAN_TRAIN = {
+    "paper": {"epochs": 200, "lr_decay": "linear", "decay_start_epoch": None},
+    "cpu-small": {"epochs": 10, "lr_decay": "linear", "decay_start_epoch": None},
+}
+
+
+def resnet_preset(preset: str, loss: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        "arch": dict(RESNET_ARCH[preset]),
+        "loss": dict(loss),
+        "optim": dict(GAN_OPTIM),
+        "train": dict(GAN_TRAIN[preset]),
+    }
+
+
+@register_model
+class CycleGAN(TranslationModel):
+    """Unpaired CycleGAN with the study's generator (24 conv layers) and PatchGAN."""
+
+    name = "cyclegan"
+    needs_paired = False
+    summary = "CycleGAN, unpaired: cycle L1 x10, LSGAN, image pool 50 (the study)"
+    order = 10
+    supervised_default = 0.0
+
+    @classmethod
+    def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
+        loss = {
+            "gan_mode": "lsgan",
+            "cycle": 10.0,
+            "identity": 0.0,
+            "supervised": cls.supervised_default,
+            "pool_size": 50,
+        }
+        return resnet_preset(preset, loss)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        a = self.arch
+        self.G_A2B = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        self.G_B2A = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        self.D_A = PatchDiscriminator(1, a["ndf"], a["d_layers"], a["norm"])
+        self.D_B = PatchDiscriminator(1, a["ndf"], a["d_layers"], a["norm"])
+        init_weights(self)
+        seed = int(config.get("seed", 0))
+        pool = int(self.loss_cfg["pool_size"])
+        self.pool_A = ImagePool(pool, seed=seed + 1)
+        self.pool_B = ImagePool(pool, seed=seed + 2)
+
+    def generator(self, direction: str) -> nn.Module:
+        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {
+            "G": self.adam([*self.G_A2B.parameters(), *self.G_B2A.parameters()]),
+            "D": self.adam([*self.D_A.parameters(), *self.D_B.parameters()]),
+        }
+
+    def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        real_A, real_B = batch["A"], batch["B"]
+        w = self.loss_cfg
+        mode = w["gan_mode"]
+        set_requires_grad((self.D_A, self.D_B), False)
+        with ctx.autocast():
+            fake_B = self.G_A2B(real_A)
+            fake_A = self.G_B2A(real_B)
+            rec_A = self.G_B2A(fake_B)
+            rec_B = self.G_A2B(fake_A)
+            adv_A2B = gan_loss(self.D_B(fake_B), True, mode)
+            adv_B2A = gan_loss(self.D_A(fake_A), True, mode)
+            cycle = l1(rec_A, real_A) + l1(rec_B, real_B)
+            loss_G = adv_A2B + adv_B2A + w["cycle"] * cycle
+            losses = {"G_adv_A2B": adv_A2B, "G_adv_B2A": adv_B2A, "cycle": cycle}
+            if w["identity"] > 0:
+                ident = l1(self.G_A2B(real_B), real_B) + l1(self.G_B2A(real_A), real_A)
+                loss_G = loss_G + w["identity"] * ident
+                losses["identity"] = ident
+            if w["supervised"] > 0:
+                sup = l1(fake_B, real_B) + l1(fake_A, real_A)
+                loss_G = loss_G + w["supervised"] * sup
+                losses["supervised"] = sup
+        ctx.step("G", loss_G)
+
+        set_requires_grad((self.D_A, self.D_B), True)
+        pooled_A = self.pool_A.query(fake_A)
+        pooled_B = self.pool_B.query(fake_B)
+        with ctx.autocast():
+            loss_D_A = 0.5 * (gan_loss(self.D_A(real_A), True, mode)
+                              + gan_loss(self.D_A(pooled_A), False, mode))
+            loss_D_B = 0.5 * (gan_loss(self.D_B(real_B), True, mode)
+                              + gan_loss(self.D_B(pooled_B), False, mode))
+        ctx.step("D", loss_D_A + loss_D_B)
+        losses.update(G=loss_G, D_A=loss_D_A, D_B=loss_D_B)
+        return {k: v.detach().float() for k, v in losses.items()}
+
+    def aux_state_dict(self) -> dict[str, Any]:
+        return {"pool_A": self.pool_A.state_dict(), "pool_B": self.pool_B.state_dict()}
+
+    def load_aux_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
+        self.pool_A.load_state_dict(state["pool_A"], device)
+        self.pool_B.load_state_dict(state["pool_B"], device)
+
+
+@register_model
+class CycleGANSupervised(CycleGAN):
+    """CycleGAN_s: CycleGAN plus MAE against the aligned ground truth (weight 10 each way)."""
+
+    name = "cyclegan_s"
+    needs_paired = True
+    summary = "CycleGAN + supervised MAE x10 against the paired target (the study)"
+    order = 20
+    supervised_default = 10.0

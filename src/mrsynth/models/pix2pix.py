@@ -1,0 +1,84 @@
+"""pix2pix (Isola et al. 2017) in both directions: a paired conditional GAN.
+
+Beyond the study: the supervised GAN its related work used. Each direction has the ResNet
+generator of the CycleGAN and a PatchGAN that judges the (input, output) pair stacked as two
+channels; generator loss = GAN + 100 * L1 to the aligned target, discriminator loss halved.
+The original paper's non-saturating (BCE) GAN loss is the default (``loss.gan_mode``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mrsynth.models.base import (
+    StepContext,
+    TranslationModel,
+    check_direction,
+    gan_loss,
+    l1,
+    register_model,
+    set_requires_grad,
+)
+from mrsynth.models.blocks import PatchDiscriminator, ResnetGenerator, init_weights
+from mrsynth.models.cyclegan import resnet_preset
+
+
+@register_model
+class Pix2Pix(TranslationModel):
+    """Conditional GAN per direction with L1 x100 to the paired target."""
+
+    name = "pix2pix"
+    needs_paired = True
+    summary = "pix2pix both ways: ResNet G, conditional PatchGAN, L1 x100 (beyond the study)"
+    order = 60
+
+    @classmethod
+    def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
+        return resnet_preset(preset, {"gan_mode": "vanilla", "l1": 100.0})
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        a = self.arch
+        self.G_A2B = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        self.G_B2A = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        self.D_A2B = PatchDiscriminator(2, a["ndf"], a["d_layers"], a["norm"])
+        self.D_B2A = PatchDiscriminator(2, a["ndf"], a["d_layers"], a["norm"])
+        init_weights(self)
+
+    def generator(self, direction: str) -> nn.Module:
+        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {
+            "G": self.adam([*self.G_A2B.parameters(), *self.G_B2A.parameters()]),
+            "D": self.adam([*self.D_A2B.parameters(), *self.D_B2A.parameters()]),
+        }
+
+    def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        real_A, real_B = batch["A"], batch["B"]
+        mode, w = self.loss_cfg["gan_mode"], self.loss_cfg["l1"]
+        set_requires_grad((self.D_A2B, self.D_B2A), False)
+        with ctx.autocast():
+            fake_B = self.G_A2B(real_A)
+            fake_A = self.G_B2A(real_B)
+            adv = (gan_loss(self.D_A2B(torch.cat((real_A, fake_B), 1)), True, mode)
+                   + gan_loss(self.D_B2A(torch.cat((real_B, fake_A), 1)), True, mode))
+            mae_A2B = l1(fake_B, real_B)
+            mae_B2A = l1(fake_A, real_A)
+            loss_G = adv + w * (mae_A2B + mae_B2A)
+        ctx.step("G", loss_G)
+
+        set_requires_grad((self.D_A2B, self.D_B2A), True)
+        fake_A, fake_B = fake_A.detach(), fake_B.detach()
+        with ctx.autocast():
+            d_A2B = 0.5 * (gan_loss(self.D_A2B(torch.cat((real_A, real_B), 1)), True, mode)
+                           + gan_loss(self.D_A2B(torch.cat((real_A, fake_B), 1)), False, mode))
+            d_B2A = 0.5 * (gan_loss(self.D_B2A(torch.cat((real_B, real_A), 1)), True, mode)
+                           + gan_loss(self.D_B2A(torch.cat((real_B, fake_A), 1)), False, mode))
+        ctx.step("D", d_A2B + d_B2A)
+        losses = {"G": loss_G, "G_adv": adv, "mae_A2B": mae_A2B, "mae_B2A": mae_B2A,
+                  "D_A2B": d_A2B, "D_B2A": d_B2A}
+        return {k: v.detach().float() for k, v in losses.items()}

@@ -1,0 +1,1 @@
+"""Training: presets and overrides, the one trainer loop, checkpoints, logging, loading runs."""

@@ -1,0 +1,257 @@
+"""Training configuration: presets, ``--set key=value`` overrides and validation.
+
+A resolved config is a plain JSON-able dict (it is written to ``RUN_DIR/config.json``)::
+
+    model, preset, seed, device, precision,
+    data.{contrasts, image_size},
+    train.{epochs, batch_size, decay_start_epoch, max_steps_per_epoch, log_every, samples,
+           checkpoint_every_minutes, keep_every_epochs, deterministic, channels_last,
+           num_threads, progress},
+    arch.*, loss.*, optim.*   (model-specific, from the model's ``preset_config``)
+
+Presets: ``paper`` reproduces the study's settings; ``cpu-small`` is the same code path with
+a model a 2-core CPU trains in about a minute (fewer filters and blocks, few epochs, images
+downsampled to at most 64 pixels a side). Any key can be overridden; unknown keys and values
+of the wrong type are refused with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mrsynth.errors import ConfigError
+
+PRESETS = ("paper", "cpu-small")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+_BASE: dict[str, Any] = {
+    "model": None,
+    "preset": None,
+    "seed": 0,
+    "device": "auto",
+    "precision": "fp32",
+    "data": {
+        # Source (A) and target (B) contrast of the run.
+        "contrasts": ["T1w", "T2w"],
+        # None: train at the prepared size; N: downsample so the longer side is <= N pixels.
+        "image_size": None,
+    },
+    "train": {
+        "epochs": 200,
+        "batch_size": 1,
+        # Learning-rate schedule: "linear" decays linearly to 0 after the last epoch, starting
+        # at decay_start_epoch (None: the second half, epoch epochs // 2 + 1); "none" = flat.
+        "lr_decay": "none",
+        "decay_start_epoch": None,
+        "max_steps_per_epoch": None,
+        "log_every": 50,
+        "samples": 4,
+        "checkpoint_every_minutes": 10.0,
+        "keep_every_epochs": 50,
+        "deterministic": False,
+        "channels_last": True,
+        "num_threads": None,
+        "progress": True,
+    },
+}
+
+_PRESET_BASE: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu-small": {
+        "data": {"image_size": 64},
+        "train": {"log_every": 10, "keep_every_epochs": 0, "checkpoint_every_minutes": 2.0},
+    },
+}
+
+
+def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}``."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def default_config(model: str, preset: str = "paper") -> dict[str, Any]:
+    """The preset's config for ``model`` before overrides."""
+    from mrsynth.models.base import get_model_class
+
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    cls = get_model_class(model)
+    cfg = copy.deepcopy(_BASE)
+    cfg["model"] = model
+    cfg["preset"] = preset
+    _merge(cfg, _PRESET_BASE[preset])
+    sections = cls.preset_config(preset)
+    for name in ("arch", "loss", "optim"):
+        cfg[name] = copy.deepcopy(sections.get(name, {}))
+    _merge(cfg, {k: v for k, v in sections.items() if k not in ("arch", "loss", "optim")})
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON (numbers, true/false/null, lists) or else a plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        low = text.strip().lower()
+        if low in ("none", "null"):
+            return None
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "loss.cycle=5"]`` -> ``{"train.epochs": 3, "loss.cycle": 5.0}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"Cannot read the override {item!r}: write it as key=value, e.g. "
+                "--set train.epochs=3 or --set loss.cycle=5."
+            )
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the default's type; ints are accepted where floats are."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list) and isinstance(value, list):
+        return value
+    raise ConfigError(
+        f"Setting {key} must be a {type(default).__name__} like the default {default!r}, "
+        f"got {value!r}."
+    )
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a copy of ``cfg``; unknown keys raise with the valid ones."""
+    cfg = copy.deepcopy(cfg)
+    flat = flatten(cfg)
+    for key, value in overrides.items():
+        if isinstance(value, str) and key not in ("model", "preset", "device", "precision"):
+            value = parse_value(value) if not isinstance(flat.get(key), str) else value
+        if key not in flat:
+            raise ConfigError(
+                f"Unknown setting {key!r} for model {cfg['model']!r}. Valid settings: "
+                f"{', '.join(sorted(flat))}."
+            )
+        if key in ("model", "preset"):
+            raise ConfigError(f"Choose the {key} with --{key}, not with --set.")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = _coerce(key, value, flat[key])
+    return cfg
+
+
+def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check a resolved config (keys, types and ranges); return it."""
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise ConfigError("A training config must be a dict with at least a 'model' key.")
+    ref = default_config(cfg["model"], cfg.get("preset") or "paper")
+    got, want = flatten(cfg), flatten(ref)
+    unknown = sorted(set(got) - set(want))
+    missing = sorted(set(want) - set(got))
+    if unknown or missing:
+        raise ConfigError(
+            f"Config for model {cfg['model']!r} has unknown settings {unknown} and lacks "
+            f"{missing}. Build it with mrsynth.train.config.resolve_config()."
+        )
+    for k, v in got.items():
+        _coerce(k, v, want[k])
+    t, d = cfg["train"], cfg["data"]
+    problems = []
+    if cfg["device"] not in DEVICES:
+        problems.append(f"device must be one of {', '.join(DEVICES)}")
+    if cfg["precision"] not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
+    if t["epochs"] < 1:
+        problems.append("train.epochs must be at least 1")
+    if t["batch_size"] < 1:
+        problems.append("train.batch_size must be at least 1")
+    if t["lr_decay"] not in ("linear", "none"):
+        problems.append("train.lr_decay must be 'linear' or 'none'")
+    if t["decay_start_epoch"] is not None and not 1 <= t["decay_start_epoch"] <= t["epochs"] + 1:
+        problems.append("train.decay_start_epoch must be between 1 and epochs + 1 (or null for "
+                        "the second half)")
+    if t["max_steps_per_epoch"] is not None and t["max_steps_per_epoch"] < 1:
+        problems.append("train.max_steps_per_epoch must be at least 1 (or null)")
+    if t["log_every"] < 1:
+        problems.append("train.log_every must be at least 1")
+    if t["checkpoint_every_minutes"] is not None and t["checkpoint_every_minutes"] < 0:
+        problems.append("train.checkpoint_every_minutes must be >= 0 (0 or null = off)")
+    c = d["contrasts"]
+    if not (isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c)
+            and c[0] != c[1]):
+        problems.append("data.contrasts must be two different contrast names, e.g. [T1w, T2w]")
+    size = d["image_size"]
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 16):
+        problems.append("data.image_size must be an integer >= 16 (or null)")
+    if problems:
+        raise ConfigError("Invalid training settings: " + "; ".join(problems) + ".")
+    return cfg
+
+
+def resolve_config(
+    model: str,
+    preset: str = "paper",
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """Preset defaults for ``model`` plus overrides (a ``{dotted.key: value}`` mapping or
+    ``key=value`` strings), validated."""
+    cfg = default_config(model, preset)
+    if overrides:
+        if not isinstance(overrides, Mapping):
+            overrides = parse_overrides(overrides)
+        cfg = apply_overrides(cfg, overrides)
+    return validate_config(cfg)
+
+
+def decay_start(train_cfg: Mapping[str, Any]) -> int | None:
+    """First epoch with a decayed learning rate, or None for a flat schedule."""
+    if train_cfg["lr_decay"] == "none":
+        return None
+    start = train_cfg["decay_start_epoch"]
+    return int(start) if start is not None else int(train_cfg["epochs"]) // 2 + 1
+
+
+def valid_keys(model: str, preset: str = "paper") -> list[str]:
+    return sorted(flatten(default_config(model, preset)))

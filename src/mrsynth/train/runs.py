@@ -1,0 +1,149 @@
+"""Loading a trained run: the contract the evaluation, translate, export and demo code use.
+
+>>> run = load_run("runs/cyclegan")                  # doctest: +SKIP
+>>> fake_t2 = run.translate(t1_slices, "T1w2T2w")    # (N,1,H,W) normalised, at data size
+
+``translate`` is deterministic (eval mode, no noise, no dropout, no grad) and works at the
+prepared data's size: when the run trained at a smaller internal size (``data.image_size``,
+e.g. the ``cpu-small`` preset) it downsamples the input and upsamples the output itself.
+``generator(direction)`` is the raw network (any size; trained at the internal size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mrsynth.errors import ConfigError, RunError
+from mrsynth.models.base import DIRECTIONS, TranslationModel, build_model
+from mrsynth.train import checkpoint as ckpt
+from mrsynth.train.config import validate_config
+from mrsynth.train.dataset import internal_size, resample
+from mrsynth.train.logging import METRICS_JSON
+from mrsynth.train.trainer import read_run_config
+
+
+def parse_direction(name: str, contrasts: tuple[str, str] | list[str]) -> str:
+    """``A2B``/``B2A`` from ``A2B``, ``B2A`` or ``<A>2<B>`` (e.g. ``T1w2T2w``), any case."""
+    a, b = contrasts
+    low = name.strip().lower()
+    table = {"a2b": "A2B", "b2a": "B2A", f"{a}2{b}".lower(): "A2B", f"{b}2{a}".lower(): "B2A",
+             f"{a}->{b}".lower(): "A2B", f"{b}->{a}".lower(): "B2A"}
+    if low not in table:
+        raise ConfigError(
+            f"Unknown direction {name!r} for a {a}/{b} run; use {a}2{b} or {b}2{a} "
+            "(or A2B / B2A)."
+        )
+    return table[low]
+
+
+def direction_name(direction: str, contrasts: tuple[str, str] | list[str]) -> str:
+    """``A2B`` -> ``T1w2T2w`` for a T1w/T2w run."""
+    a, b = contrasts
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"Unknown direction {direction!r}; use A2B or B2A.")
+    return f"{a}2{b}" if direction == "A2B" else f"{b}2{a}"
+
+
+class LoadedRun:
+    """A run's model on a device, in eval mode, with its provenance."""
+
+    def __init__(self, run_dir: Path, doc: dict[str, Any], model: TranslationModel,
+                 checkpoint: Path, checkpoint_meta: dict[str, Any], device: torch.device) -> None:
+        self.run_dir = run_dir
+        self.doc = doc
+        self.config: dict[str, Any] = doc["config"]
+        self.model_name: str = self.config["model"]
+        self.contrasts: tuple[str, str] = tuple(self.config["data"]["contrasts"])  # type: ignore[assignment]
+        self.data_settings: dict[str, Any] = doc.get("data", {}).get("settings", {})
+        self.data_path: str | None = doc.get("data", {}).get("path")
+        self.model = model
+        self.checkpoint = checkpoint
+        self.checkpoint_meta = checkpoint_meta
+        self.epoch: int = int(checkpoint_meta.get("epoch", 0))
+        self.device = device
+        self._generators: dict[str, nn.Module] = {}
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json (per-epoch wall time, mean s/epoch, losses); {} if absent."""
+        path = self.run_dir / METRICS_JSON
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    @property
+    def image_size(self) -> int | None:
+        """The longest side the run trained at (None: the prepared data's size)."""
+        return self.config["data"]["image_size"]
+
+    def direction(self, name: str) -> str:
+        return parse_direction(name, self.contrasts)
+
+    def generator(self, direction: str) -> nn.Module:
+        """The network for ``A2B``/``B2A`` (or ``T1w2T2w``...), eval mode, on the run's device."""
+        d = self.direction(direction)
+        if d not in self._generators:
+            self._generators[d] = self.model.generator(d).eval()
+        return self._generators[d]
+
+    @torch.no_grad()
+    def translate(self, x: Tensor | np.ndarray, direction: str, batch_size: int = 16) -> Tensor:
+        """Translate normalised slices (N,1,H,W) (or (N,H,W)); returns float32 on the CPU,
+        same shape. Resamples to the run's internal size and back when needed."""
+        t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
+        squeeze = t.ndim == 3
+        if squeeze:
+            t = t[:, None]
+        if t.ndim != 4 or t.shape[1] != 1:
+            raise ConfigError(
+                f"translate() takes slices shaped (N,1,H,W) or (N,H,W), got {tuple(t.shape)}."
+            )
+        gen = self.generator(direction)
+        size = tuple(t.shape[-2:])
+        inner = internal_size(size, self.image_size)  # type: ignore[arg-type]
+        outs = []
+        for i in range(0, t.shape[0], batch_size):
+            xb = t[i : i + batch_size].to(self.device, torch.float32)
+            yb = gen(resample(xb, inner)).float()
+            outs.append(resample(yb, size).cpu())  # type: ignore[arg-type]
+        out = torch.cat(outs) if outs else torch.empty_like(t, dtype=torch.float32)
+        return out[:, 0] if squeeze else out
+
+
+def load_run(
+    run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
+    checkpoint: str | int = "latest",
+) -> LoadedRun:
+    """Load a run's model from a checkpoint (``latest``, an epoch number or ``epoch_0050``).
+
+    Raises :class:`RunError` for a directory that is not a run, a run without a complete
+    checkpoint, an unreadable checkpoint, or one saved by another model or contrast pair.
+    """
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        raise RunError(f"Run directory {rd} does not exist.")
+    doc = read_run_config(rd)
+    try:
+        config = validate_config(doc["config"])
+    except ConfigError as exc:
+        raise RunError(f"{rd / 'config.json'} holds an invalid config: {exc}") from exc
+    dev = torch.device(device)
+    path = ckpt.find_checkpoint(rd, checkpoint)
+    tensors, meta = ckpt.load_weights(path, dev)
+    ckpt.check_identity(path, meta, config["model"], config["data"]["contrasts"])
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to_empty(device=dev)
+    ckpt.load_model_weights(model, tensors, path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedRun(rd, doc, model, path, ckpt.read_meta(path), dev)

@@ -1,0 +1,87 @@
+"""``mrsynth demo`` end to end at a reduced size, and resuming finished stages."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mrsynth.cli import main
+from mrsynth.data.prepared import load_prepared
+from mrsynth.models.base import model_names
+
+SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "32",
+         "--downsample", "2", "--c2st-steps", "10", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "demo-out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--out", str(out), *SMALL])
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+def test_demo_outputs_exist_and_parse(demo):
+    out, stdout = demo
+    models = model_names()
+    assert len(models) == 6
+    data = load_prepared(out / "data" / "prepared.npz")
+    assert data.size == (32, 32) and len(set(data.subject.tolist())) == 3
+    assert (data.split == "test").any() and (data.split == "train").any()
+    for m in models:
+        metrics = json.loads((out / "runs" / m / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["epochs_completed"] == 1
+        assert json.loads((out / "runs" / m / "config.json").read_text())["config"]["preset"] == (
+            "cpu-small")
+    man = json.loads((out / "eval" / "eval.json").read_text())
+    assert [r["model"] for r in man["runs"]] == models
+    with open(out / "eval" / "summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert {(s["model"], s["direction"]) for s in summary} == {
+        (m, d) for m in models for d in ("T1w2T2w", "T2w2T1w")}
+    assert all(np.isfinite(float(s["mean"])) for s in summary if s["metric"] != "psnr")
+    html = (out / "report.html").read_text()
+    for m in models:
+        for d in ("T1w2T2w", "T2w2T1w"):
+            assert f"<td>{m}</td><td>{d}</td>" in html
+    timings = json.loads((out / "demo.json").read_text())["timings_s"]
+    assert set(timings) >= {"prepare_s", "train_s", "evaluate_s", "report_s", "total_s"}
+    # the command prints the report's path and the summary table
+    assert f"Report: {(out / 'report.html').resolve()}" in stdout
+    for m in models:
+        assert m in stdout
+    assert "MAE" in stdout and "PSNR" in stdout
+
+
+def test_demo_rerun_resumes_finished_stages(demo, capsys):
+    out, _ = demo
+    watched = [out / "data" / "prepared.npz", out / "eval" / "eval.json",
+               *[out / "runs" / m / "metrics.json" for m in model_names()]]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    (out / "report.html").unlink()  # only the last stage is missing
+    assert main(["demo", "--out", str(out), *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing it") >= 1 + len(model_names()) + 1
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    assert (out / "report.html").is_file()
+
+    # a run that did not finish (no metrics "completed") is resumed and evaluation redone
+    m = model_names()[-1]
+    metrics = out / "runs" / m / "metrics.json"
+    doc = json.loads(metrics.read_text())
+    doc["status"] = "running"
+    metrics.write_text(json.dumps(doc))
+    assert main(["demo", "--out", str(out), *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert f"{m}: resuming" in err
+    assert json.loads(metrics.read_text())["status"] == "completed"
+    assert (out / "eval" / "eval.json").stat().st_mtime_ns > before[out / "eval" / "eval.json"]

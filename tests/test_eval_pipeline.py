@@ -1,0 +1,241 @@
+"""``mrsynth evaluate`` and ``mrsynth report`` end to end on real slices and tiny trained runs."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as st
+from test_eval_fixtures import tiny_run
+
+from mrsynth.cli import main
+from mrsynth.data.prepared import load_prepared
+from mrsynth.eval.metrics import METRICS, image_metrics
+
+MODELS = ("cyclegan", "simple")
+DIRECTIONS = ("T1w2T2w", "T2w2T1w")
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, prepared_small) -> dict[str, Path]:
+    return {m: tiny_run(tmp_path_factory, prepared_small, m) for m in MODELS}
+
+
+@pytest.fixture(scope="module")
+def evaluation(runs, prepared_small, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evaluation") / "eval"
+    rc = main(["evaluate", "--runs", str(runs["cyclegan"]), str(runs["simple"]),
+               "--data", str(prepared_small), "--out", str(out), "--device", "cpu",
+               "--c2st-steps", "20"])
+    assert rc == 0
+    return out
+
+
+def test_per_image_metrics_match_an_independent_recomputation(evaluation, prepared_small):
+    data = load_prepared(prepared_small)
+    test = data.split_view("test")
+    n_test = len(test)
+    rows = _csv(evaluation / "per_image.csv")
+    assert len(rows) == n_test * len(MODELS) * len(DIRECTIONS) * 2  # two regions
+    assert {r["model"] for r in rows} == set(MODELS)
+    assert {r["direction"] for r in rows} == set(DIRECTIONS)
+    assert {r["region"] for r in rows} == {"image", "brain"}
+    assert {r["subject"] for r in rows} == set(test.subject.tolist())
+    by_key = {(str(s), int(k)): i for i, (s, k) in enumerate(zip(test.subject, test.slice_index,
+                                                                   strict=True))}
+    checked = 0
+    for r in rows[:: max(1, len(rows) // 25)]:
+        i = by_key[(r["subject"], int(r["slice"]))]
+        syn = np.load(evaluation / "synthetic" / r["model"]
+                      / f"{r['subject']}_slice-{int(r['slice']):03d}_{r['target']}.npy")
+        assert syn.dtype == np.float32 and syn.shape == data.size
+        real = test.images[r["target"]][i].astype(np.float64)
+        mask = test.mask[i] if r["region"] == "brain" else np.ones(real.shape, bool)
+        # independent MAE: z-score the region with numpy and average |difference|
+        rv, sv = real[mask], syn.astype(np.float64)[mask]
+        mae = np.abs((sv - sv.mean()) / sv.std() - (rv - rv.mean()) / rv.std()).mean()
+        assert float(r["mae"]) == pytest.approx(mae, rel=1e-9)
+        full = image_metrics(real, syn, test.mask[i] if r["region"] == "brain" else None)
+        for m in METRICS:
+            assert float(r[m]) == pytest.approx(full[m], rel=1e-9, abs=1e-12), m
+        checked += 1
+    assert checked >= 20
+
+
+def test_synthetic_slices_are_the_runs_translations(evaluation, runs, prepared_small):
+    from mrsynth.train.runs import load_run
+
+    test = load_prepared(prepared_small).split_view("test")
+    run = load_run(runs["cyclegan"])
+    want = run.translate(test.images["T2w"][:4, None], "B2A").numpy()[:, 0]
+    for i in range(4):
+        name = f"{test.subject[i]}_slice-{int(test.slice_index[i]):03d}_T1w.npy"
+        got = np.load(evaluation / "synthetic" / "cyclegan" / name)
+        np.testing.assert_allclose(got, want[i], atol=1e-6)
+    n = len(test)
+    for m in MODELS:
+        files = sorted((evaluation / "synthetic" / m).glob("*.npy"))
+        assert len(files) == 2 * n  # both contrasts for every test slice
+
+
+def test_summary_and_wilcoxon_agree_with_the_per_image_rows(evaluation):
+    rows = _csv(evaluation / "per_image.csv")
+    summary = _csv(evaluation / "summary.csv")
+    assert len(summary) == len(MODELS) * len(DIRECTIONS) * 2 * len(METRICS)
+    for s in summary:
+        vals = np.array([float(r[s["metric"]]) for r in rows if r["model"] == s["model"]
+                         and r["direction"] == s["direction"] and r["region"] == s["region"]])
+        vals = vals[np.isfinite(vals)]
+        assert float(s["mean"]) == pytest.approx(vals.mean(), rel=1e-9)
+        assert float(s["median"]) == pytest.approx(np.median(vals), rel=1e-9)
+        assert float(s["ci_low"]) <= float(s["mean"]) <= float(s["ci_high"])
+    tests = _csv(evaluation / "wilcoxon.csv")
+    t = next(t for t in tests if t["region"] == "image" and t["direction"] == "T1w2T2w"
+             and t["metric"] == "mae")
+    a = {(r["subject"], r["slice"]): float(r["mae"]) for r in rows if r["model"] == t["model_a"]
+         and r["direction"] == "T1w2T2w" and r["region"] == "image"}
+    b = {(r["subject"], r["slice"]): float(r["mae"]) for r in rows if r["model"] == t["model_b"]
+         and r["direction"] == "T1w2T2w" and r["region"] == "image"}
+    keys = sorted(a)
+    p = st.wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue
+    assert float(t["p_value"]) == pytest.approx(p, rel=1e-9)
+    md = (evaluation / "summary.md").read_text()
+    assert md.count("| cyclegan |") == 4 and "95 % bootstrap CI" in md
+
+
+def test_timing_c2st_figures_and_manifest(evaluation, runs):
+    timing = _csv(evaluation / "timing.csv")
+    assert {(t["model"], t["direction"]) for t in timing} == {
+        (m, d) for m in MODELS for d in DIRECTIONS}
+    for t in timing:
+        walls = [e["wall_s"] for e in json.loads((runs[t["model"]] / "metrics.json").read_text())
+                 ["epochs"]]
+        assert float(t["train_s_per_epoch"]) == pytest.approx(np.mean(walls))
+        assert float(t["inference_ms_per_slice"]) > 0
+    c2st = _csv(evaluation / "c2st.csv")
+    assert len(c2st) == len(MODELS) * len(DIRECTIONS)
+    for c in c2st:
+        assert 0.0 <= float(c["ci_low"]) <= float(c["accuracy"]) <= float(c["ci_high"]) <= 1.0
+        assert int(c["n_test"]) > 0 and c["human_accuracy"] == ""
+    from PIL import Image
+
+    for stem in ("figure1", "figure1-brain", "figure2"):
+        with Image.open(evaluation / f"{stem}.png") as im:
+            assert im.size[0] > 400 and im.size[1] > 200
+        assert (evaluation / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    man = json.loads((evaluation / "eval.json").read_text())
+    assert [r["label"] for r in man["runs"]] == list(MODELS)
+    assert set(man["directions"]) == set(DIRECTIONS)
+    assert man["environment"]["packages"]["torch"]
+    assert not list(evaluation.parent.glob(".*tmp*"))  # no temporary directory left
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.hrefs: list[str] = []
+        self.text: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        d = dict(attrs)
+        if "src" in d:
+            self.srcs.append(d["src"])
+        if "href" in d:
+            self.hrefs.append(d["href"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_is_self_contained_and_names_every_model_and_direction(evaluation, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "report.html"
+    assert main(["report", "--eval", str(evaluation), "--out", str(out)]) == 0
+    html = out.read_text()
+    p = _Collector()
+    p.feed(html)
+    text = " ".join(p.text)
+    for m in MODELS:
+        assert m in text
+    for d in DIRECTIONS:
+        assert d in text
+    # every model appears with both directions in the summary table rows
+    for m in MODELS:
+        for d in DIRECTIONS:
+            assert f"<td>{m}</td><td>{d}</td>" in html
+    assert "script" not in p.tags and not p.hrefs  # nothing to fetch, nothing to run
+    assert len(p.srcs) >= 3 and all(s.startswith("data:image/png;base64,") for s in p.srcs)
+    from PIL import Image
+
+    for s in p.srcs:
+        with Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))) as im:
+            assert im.format == "PNG"
+    assert "Environment" in text and "cpu-small" in html  # run configs and environment
+    # refusing to overwrite without --overwrite
+    assert main(["report", "--eval", str(evaluation), "--out", str(out)]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_incompatible_data_without_partial_output(runs, prepared_small,
+                                                                   tmp_path, capsys):
+    data = load_prepared(prepared_small)
+    data.settings = json.loads(json.dumps(data.settings))
+    data.settings["normalisation"]["percentiles"] = [1.0, 99.0]
+    other = data.save(tmp_path / "other.npz")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--runs", str(runs["simple"]), "--data", str(other),
+               "--out", str(out), "--device", "cpu"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "normalisation" in err and str(runs["simple"]) in err.replace("\n", "")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.npz"]
+
+
+def test_evaluate_refuses_run_without_checkpoint(runs, prepared_small, tmp_path, capsys):
+    broken = tmp_path / "broken-run"
+    shutil.copytree(runs["simple"], broken)
+    shutil.rmtree(broken / "checkpoints")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--runs", str(runs["cyclegan"]), str(broken), "--data",
+               str(prepared_small), "--out", str(out), "--device", "cpu"])
+    assert rc != 0
+    assert "checkpoint" in capsys.readouterr().err.lower()
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["broken-run"]
+
+
+def test_evaluate_refuses_checkpoint_of_another_model(runs, prepared_small, tmp_path, capsys):
+    mixed = tmp_path / "mixed-run"
+    shutil.copytree(runs["simple"], mixed)
+    shutil.rmtree(mixed / "checkpoints")
+    shutil.copytree(runs["cyclegan"] / "checkpoints", mixed / "checkpoints")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--runs", str(mixed), "--data", str(prepared_small),
+               "--out", str(out), "--device", "cpu"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "cyclegan" in err and "simple" in err
+    assert not out.exists()
+
+
+def test_evaluate_refuses_existing_output(evaluation, runs, prepared_small, capsys):
+    before = (evaluation / "eval.json").stat().st_mtime_ns
+    rc = main(["evaluate", "--runs", str(runs["simple"]), "--data", str(prepared_small),
+               "--out", str(evaluation), "--device", "cpu"])
+    assert rc != 0 and "--overwrite" in capsys.readouterr().err
+    assert (evaluation / "eval.json").stat().st_mtime_ns == before

@@ -1,0 +1,259 @@
+"""The reader and admin pages in a real browser (Debian's Chromium driven by Playwright).
+
+A real uvicorn server runs on 127.0.0.1 in a thread; the page is answered by mouse
+and keyboard, reloaded (resume), and the stored answers are read back from SQLite.
+Every request the browser makes is checked to stay on the loopback server.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from mrsynth.study import db as sdb
+from mrsynth.study.app import create_app
+from mrsynth.study.create import create_study
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+        "--disable-gpu", "--no-first-run", "--disable-sync"]
+TIMEOUT_MS = 10_000
+
+
+def _study_load():
+    path = str(REPO / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module("study_load")
+
+
+@pytest.fixture(scope="module")
+def inputs(mrpaired, tmp_path_factory):
+    return _study_load().build_inputs(mrpaired, tmp_path_factory.getbasetemp() / "study_inputs")
+
+
+class _Server:
+    """uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, db: Path) -> None:
+        import uvicorn
+
+        self.port = _study_load().free_port()
+        config = uvicorn.Config(create_app(db), host="127.0.0.1", port=self.port,
+                                log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:  # bounded wait
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Chromium is not installed at {CHROMIUM}; the browser tests need it. Install it "
+            "with `sudo apt-get install chromium` (`make test` does this on Debian/Ubuntu)."
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def _page(browser, requests: list[str]):
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+
+    def guard(route):
+        requests.append(route.request.url)
+        if urlsplit(route.request.url).hostname != "127.0.0.1":
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route("**/*", guard)
+    return page
+
+
+def _wait_phase(page, phase: str) -> None:
+    page.wait_for_selector(f'body[data-phase="{phase}"]', timeout=TIMEOUT_MS)
+
+
+def _rows(db: Path, reader: str) -> list[tuple]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            """SELECT t.position, t.practice, a.label, a.choice, a.confidence, a.response_ms,
+                      t.real_slot
+               FROM answers a JOIN trials t ON t.id = a.trial_id JOIN readers r ON r.id = t.reader_id
+               WHERE r.name = ? ORDER BY t.position""",
+            (reader,),
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def test_reader_page_click_keyboard_reload_resume(browser, inputs, tmp_path):
+    from playwright.sync_api import expect
+
+    real_dir, syn = inputs
+    settings = sdb.StudySettings(n_real=4, n_synthetic=4, n_practice=2, display_size=64, seed=3)
+    made = create_study(real_dir, syn, tmp_path / "b.db", settings)
+    conn = sdb.connect(made.path)
+    token = sdb.add_reader(conn, "browser")
+    conn.close()
+    requests: list[str] = []
+    with _Server(made.path) as base:
+        page = _page(browser, requests)
+        page.goto(f"{base}/r/{token}")
+        _wait_phase(page, "instructions")
+        expect(page.locator("#instructions")).to_contain_text("8 brain MR images")
+        expect(page.locator("#instructions")).to_contain_text("first 2 trials are practice")
+        page.keyboard.press("Enter")
+
+        # Practice 1: click "Real"; feedback appears; continue with a click.
+        _wait_phase(page, "answer")
+        expect(page.locator("#phase")).to_be_visible()
+        expect(page.locator("#progress")).to_have_text("1 / 2")
+        page.click("#answer-real")
+        _wait_phase(page, "feedback")
+        expect(page.locator("#feedback-text")).to_contain_text("this image was")
+        page.click("#continue")
+        # Practice 2: key S, continue with Enter.
+        _wait_phase(page, "answer")
+        expect(page.locator("#progress")).to_have_text("2 / 2")
+        page.keyboard.press("s")
+        _wait_phase(page, "feedback")
+        page.keyboard.press("Enter")
+
+        # Scored 1: confidence 4 by click, then "Synthetic" by click.
+        _wait_phase(page, "answer")
+        expect(page.locator("#phase")).to_be_hidden()
+        expect(page.locator("#progress")).to_have_text("1 / 8")
+        expect(page.locator("#img0")).to_be_visible()
+        page.click('button.conf[data-conf="4"]')
+        page.click("#answer-synthetic")
+        # Scored 2: confidence 2 by key, R by key.
+        expect(page.locator("#progress")).to_have_text("2 / 8")
+        _wait_phase(page, "answer")
+        page.keyboard.press("2")
+        expect(page.locator('button.conf[data-conf="2"]')).to_have_class("conf selected")
+        page.keyboard.press("r")
+        # Scored 3: S without confidence.
+        expect(page.locator("#progress")).to_have_text("3 / 8")
+        _wait_phase(page, "answer")
+        page.keyboard.press("S")
+        expect(page.locator("#progress")).to_have_text("4 / 8")
+        _wait_phase(page, "answer")
+
+        # Reload: straight back to the next unanswered image, no instructions.
+        page.reload()
+        _wait_phase(page, "answer")
+        expect(page.locator("#progress")).to_have_text("4 / 8")
+        expect(page.locator("#instructions")).to_be_hidden()
+        page.keyboard.press("r")
+        expect(page.locator("#progress")).to_have_text("5 / 8")
+
+        rows = _rows(made.path, "browser")
+        assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+            (0, 1, "real", None),
+            (1, 1, "synthetic", None),
+            (2, 0, "synthetic", 4),
+            (3, 0, "real", 2),
+            (4, 0, "synthetic", None),
+            (5, 0, "real", None),
+        ]
+        assert all(r[5] is not None and r[5] >= 0 for r in rows)
+
+        # A fresh browser context (closed browser, link opened again) also resumes.
+        page.close()
+        page = _page(browser, requests)
+        page.goto(f"{base}/r/{token}")
+        _wait_phase(page, "answer")
+        expect(page.locator("#progress")).to_have_text("5 / 8")
+        for k in range(5, 9):  # finish: thank-you page
+            _wait_phase(page, "answer")
+            expect(page.locator("#progress")).to_have_text(f"{k} / 8")
+            page.keyboard.press("r")
+        _wait_phase(page, "done")
+        expect(page.locator("#done")).to_contain_text("Thank you")
+        page.reload()
+        _wait_phase(page, "done")
+        assert len(_rows(made.path, "browser")) == 10
+
+        # Admin page: token in the fragment, results table and figure rendered.
+        page.goto(f"{base}/admin#{made.admin_token}")
+        expect(page.locator("#results")).to_be_visible()
+        expect(page.locator("#readers")).to_contain_text("8 / 8")
+        expect(page.locator("#stats")).to_contain_text("all readers")
+        expect(page.locator("#figure")).to_be_visible()
+        assert page.locator("#figure").evaluate("el => el.decode().then(() => el.naturalWidth)") > 500
+        page.close()
+        page = _page(browser, requests)
+        page.goto(f"{base}/admin")
+        page.fill("#token", "wrong-token")
+        page.click("#login-form button")
+        expect(page.locator("#login-error")).to_have_text("Wrong admin token.")
+        page.close()
+    assert requests and all(urlsplit(u).hostname == "127.0.0.1" for u in requests)
+
+
+def test_2afc_arrows_and_exposure_in_browser(browser, inputs, tmp_path):
+    from playwright.sync_api import expect
+
+    real_dir, syn = inputs
+    settings = sdb.StudySettings(mode="2afc", n_synthetic=4, exposure_ms=300, display_size=64,
+                                 scale="binary")
+    made = create_study(real_dir, syn, tmp_path / "a.db", settings)
+    conn = sdb.connect(made.path)
+    token = sdb.add_reader(conn, "afc")
+    conn.close()
+    requests: list[str] = []
+    with _Server(made.path) as base:
+        page = _page(browser, requests)
+        page.goto(f"{base}/r/{token}")
+        _wait_phase(page, "instructions")
+        page.click("#start")
+        _wait_phase(page, "answer")
+        expect(page.locator("#img1")).to_be_visible()
+        expect(page.locator("#confidence")).to_be_hidden()
+        # After the 300 ms exposure both images are masked; answering still works.
+        expect(page.locator("#slot0 .mask")).to_be_visible()
+        expect(page.locator("#slot1 .mask")).to_be_visible()
+        expect(page.locator("#img0")).to_be_hidden()
+        page.keyboard.press("ArrowLeft")
+        expect(page.locator("#progress")).to_have_text("2 / 4")
+        _wait_phase(page, "answer")
+        expect(page.locator("#slot0 .mask")).to_be_hidden()  # unmasked for the next pair
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("#progress")).to_have_text("3 / 4")
+        _wait_phase(page, "answer")
+        page.click("#answer-right")
+        expect(page.locator("#progress")).to_have_text("4 / 4")
+        page.close()
+    rows = _rows(made.path, "afc")
+    assert [r[3] for r in rows] == [0, 1, 1]
+    assert all(r[2] is None for r in rows)
