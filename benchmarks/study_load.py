@@ -278,6 +278,7 @@ def run_benchmark(
         "wall_s": round(res["wall_s"], 3),
         "answers_per_s": round(expected / res["wall_s"], 1),
         "latency_ms": {
+            "mean": round(float(lat.mean()), 2),
             "p50": round(float(np.percentile(lat, 50)), 2),
             "p95": round(float(np.percentile(lat, 95)), 2),
             "p99": round(float(np.percentile(lat, 99)), 2),

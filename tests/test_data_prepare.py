@@ -316,3 +316,35 @@ def test_info_on_a_prepared_file_and_a_broken_dataset(prepared_small: Path, mrpa
     assert "Traceback" not in text
     assert "sub-x_T1w.nii.gz" in text and "truncated" in text and "no T2w" in text
     assert "2 problem(s)" in text
+
+
+def test_any_contrast_pair_t2w_flair(mrpaired: Path, tmp_path: Path):
+    with pytest.warns(UserWarning, match="sub-mni152 has no FLAIR; skipped"):
+        out = prepare_dataset(mrpaired, tmp_path / "tf.npz", contrasts=("T2w", "FLAIR"),
+                              slices="80", downsample=2, size=(128, 128),
+                              test_subjects=["sub-ms07"])
+    d = load_prepared(out)
+    assert d.contrasts == ["T2w", "FLAIR"]
+    assert len(d) == 6 and (d.slice_index == 80).all()
+    assert "sub-mni152" not in set(d.subject.tolist())
+    assert d.subject[d.split == "test"].tolist() == ["sub-ms07"]
+    assert d.subjects["sub-ms07"]["files"]["FLAIR"].endswith("sub-ms07_FLAIR.nii.gz")
+
+
+def test_compressed_file_loads_the_same_and_damage_is_reported(mini_bids: Path, tmp_path: Path):
+    kw = {"size": (128, 128), "slice_step": 6, "seed": 1}
+    plain = load_prepared(prepare_dataset(mini_bids, tmp_path / "p.npz", **kw))
+    packed = load_prepared(prepare_dataset(mini_bids, tmp_path / "c.npz", compress=True, **kw))
+    assert (tmp_path / "c.npz").stat().st_size < 0.5 * (tmp_path / "p.npz").stat().st_size
+    for c in plain.contrasts:
+        np.testing.assert_array_equal(plain.images[c], packed.images[c])
+        np.testing.assert_array_equal(plain.offset[c], packed.offset[c])
+    np.testing.assert_array_equal(plain.subject, packed.subject)
+    np.testing.assert_array_equal(plain.crop, packed.crop)
+    assert plain.subjects == packed.subjects
+    raw = (tmp_path / "p.npz").read_bytes()
+    (tmp_path / "t.npz").write_bytes(raw[: len(raw) // 2])
+    from mrsynth.errors import DataError
+
+    with pytest.raises(DataError, match="t.npz"):
+        load_prepared(tmp_path / "t.npz")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -149,7 +150,9 @@ def test_folders_layout_formats_and_pairing(mini_bids: Path, tmp_path: Path):
         written[f"{split}/{name}"] = (load_image_2d(root / f"{split}A" / f"{name}{sfx}"),
                                       load_image_2d(root / f"{split}B" / f"{name}{sfx}"))
     assert detect_layout(root) == "folders"
-    out = prepare_dataset(root, tmp_path / "f.npz", size=(64, 64))
+    # the participant parsed from the names (sub-ms19) is in both folders: a leak warning
+    with pytest.warns(UserWarning, match="both train and test"):
+        out = prepare_dataset(root, tmp_path / "f.npz", size=(64, 64))
     d = load_prepared(out)
     assert d.settings["layout"] == "folders"
     assert len(d) == 6
@@ -160,7 +163,6 @@ def test_folders_layout_formats_and_pairing(mini_bids: Path, tmp_path: Path):
         assert d.split[row] == sid.split("/")[0]
         np.testing.assert_allclose(d.images["T1w"][row], _expected(a, b), atol=1e-5)
         np.testing.assert_allclose(d.images["T2w"][row], _expected(b, a), atol=1e-5)
-    # the participant was parsed from the names, and it is in both splits: a leak warning
     assert any("both train and test" in w for w in d.settings["warnings"])
 
 
@@ -202,3 +204,16 @@ def test_unknown_layout_is_a_clear_error(tmp_path: Path):
     (tmp_path / "random" / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="Cannot tell the layout"):
         index_dataset(tmp_path / "random")
+
+
+def test_data_info_on_one_file(mrpaired: Path, capsys: pytest.CaptureFixture[str]):
+    f = mrpaired / "sub-met00110" / "anat" / "sub-met00110_T2w.nii.gz"
+    assert main(["data", "info", str(f), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    (sub,) = info["subjects"]
+    (c,) = sub["contrasts"]
+    assert (sub["id"], c["contrast"], c["shape"], c["dtype"]) == (
+        "sub-met00110", "T2w", [240, 240, 155], "int16")
+    raw = np.asanyarray(nib.load(f).dataobj)
+    assert (c["min"], c["max"]) == (float(raw.min()), float(raw.max()))
+    assert c["orientation"] == "RAS" and info["n_problems"] == 0

@@ -13,8 +13,8 @@ from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.models.base import model_names
 
-SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "32",
-         "--downsample", "2", "--c2st-steps", "10", "--device", "cpu"]
+SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
+         "--downsample", "3", "--c2st-steps", "10", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_demo_outputs_exist_and_parse(demo):
     models = model_names()
     assert len(models) == 6
     data = load_prepared(out / "data" / "prepared.npz")
-    assert data.size == (32, 32) and len(set(data.subject.tolist())) == 3
+    assert data.size == (36, 36) and len(set(data.subject.tolist())) == 3
     assert (data.split == "test").any() and (data.split == "train").any()
     for m in models:
         metrics = json.loads((out / "runs" / m / "metrics.json").read_text())
@@ -85,3 +85,13 @@ def test_demo_rerun_resumes_finished_stages(demo, capsys):
     assert f"{m}: resuming" in err
     assert json.loads(metrics.read_text())["status"] == "completed"
     assert (out / "eval" / "eval.json").stat().st_mtime_ns > before[out / "eval" / "eval.json"]
+
+
+def test_demo_refuses_to_resume_with_other_data_settings(demo, capsys):
+    out, _ = demo
+    before = (out / "data" / "prepared.npz").stat().st_mtime_ns
+    args = [a if a != "36" else "40" for a in SMALL]  # another --size
+    assert main(["demo", "--out", str(out), *args]) != 0
+    err = capsys.readouterr().err
+    assert "size 36 -> 40" in err and "another --out" in err
+    assert (out / "data" / "prepared.npz").stat().st_mtime_ns == before

@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_eval_fixtures import tiny_run
 
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.export import ONNX_TOLERANCE
+from test_eval_fixtures import tiny_run
 
 
 @pytest.fixture(scope="module")

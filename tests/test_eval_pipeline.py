@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as st
-from test_eval_fixtures import tiny_run
 
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.metrics import METRICS, image_metrics
+from test_eval_fixtures import tiny_run
 
 MODELS = ("cyclegan", "simple")
 DIRECTIONS = ("T1w2T2w", "T2w2T1w")
@@ -128,7 +128,7 @@ def test_timing_c2st_figures_and_manifest(evaluation, runs):
     assert len(c2st) == len(MODELS) * len(DIRECTIONS)
     for c in c2st:
         assert 0.0 <= float(c["ci_low"]) <= float(c["accuracy"]) <= float(c["ci_high"]) <= 1.0
-        assert int(c["n_test"]) > 0 and c["human_accuracy"] == ""
+        assert int(c["n_test"]) > 0 and c["human_accuracy"] == ""  # no --study given
     from PIL import Image
 
     for stem in ("figure1", "figure1-brain", "figure2"):
@@ -239,3 +239,47 @@ def test_evaluate_refuses_existing_output(evaluation, runs, prepared_small, caps
                "--out", str(evaluation), "--device", "cpu"])
     assert rc != 0 and "--overwrite" in capsys.readouterr().err
     assert (evaluation / "eval.json").stat().st_mtime_ns == before
+
+
+def test_human_study_accuracy_is_reported_beside_c2st(evaluation, runs, prepared_small,
+                                                      tmp_path):
+    """A real study file made from this evaluation's synthetic slices, answered by one reader
+    who calls every image "real": accuracy per model x contrast = real / (real + synthetic)."""
+    from fastapi.testclient import TestClient
+
+    from mrsynth.study import db as sdb
+    from mrsynth.study.app import create_app
+    from mrsynth.study.create import create_study
+
+    study = tmp_path / "study.db"
+    settings = sdb.StudySettings(mode="single", scale="binary", n_real=8, n_synthetic=8,
+                                 display_size=64, seed=0)
+    create_study(prepared_small, {m: evaluation / "synthetic" / m for m in MODELS}, study,
+                 settings)
+    conn = sdb.connect(study)
+    try:
+        token = sdb.add_reader(conn, "reader-1")
+    finally:
+        conn.close()
+    client = TestClient(create_app(study))
+    state = client.post(f"/api/r/{token}/start").json()
+    answered = 0
+    while not state["done"]:
+        reply = client.post(f"/api/r/{token}/answer",
+                            json={"trial": state["trial"]["id"], "label": "real"})
+        assert reply.status_code == 200
+        state = reply.json()["state"]
+        answered += 1
+    assert answered == 16
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--runs", str(runs["cyclegan"]), str(runs["simple"]),
+                 "--data", str(prepared_small), "--out", str(out), "--device", "cpu",
+                 "--c2st-steps", "5", "--study", str(study)]) == 0
+    rows = {(c["model"], c["direction"]): c for c in _csv(out / "c2st.csv")}
+    # 8 real images over 2 contrasts, 8 synthetic over 2 models x 2 contrasts
+    for m in MODELS:
+        for d in DIRECTIONS:
+            assert float(rows[(m, d)]["human_accuracy"]) == pytest.approx(4 / 6)
+            assert int(rows[(m, d)]["human_n"]) == 6
+    assert main(["report", "--eval", str(out), "--out", str(tmp_path / "r.html")]) == 0
+    assert "0.667 [" in (tmp_path / "r.html").read_text()

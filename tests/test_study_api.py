@@ -239,7 +239,8 @@ def test_repeated_answer_is_idempotent_and_others_rejected(single):
     assert client.get(f"/api/r/{tc}/image/{trial}/1").status_code == 404  # single: one slot
     assert client.get(f"/api/r/{tc}/image/{trial}/x").status_code == 422
     assert client.get("/api/r/nope/state").status_code == 404
-    assert client.get("/r/nope").status_code == 404
+    unknown = client.get("/r/nope")
+    assert unknown.status_code == 404 and "Unknown link" in unknown.text
 
     # Malformed bodies: 422, nothing stored.
     nxt = client.get(f"/api/r/{tc}/state").json()["trial"]["id"]

@@ -108,7 +108,8 @@ def _rows(db: Path, reader: str) -> list[tuple]:
         return conn.execute(
             """SELECT t.position, t.practice, a.label, a.choice, a.confidence, a.response_ms,
                       t.real_slot
-               FROM answers a JOIN trials t ON t.id = a.trial_id JOIN readers r ON r.id = t.reader_id
+               FROM answers a JOIN trials t ON t.id = a.trial_id
+               JOIN readers r ON r.id = t.reader_id
                WHERE r.name = ? ORDER BY t.position""",
             (reader,),
         ).fetchall()
@@ -210,7 +211,8 @@ def test_reader_page_click_keyboard_reload_resume(browser, inputs, tmp_path):
         expect(page.locator("#readers")).to_contain_text("8 / 8")
         expect(page.locator("#stats")).to_contain_text("all readers")
         expect(page.locator("#figure")).to_be_visible()
-        assert page.locator("#figure").evaluate("el => el.decode().then(() => el.naturalWidth)") > 500
+        width = page.locator("#figure").evaluate("el => el.decode().then(() => el.naturalWidth)")
+        assert width > 500
         page.close()
         page = _page(browser, requests)
         page.goto(f"{base}/admin")

@@ -71,6 +71,8 @@ def test_parse_name_conventions():
     assert parse_name("sub-ms19_desc-cyclegan_T2w.nii.gz") == ("ms19", None, "T2w")
     assert parse_name("sub-a_ses-1_slice-7_T1w.png") == ("a", 7, "T1w")
     assert parse_name("image_T1w.tiff") == (None, None, "T1w")
+    assert parse_name("ms19_slice-12_T1w.npy") == ("ms19", 12, "T1w")  # bare subject id
+    assert parse_name("slice-12_T1w.npy") == (None, 12, "T1w")
 
 
 def test_rendering_windows_and_encodes_without_metadata(inputs):
@@ -178,8 +180,9 @@ def test_readers_get_own_shuffled_orders(inputs, tmp_path):
     orders = []
     for i in range(3):
         rows = conn.execute(
-            "SELECT t.item_id, t.practice, t.uid FROM trials t JOIN readers r ON r.id = t.reader_id "
-            "WHERE r.name = ? ORDER BY t.position", (f"r{i}",)
+            "SELECT t.item_id, t.practice, t.uid FROM trials t "
+            "JOIN readers r ON r.id = t.reader_id WHERE r.name = ? ORDER BY t.position",
+            (f"r{i}",),
         ).fetchall()
         assert [r["practice"] for r in rows] == [1, 1] + [0] * 16  # practice first
         orders.append([r["item_id"] for r in rows])
@@ -205,7 +208,9 @@ def test_create_2afc_matched_pairs(inputs, tmp_path):
     for it in items:
         r, s = by_id[it["real_image"]], by_id[it["synthetic_image"]]
         assert r["kind"] == "real" and s["kind"] == "synthetic"
-        assert (r["subject"], r["slice"], r["contrast"]) == (s["subject"], s["slice"], s["contrast"])
+        assert [r[k] for k in ("subject", "slice", "contrast")] == [
+            s[k] for k in ("subject", "slice", "contrast")
+        ]
     keys = [(by_id[it["synthetic_image"]]["subject"], by_id[it["synthetic_image"]]["slice"],
              by_id[it["synthetic_image"]]["contrast"]) for it in items]
     assert len(set(keys)) == len(keys)
@@ -336,3 +341,37 @@ def test_cli_create_and_add_reader(inputs, tmp_path, capsys):
     conn.close()
     assert main(["study", "add-reader", str(out), "ann"]) != 0
     assert main(["study", "results", str(tmp_path / "none.db")]) != 0
+
+
+def test_study_from_prepare_dataset_and_evaluate_style_slices(prepared_small, tmp_path):
+    """The real pipeline's inputs: `data prepare` output + slices named like `evaluate`'s."""
+    from scipy import ndimage
+
+    from mrsynth.data.prepared import load_prepared
+
+    test = load_prepared(prepared_small).split_view("test")
+    syn_dir = tmp_path / "synthetic" / "blurnet"
+    syn_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(len(test)):
+        subj, k = str(test.subject[i]), int(test.slice_index[i])
+        for c in ("T1w", "T2w"):
+            fake = ndimage.gaussian_filter(test.images[c][i], 1.2) + rng.normal(0, 0.02, (64, 64))
+            np.save(syn_dir / f"{subj}_slice-{k:03d}_{c}.npy", fake.astype(np.float32))
+    settings = sdb.StudySettings(n_real=16, n_synthetic=16, n_practice=2, display_size=64)
+    made = create_study(prepared_small, {"blurnet": syn_dir}, tmp_path / "s.db", settings)
+    assert made.warnings == []  # same size and kind of file: nothing for readers to notice
+    images = _images(made.path)
+    pairs = zip(test.subject, test.slice_index, strict=True)
+    test_keys = {(str(s).removeprefix("sub-"), int(k)) for s, k in pairs}
+    keys = [(im["subject"], im["slice"], im["contrast"]) for im in images]
+    assert len(set(keys)) == len(keys) == 34
+    assert all((s, k) in test_keys for s, k, _ in keys)
+    by_id = {im["id"]: im for im in images}
+    scored = Counter(
+        (by_id[i["real_image"] or i["synthetic_image"]]["kind"],
+         by_id[i["real_image"] or i["synthetic_image"]]["contrast"])
+        for i in _items(made.path) if not i["practice"]
+    )
+    assert scored == {(k, c): 8 for k in ("real", "synthetic") for c in ("T1w", "T2w")}
+    assert len({len(im["png"]) for im in images}) == 1

@@ -4,6 +4,7 @@ paired models refuse unpaired data; overrides reach the model; non-finite losses
 from __future__ import annotations
 
 import csv
+import io
 import json
 from importlib import metadata
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from mrsynth.cli import main
@@ -29,6 +31,7 @@ from mrsynth.train.config import (
     valid_keys,
 )
 from mrsynth.train.dataset import EpochSampler, internal_size, resample
+from mrsynth.train.logging import EpochProgress
 from mrsynth.train.runs import load_run
 from mrsynth.train.trainer import TrainingDiverged, lr_factor, train
 
@@ -325,3 +328,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     weights = load_file(out / "checkpoints/latest/weights.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert json.loads((out / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_progress_bar_shows_losses_and_speed_only_on_a_terminal() -> None:
+    buf = io.StringIO()
+    bar = EpochProgress(Console(file=buf, force_terminal=True, width=160), enabled=True)
+    bar.start(2, 5, 10, 0)
+    bar.advance(4)
+    bar.show(12.5, {"G": 1.25, "D_A": 0.5})
+    bar.stop()
+    out = buf.getvalue()
+    assert "epoch 2/5" in out and "4/10" in out and "12.5 img/s" in out and "G 1.25" in out
+    quiet = io.StringIO()
+    bar = EpochProgress(Console(file=quiet, force_terminal=False), enabled=True)
+    bar.start(1, 1, 3, 0)
+    bar.advance()
+    bar.show(1.0, {"G": 1.0})
+    bar.stop()
+    assert not bar.enabled and quiet.getvalue() == ""

@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_eval_fixtures import tiny_run
 
 from mrsynth.cli import main
 from mrsynth.data.volumes import load_volume
@@ -20,6 +19,7 @@ from mrsynth.eval.translate import (
     translate_image,
     translate_volume,
 )
+from test_eval_fixtures import tiny_run
 
 SUBJECTS = ("sub-ms19", "sub-gli00001")  # LAS float32 (qform only) and LPS int16 (q+sform)
 

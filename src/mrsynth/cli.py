@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False)
+        rc = app(args=args, standalone_mode=False)
     except MrsynthError as exc:
         if debug:
             raise
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print("Aborted.")
             return 1
         raise
-    return 0
+    return int(rc) if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

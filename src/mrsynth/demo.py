@@ -46,9 +46,13 @@ def _stage(console: Console, i: int, n: int, title: str) -> float:
     return time.perf_counter()
 
 
+def _say(console: Console, text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True)
+
+
 def _done(console: Console, t0: float, what: str) -> float:
     dt = time.perf_counter() - t0
-    console.print(f"[green]✓[/green] {what} ({dt:.1f} s)", highlight=False)
+    _say(console, f"[green]✓[/green] {what} ({dt:.1f} s)")
     return dt
 
 
@@ -99,6 +103,22 @@ def _subset_bids(src: Path, dest: Path, n: int) -> Path:
     return dest
 
 
+def _check_same_settings(root: Path, settings: dict[str, Any]) -> None:
+    """Resuming only makes sense with the data settings the directory was started with."""
+    path = root / "demo-settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            what = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff)
+            raise ConfigError(
+                f"{root} holds a demo prepared with other settings ({what}). Rerun with the "
+                "same options to resume it, or choose another --out (or delete it) to start over."
+            )
+    else:
+        atomic_write_json(path, settings)
+
+
 def run_demo(
     out: str | Path = "demo-out",
     *,
@@ -137,6 +157,9 @@ def run_demo(
         geo["size"] = size
     if downsample is not None:
         geo["downsample"] = downsample
+    _check_same_settings(root, {"data": str(data), "subjects": subjects, "size": geo["size"],
+                                "downsample": geo["downsample"], "slice_step": slice_step,
+                                "seed": seed})
     timings: dict[str, float] = {}
     n_stages = 4
     t_all = time.perf_counter()
@@ -145,7 +168,7 @@ def run_demo(
     prepared = root / "data" / "prepared.npz"
     t0 = _stage(con, 1, n_stages, f"prepare data ({'built-in simulated set' if builtin else data})")
     if prepared.is_file():
-        con.print(f"{prepared} exists; reusing it.")
+        _say(con, f"{prepared} exists; reusing it.")
     else:
         source: str | Path = "builtin"
         opts: dict[str, Any] = {}
@@ -174,12 +197,11 @@ def run_demo(
         cfg = _config(m, epochs, steps, device, seed)
         ep = int(cfg["train"]["epochs"])
         if _run_completed(rd, ep):
-            con.print(f"[{i}/{len(names)}] {m}: already trained ({ep} epochs); reusing it.")
+            _say(con, f"[{i}/{len(names)}] {m}: already trained ({ep} epochs); reusing it.")
             continue
         tm = time.perf_counter()
         resume = (rd / "config.json").is_file()
-        con.print(f"[{i}/{len(names)}] {m}: {'resuming' if resume else 'training'} "
-                  f"{ep} epoch(s)", highlight=False)
+        _say(con, f"[{i}/{len(names)}] {m}: {'resuming' if resume else 'training'} {ep} epoch(s)")
         train(cfg, prepared, rd, resume=resume, console=con)
         trained_now = True
         timings[f"train_{m}_s"] = _done(con, tm, f"{m} trained")
@@ -189,13 +211,13 @@ def run_demo(
     ev = root / "eval"
     t0 = _stage(con, 3, n_stages, "evaluate on the test split")
     if (ev / "eval.json").is_file() and not trained_now:
-        con.print(f"{ev} exists; reusing it.")
+        _say(con, f"{ev} exists; reusing it.")
     else:
         from mrsynth.eval.commands import resolve_device
 
         evaluate(run_dirs, prepared, ev, device=resolve_device(device), c2st_steps=c2st_steps,
                  seed=seed, overwrite=True,
-                 log=lambda s: con.print(f"  {s}", highlight=False))
+                 log=lambda s: _say(con, f"  {s}"))
         trained_now = True
     timings["evaluate_s"] = _done(con, t0, f"evaluation: {ev}")
 
@@ -203,7 +225,7 @@ def run_demo(
     report = root / "report.html"
     t0 = _stage(con, 4, n_stages, "report")
     if report.is_file() and not trained_now:
-        con.print(f"{report} exists; reusing it.")
+        _say(con, f"{report} exists; reusing it.")
     else:
         build_report(ev, report)
     timings["report_s"] = _done(con, t0, f"report: {report}")
@@ -224,8 +246,8 @@ def summary_table(eval_dir: Path) -> Table:
     region = man.get("primary_region", "image")
     rows = [r for r in read_csv(eval_dir / "summary.csv") if r["region"] == region]
     metrics = ("mae", "psnr", "mi", "ssim")
-    table = Table(title=f"Test-set metrics (z-scored, {'whole image' if region == 'image' else 'brain'}; "
-                  "mean ± std)")
+    where = "whole image" if region == "image" else "brain mask"
+    table = Table(title=f"Test-set metrics (z-scored, {where}; mean ± std)")
     table.add_column("model")
     table.add_column("direction")
     for m in metrics:

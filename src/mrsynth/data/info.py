@@ -16,6 +16,7 @@ import numpy as np
 from mrsynth.data.readers import DatasetIndex, SubjectRecord, index_dataset, load_image_2d
 from mrsynth.data.slicing import DEFAULT_SLICES, SliceSpec
 from mrsynth.data.volumes import (
+    NIFTI_SUFFIXES,
     Volume,
     brain_mask,
     check_data,
@@ -183,9 +184,21 @@ def inspect_dataset(
         idx, _ = builtin.index(n_subjects=n_subjects, seed=seed,
                                contrasts=contrasts or list(builtin.SEQUENCES),
                                resolution=resolution)
+    elif Path(source).is_file() and str(source).endswith(NIFTI_SUFFIXES):
+        idx = _single_file_index(Path(source))
     else:
         idx = index_dataset(source, layout, contrasts)
     return _inspect_index(idx, contrasts)
+
+
+def _single_file_index(path: Path) -> DatasetIndex:
+    """One NIfTI file: a one-subject index (contrast from a BIDS-like suffix, else 'volume')."""
+    stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+    parts = stem.rsplit("_", 1)
+    contrast = parts[1] if len(parts) == 2 and parts[1] else "volume"
+    sid = parts[0] if len(parts) == 2 else stem
+    rec = SubjectRecord(id=sid, participant=sid, files={contrast: path})
+    return DatasetIndex(str(path), "file", [rec])
 
 
 def _inspect_index(idx: DatasetIndex, wanted: list[str] | None) -> DatasetInfo:

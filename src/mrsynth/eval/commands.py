@@ -89,6 +89,9 @@ def register(app: typer.Typer) -> None:
         c2st_steps: int = typer.Option(200, "--c2st-steps", min=1,
                                        help="Optimiser steps of the C2ST classifier."),
         seed: int = typer.Option(0, "--seed", help="Seed for bootstrap and C2ST."),
+        study: Path | None = typer.Option(
+            None, "--study", help="Perceptual study file (`mrsynth study create`): its readers' "
+            "accuracy is reported beside the C2ST score (model names = model labels)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing EVAL_DIR."),
     ) -> None:
         """Score runs on the test split: metrics, statistics, timing, C2ST, figures."""
@@ -98,7 +101,8 @@ def register(app: typer.Typer) -> None:
         region = {"none": "image", "whole": "image"}.get(mask, mask)
         ev = evaluate(all_runs, data, out, region=region, bins=bins,
                       batch_size=batch_size, device=resolve_device(device),
-                      c2st_steps=c2st_steps, seed=seed, overwrite=overwrite, log=_log)
+                      c2st_steps=c2st_steps, seed=seed, study=study, overwrite=overwrite,
+                      log=_log)
         typer.echo(summary_markdown(ev))
         typer.echo(f"Evaluation written to {ev}")
 

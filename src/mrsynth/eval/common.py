@@ -61,7 +61,9 @@ def load_run_checked(run_dir: str | Path, device: str = "cpu") -> Any:
 
 def _canon(v: Any) -> Any:
     """JSON round trip so tuples and lists (and numpy scalars) compare equal."""
-    return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(
+        json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
 
 
 def check_compatible(run: Any, run_dir: Path | str, data: PreparedData) -> None:

@@ -64,8 +64,9 @@ WILCOXON_FIELDS = ("region", "direction", "metric", "model_a", "model_b", "n", "
                    "statistic", "p_value", "p_holm")
 TIMING_FIELDS = ("model", "direction", "train_s_per_epoch", "epochs", "train_device",
                  "inference_ms_per_slice", "n_slices", "inference_device", "batch_size")
+HUMAN_KEYS = ("accuracy", "ci_low", "ci_high", "n")
 C2ST_FIELDS = ("model", "direction", "accuracy", "ci_low", "ci_high", "p_value", "n_train",
-               "n_test", "steps", "seed", "human_accuracy")
+               "n_test", "steps", "seed", *(f"human_{k}" for k in HUMAN_KEYS))
 
 METRIC_DEFINITIONS = {
     "mae": "mean |syn_z - real_z| over the region (standard deviations)",
@@ -157,17 +158,33 @@ def _figure2_pick(test: PreparedData) -> int:
     return int(rows[int(np.argmax(area))])
 
 
-def _human_accuracy(study: Path | None) -> dict[tuple[str, str], float]:
-    """Per (model, synthetic contrast) accuracy of the perceptual study, when one is given."""
+def human_accuracy(study: Path | None) -> dict[tuple[str, str], dict[str, float]]:
+    """The perceptual study's pooled accuracy per (model, synthetic contrast), if given.
+
+    Read with the study package's own statistics (``mrsynth study results``): the
+    "all readers", "model x contrast" rows, i.e. how often readers were right on that
+    model's synthetic images and the real images of that contrast (50 % = chance).
+    Study model names must be the evaluation's model labels (``--synthetic NAME=DIR``
+    with ``EVAL_DIR/synthetic/NAME``).
+    """
     if study is None:
         return {}
+    from mrsynth.study import db as sdb
+    from mrsynth.study.stats import POOLED, summarise
+
+    conn = sdb.connect(study)
     try:
-        from mrsynth.study.results import human_accuracy_by_model  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise ConfigError(
-            f"--study {study}: this mrsynth has no study-results API yet; leave --study out."
-        ) from exc
-    return human_accuracy_by_model(study)
+        summary = summarise(conn)
+    finally:
+        conn.close()
+    return {
+        (r["model"], r["contrast"]): {
+            "accuracy": float(r["accuracy"]), "ci_low": float(r["accuracy_ci_low"]),
+            "ci_high": float(r["accuracy_ci_high"]), "n": int(r["n"]),
+        }
+        for r in summary["rows"]
+        if r["reader"] == POOLED and r["scope"] == "model x contrast"
+    }
 
 
 def evaluate(
@@ -218,7 +235,7 @@ def evaluate(
         labels.add(label)
         runs.append((label, rd, run))
     assert pair is not None
-    human = _human_accuracy(Path(study) if study else None)
+    human = human_accuracy(Path(study) if study else None)
     test = _paired_test(data, pair)
     dirs = directions(pair)
     log(f"{len(test)} paired test slices from {len(set(test.subject.tolist()))} subjects")
@@ -229,7 +246,7 @@ def evaluate(
     try:
         manifest = _evaluate_into(work, runs, data, test, dirs, pair, region=region, bins=bins,
                                   batch_size=batch_size, device=device, c2st_steps=c2st_steps,
-                                  seed=seed, human=human, log=log)
+                                  seed=seed, human=human, study=study, log=log)
         manifest["data"] = {"path": str(Path(data_path).resolve()), "settings": data.settings}
         atomic_write_json(work / "eval.json", manifest)
         _replace_dir(work, out)
@@ -265,7 +282,8 @@ def _evaluate_into(
     device: str,
     c2st_steps: int,
     seed: int,
-    human: dict[tuple[str, str], float],
+    human: dict[tuple[str, str], dict[str, float]],
+    study: str | Path | None,
     log: Log,
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
@@ -306,9 +324,9 @@ def _evaluate_into(
                            "batch_size": batch_size})
             log(f"{label}: C2ST {d.label}")
             res = c2st(tgt, syn, seed=seed, steps=c2st_steps)
-            h = human.get((label, d.target))
+            h = human.get((label, d.target), {})
             c2st_rows.append({"model": label, "direction": d.label, **res.as_dict(),
-                              "human_accuracy": "" if h is None else h})
+                              **{f"human_{k}": h.get(k, "") for k in HUMAN_KEYS}})
         run_info.append({"label": label, "model": run.model_name, "run_dir": str(rd.resolve()),
                          "contrasts": list(run.contrasts), "config": run.config,
                          "metrics": run.metrics})
@@ -355,6 +373,7 @@ def _evaluate_into(
         "n_test_slices": len(test),
         "test_subjects": sorted(set(test.subject.tolist())),
         "figure2": {"subject": subj, "slice": k},
+        "study": str(Path(study).resolve()) if study else None,
         "metric_definitions": METRIC_DEFINITIONS,
         "environment": environment_info(),
     }

@@ -85,7 +85,8 @@ def figure1(
                 lo = [vals.get(m, {}).get("ci_low", np.nan) for m in models]
                 hi = [vals.get(m, {}).get("ci_high", np.nan) for m in models]
             else:
-                vals = {s["model"]: s for s in rows if s["direction"] == d and s["metric"] == metric}
+                vals = {s["model"]: s for s in rows
+                        if s["direction"] == d and s["metric"] == metric}
                 mean = [vals.get(m, {}).get("mean", np.nan) for m in models]
                 lo = [vals.get(m, {}).get("ci_low", np.nan) for m in models]
                 hi = [vals.get(m, {}).get("ci_high", np.nan) for m in models]

@@ -67,6 +67,14 @@ def _pre(obj: Any) -> str:
     return f"<pre>{html.escape(json.dumps(obj, indent=2, default=str))}</pre>"
 
 
+def _human(c: dict[str, str]) -> str:
+    acc = _f(c.get("human_accuracy"))
+    if not math.isfinite(acc):
+        return "n/a"
+    return (f"{fmt(acc)} [{fmt(_f(c.get('human_ci_low')))}, {fmt(_f(c.get('human_ci_high')))}]"
+            f" ({c.get('human_n', '')})")
+
+
 def build_report(eval_dir: str | Path, out: str | Path) -> Path:
     """Write the HTML report for ``eval_dir`` to ``out`` (atomically); return ``out``."""
     ev = Path(eval_dir)
@@ -149,10 +157,11 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         "study's accuracy (`mrsynth study results`) when a study was given.</p>"
     )
     parts.append(_table(
-        ["model", "direction", "C2ST accuracy", "95 % CI", "p", "n test", "human accuracy"],
+        ["model", "direction", "C2ST accuracy", "95 % CI", "p", "n test",
+         "human accuracy [95 % CI] (n)"],
         [[c["model"], c["direction"], fmt(_f(c["accuracy"])),
           f"[{fmt(_f(c['ci_low']))}, {fmt(_f(c['ci_high']))}]", fmt_p(_f(c["p_value"])),
-          c["n_test"], c.get("human_accuracy") or "n/a"] for c in c2st],
+          c["n_test"], _human(c)] for c in c2st],
     ))
 
     # ---------------------------------------------------------------- tests

@@ -50,7 +50,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from mrsynth.data.normalise import BACKGROUND, DEFAULT_PERCENTILES, denormalise, fit_scale, normalise
+from mrsynth.data.normalise import (
+    BACKGROUND,
+    DEFAULT_PERCENTILES,
+    denormalise,
+    fit_scale,
+    normalise,
+)
 from mrsynth.data.readers import IMAGE_SUFFIXES, KNOWN_CONTRASTS, load_image_2d
 from mrsynth.data.slicing import (
     block_average,

@@ -181,7 +181,18 @@ def create_app(db_path: str | Path) -> FastAPI:
     }
     reader_page = templates["reader.html"].substitute(page_vars)
     admin_page = templates["admin.html"].substitute(page_vars)
-    index_page = templates["index.html"].substitute(page_vars)
+    index_page = templates["message.html"].substitute(
+        title=page_vars["title"],
+        heading=page_vars["title"],
+        message="<p>This is an mrsynth reader study. Readers: open the private link you were "
+        'given.</p><p>Study organisers: <a href="/admin">admin page</a>.</p>',
+    )
+    unknown_page = templates["message.html"].substitute(
+        title="Unknown link",
+        heading="Unknown link",
+        message="<p>This link is not valid. Check the address, or ask the study's organiser "
+        "for your link.</p>",
+    )
 
     app = FastAPI(title="mrsynth study", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_SecurityHeaders)
@@ -264,9 +275,11 @@ def create_app(db_path: str | Path) -> FastAPI:
     def reader_page_route(token: str) -> HTMLResponse:
         c = open_db()
         try:
-            reader_or_404(c, token)
+            known = sdb.reader_by_token(c, token) is not None
         finally:
             c.close()
+        if not known:
+            return HTMLResponse(unknown_page, status_code=404)
         return HTMLResponse(reader_page)
 
     @app.get("/api/r/{token}/state")
@@ -283,7 +296,7 @@ def create_app(db_path: str | Path) -> FastAPI:
         try:
             reader = reader_or_404(c, token)
             if reader["started_at"] is None:
-                with sdb.transaction(c):
+                with write_lock, sdb.transaction(c):
                     c.execute(
                         "UPDATE readers SET started_at = ? WHERE id = ? AND started_at IS NULL",
                         (time.time(), reader["id"]),
@@ -312,7 +325,7 @@ def create_app(db_path: str | Path) -> FastAPI:
                 image_id = row["real_image"] or row["synthetic_image"]
             png = c.execute("SELECT png FROM images WHERE id = ?", (image_id,)).fetchone()[0]
             if row["shown_at"] is None:
-                with sdb.transaction(c):
+                with write_lock, sdb.transaction(c):
                     c.execute(
                         "UPDATE trials SET shown_at = ? WHERE id = ? AND shown_at IS NULL",
                         (time.time(), row["id"]),
@@ -327,7 +340,7 @@ def create_app(db_path: str | Path) -> FastAPI:
         c = open_db()
         try:
             reader = reader_or_404(c, token)
-            with sdb.transaction(c):
+            with write_lock, sdb.transaction(c):
                 row = c.execute(
                     """SELECT t.id, t.practice, t.real_slot, t.shown_at, i.real_image,
                               i.synthetic_image

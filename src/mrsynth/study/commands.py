@@ -198,7 +198,7 @@ def _is_loopback(host: str) -> bool:
 def _fmt_frac(k: int, n: int, f: float, lo: float, hi: float) -> str:
     if not n:
         return "–"
-    return f"{k}/{n} {100 * f:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{k}/{n} {100 * f:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
 
 
 def _fmt(x: float, digits: int) -> str:
@@ -288,7 +288,7 @@ def results(
         console.print("No scored answers yet.")
     else:
         syn_head = "synthetic picked as real" if st["mode"] == "2afc" else "synthetic → real"
-        t = Table(title=f"Results ({st['mode']}, 95% {ci} intervals)")
+        t = Table(title=f"Results ({st['mode']}; k/n, %, 95% {ci} interval)")
         for col in (
             "reader",
             "scope",
@@ -303,7 +303,9 @@ def results(
             "median RT s",
         ):
             t.add_column(
-                col, justify="right" if col in ("n", "d′", "AUC", "median RT s") else "left"
+                col,
+                justify="right" if col in ("n", "d′", "AUC", "median RT s") else "left",
+                no_wrap=col not in ("reader", "scope"),
             )
         for r in summary["rows"]:
             t.add_row(

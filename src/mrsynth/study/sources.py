@@ -89,12 +89,15 @@ def parse_name(name: str) -> tuple[str | None, int | None, str]:
     contrast = parts[-1]
     subject: str | None = None
     slice_: int | None = None
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         if part.startswith("sub-") and len(part) > 4:
             subject = part[4:]
         m = _SLICE_RE.match(part)
         if m:
             slice_ = int(m.group(1))
+            if subject is None and i > 0 and "-" not in parts[0]:
+                # "<subject>_slice-<k>_<contrast>" with a bare subject id ("ms19_slice-088_T2w")
+                subject = "_".join(parts[:i])
     return subject, slice_, contrast
 
 

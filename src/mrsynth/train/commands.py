@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Train a model on prepared slices; writes checkpoints, logs and samples to --out."""
-        from mrsynth.train.config import parse_overrides, resolve_config
+        from mrsynth.train.config import parse_overrides, resolve_config, upgrade_config
         from mrsynth.train.trainer import read_run_config, train
 
         overrides: dict[str, Any] = parse_overrides(sets or [])
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
                 overrides[key] = value
         config = None
         if resume:
-            stored = read_run_config(out)["config"]
+            stored = upgrade_config(read_run_config(out)["config"])
             if model is not None and model != stored["model"]:
                 raise ConfigError(
                     f"Run {out} trains {stored['model']!r}, not {model!r}; drop --model or "

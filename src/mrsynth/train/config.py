@@ -245,6 +245,15 @@ def resolve_config(
     return validate_config(cfg)
 
 
+def upgrade_config(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run config completed with defaults for settings added since it was written
+    (so runs of older versions still load and resume), then validated."""
+    if not isinstance(stored, Mapping) or "model" not in stored:
+        raise ConfigError("The stored config has no 'model'.")
+    base = default_config(stored["model"], stored.get("preset") or "paper")
+    return validate_config(_merge(base, stored))
+
+
 def decay_start(train_cfg: Mapping[str, Any]) -> int | None:
     """First epoch with a decayed learning rate, or None for a flat schedule."""
     if train_cfg["lr_decay"] == "none":

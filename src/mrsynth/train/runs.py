@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from mrsynth.errors import ConfigError, RunError
 from mrsynth.models.base import DIRECTIONS, TranslationModel, build_model
 from mrsynth.train import checkpoint as ckpt
-from mrsynth.train.config import validate_config
+from mrsynth.train.config import upgrade_config
 from mrsynth.train.dataset import internal_size, resample
 from mrsynth.train.logging import METRICS_JSON
 from mrsynth.train.trainer import read_run_config
@@ -132,7 +132,7 @@ def load_run(
         raise RunError(f"Run directory {rd} does not exist.")
     doc = read_run_config(rd)
     try:
-        config = validate_config(doc["config"])
+        config = upgrade_config(doc["config"])
     except ConfigError as exc:
         raise RunError(f"{rd / 'config.json'} holds an invalid config: {exc}") from exc
     dev = torch.device(device)
@@ -146,4 +146,5 @@ def load_run(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    doc["config"] = config
     return LoadedRun(rd, doc, model, path, ckpt.read_meta(path), dev)

@@ -41,7 +41,7 @@ from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError, MrsynthError, OutputExistsError, RunError
 from mrsynth.models.base import StepContext, TranslationModel, build_model, get_model_class
 from mrsynth.train import checkpoint as ckpt
-from mrsynth.train.config import decay_start, flatten, validate_config
+from mrsynth.train.config import decay_start, flatten, upgrade_config, validate_config
 from mrsynth.train.dataset import EpochSampler, TrainingSlices, load_training_slices
 from mrsynth.train.logging import SAMPLES_DIR, EpochProgress, LossLog, Metrics, save_sample_grid
 from mrsynth.utils import atomic_write_json, environment_info
@@ -195,6 +195,7 @@ def train(
     stored: dict[str, Any] | None = None
     if resume:
         stored = read_run_config(out)
+        stored["config"] = upgrade_config(stored["config"])
         config = _merge_resume_config(stored["config"], config)
         if data_path is None:
             data_path = stored["data"]["path"]
@@ -321,7 +322,11 @@ class _Trainer:
 
         epoch_done, step_in_epoch, iteration, epoch_elapsed = 0, 0, 0, 0.0
         ckpt.clean_stale(self.ckpt_root)
-        if self.stored is not None:
+        has_ckpt = self.stored is not None and self._has_checkpoint()
+        if self.stored is not None and not has_ckpt:
+            self.console.print(f"Run {self.out} has no checkpoint yet: starting it from the "
+                               "beginning with its stored settings.")
+        if has_ckpt:
             epoch_done, step_in_epoch, iteration, epoch_elapsed = self._restore(
                 model, optimizers, schedulers, scaler, sampler
             )
@@ -428,30 +433,34 @@ class _Trainer:
             for s_ in self.schedulers.values():
                 s_.step()
             self._save_samples(epoch)
-            self._save("latest", epoch, 0, iteration, 0.0, sampler.get_state())
-            last_ckpt = time.monotonic()
-            keep = int(t["keep_every_epochs"] or 0)
-            if keep and epoch % keep == 0:
-                ckpt.copy_checkpoint(self.ckpt_root, "latest", f"epoch_{epoch:04d}")
+            ips = done_steps * batch / max(wall - elapsed_before, 1e-9)
             metrics.add_epoch({
                 "epoch": epoch,
                 "wall_s": round(wall, 4),
                 "steps": steps,
                 "images": steps * batch,
-                "images_per_s": round(done_steps * batch / max(wall - elapsed_before, 1e-9), 3),
+                "images_per_s": round(ips, 3),
                 "lr": lrs,
                 "losses": {k: round(v, 6) for k, v in means.items()},
                 "resumed_mid_epoch": start > 0,
             })
-            metrics.save("completed" if epoch == epochs else "running")
+            # Logs first, then the checkpoint: a crash in between leaves logs ahead of the
+            # checkpoint, and resume trims them back to it.
+            metrics.save("running")
             log.flush()
+            self._save("latest", epoch, 0, iteration, 0.0, sampler.get_state())
+            last_ckpt = time.monotonic()
+            keep = int(t["keep_every_epochs"] or 0)
+            if keep and epoch % keep == 0:
+                ckpt.copy_checkpoint(self.ckpt_root, "latest", f"epoch_{epoch:04d}")
+            if epoch == epochs:
+                metrics.save("completed")
             loss_txt = "  ".join(f"{k} {v:.4g}" for k, v in means.items())
             self.console.print(
-                f"epoch {epoch}/{epochs}  {wall:.1f} s  "
-                f"{done_steps * batch / max(wall - elapsed_before, 1e-9):.1f} img/s  {loss_txt}",
+                f"epoch {epoch}/{epochs}  {wall:.1f} s  {ips:.1f} img/s  {loss_txt}",
                 highlight=False,
             )
-            if stop.signum is not None:
+            if stop.signum is not None and epoch < epochs:
                 name = signal.Signals(stop.signum).name
                 metrics.save("interrupted")
                 raise TrainingInterrupted(
@@ -522,6 +531,13 @@ class _Trainer:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         return ckpt.save_checkpoint(self.ckpt_root, name, self.model, state, meta)
+
+    def _has_checkpoint(self) -> bool:
+        try:
+            ckpt.find_checkpoint(self.out)
+        except RunError:
+            return False
+        return True
 
     def _restore(self, model: TranslationModel, optimizers: dict[str, torch.optim.Optimizer],
                  schedulers: dict[str, Any], scaler: Any, sampler: EpochSampler
