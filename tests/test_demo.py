@@ -12,9 +12,16 @@ import pytest
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.models.base import model_names
+from test_eval_fixtures import one_torch_thread
 
 SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
-         "--downsample", "3", "--c2st-steps", "10", "--device", "cpu"]
+         "--downsample", "3", "--slice-step", "3", "--c2st-steps", "10", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def test_demo_outputs_exist_and_parse(demo):
     for m in models:
         for d in ("T1w2T2w", "T2w2T1w"):
             assert f"<td>{m}</td><td>{d}</td>" in html
-    timings = json.loads((out / "demo.json").read_text())["timings_s"]
+    timings = json.loads((out / "demo.json").read_text())["invocations"][0]["timings_s"]
     assert set(timings) >= {"prepare_s", "train_s", "evaluate_s", "report_s", "total_s"}
     # the command prints the report's path and the summary table
     assert f"Report: {(out / 'report.html').resolve()}" in stdout
@@ -73,6 +80,7 @@ def test_demo_rerun_resumes_finished_stages(demo, capsys):
     assert err.count("reusing it") >= 1 + len(model_names()) + 1
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert (out / "report.html").is_file()
+    assert len(json.loads((out / "demo.json").read_text())["invocations"]) == 2
 
     # a run that did not finish (no metrics "completed") is resumed and evaluation redone
     m = model_names()[-1]

@@ -12,7 +12,13 @@ import pytest
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.export import ONNX_TOLERANCE
-from test_eval_fixtures import tiny_run
+from test_eval_fixtures import one_torch_thread, tiny_run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

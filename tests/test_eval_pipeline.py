@@ -17,10 +17,16 @@ from scipy import stats as st
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.metrics import METRICS, image_metrics
-from test_eval_fixtures import tiny_run
+from test_eval_fixtures import one_torch_thread, tiny_run
 
 MODELS = ("cyclegan", "simple")
 DIRECTIONS = ("T1w2T2w", "T2w2T1w")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with one_torch_thread():
+        yield
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -283,3 +289,20 @@ def test_human_study_accuracy_is_reported_beside_c2st(evaluation, runs, prepared
             assert int(rows[(m, d)]["human_n"]) == 6
     assert main(["report", "--eval", str(out), "--out", str(tmp_path / "r.html")]) == 0
     assert "0.667 [" in (tmp_path / "r.html").read_text()
+
+
+def test_checkpoint_of_another_contrast_pair_is_refused(runs, prepared_small, tmp_path, capsys):
+    """A run directory whose checkpoint was trained for T1w->T2w but whose config now says
+    T2w->T1w (e.g. checkpoints copied between runs): refused, nothing written."""
+    swapped = tmp_path / "swapped-run"
+    shutil.copytree(runs["simple"], swapped)
+    doc = json.loads((swapped / "config.json").read_text())
+    doc["config"]["data"]["contrasts"] = ["T2w", "T1w"]
+    (swapped / "config.json").write_text(json.dumps(doc))
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--runs", str(swapped), "--data", str(prepared_small),
+               "--out", str(out), "--device", "cpu"])
+    assert rc != 0
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "T1w" in err and "T2w" in err and "contrast" in err.lower()
+    assert not out.exists()

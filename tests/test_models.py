@@ -17,6 +17,16 @@ from mrsynth.train.config import resolve_config
 MODELS = ["cyclegan", "cyclegan_s", "unit", "generators_s", "simple", "pix2pix"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these networks are tiny, and on a shared 2-core machine two
+    spinning OpenMP threads per process slow training down by an order of magnitude."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # --------------------------------------------------------------------- hand formulas
 def conv(cin: int, cout: int, k: int) -> int:
     """Weights + bias of a k x k convolution (bias kept, as in the study's Keras code)."""

@@ -49,6 +49,16 @@ TINY_ARCH: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these networks are tiny, and on a shared 2-core machine two
+    spinning OpenMP threads per process slow training down by an order of magnitude."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_config(model: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     over = {
         "train.epochs": 1, "train.max_steps_per_epoch": 3, "train.log_every": 2,

@@ -19,9 +19,15 @@ from mrsynth.eval.translate import (
     translate_image,
     translate_volume,
 )
-from test_eval_fixtures import tiny_run
+from test_eval_fixtures import one_torch_thread, tiny_run
 
 SUBJECTS = ("sub-ms19", "sub-gli00001")  # LAS float32 (qform only) and LPS int16 (q+sform)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ Stages, each resumed rather than redone when its final output exists:
 4. **report** -> ``OUT/report.html`` (same rule).
 
 Then it prints the report's path and the summary table. ``OUT/demo.json``
-records each stage's wall time.
+records each invocation's stage wall times (a resumed invocation is fast).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,12 @@ BUILTIN_GEOMETRY = {"size": 112, "downsample": 1}
 REAL_GEOMETRY = {"size": 128, "downsample": 2}
 DEFAULT_SUBJECTS = 10
 #: Training iterations per epoch in the demo (the cpu-small preset's epochs are kept): six
-#: models x 10 epochs x 150 steps fit the 10-minute budget on a 2-core CPU (docs/evaluation.md).
-DEFAULT_STEPS_PER_EPOCH = 150
+#: models x 10 epochs x 100 steps fit the 10-minute budget on a 2-core CPU (docs/evaluation.md).
+DEFAULT_STEPS_PER_EPOCH = 100
+#: torch CPU threads in the demo. Its tensors are tiny (64 px, batch 1), so a second thread
+#: gains little, while on a busy machine two OpenMP threads per process are ~10x slower than
+#: one (measured on the shared 2-core machine: 57 vs 640 ms per CycleGAN step).
+DEFAULT_THREADS = 1
 
 
 def _stage(console: Console, i: int, n: int, title: str) -> float:
@@ -133,9 +138,43 @@ def run_demo(
     device: str = "auto",
     c2st_steps: int = 200,
     seed: int = 0,
+    threads: int | None = DEFAULT_THREADS,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the demo in ``out``; returns paths and stage timings."""
+    """Run (or resume) the demo in ``out``; returns paths and stage timings.
+
+    ``threads`` sets torch's CPU threads for every stage (None or 0: torch's default, one
+    per core); the previous setting is restored afterwards.
+    """
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out, data=data, epochs=epochs, subjects=subjects, models=models,
+                         size=size, downsample=downsample, slice_step=slice_step, steps=steps,
+                         device=device, c2st_steps=c2st_steps, seed=seed, console=console)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_demo(
+    out: str | Path,
+    *,
+    data: str,
+    epochs: int | None,
+    subjects: int | None,
+    models: Sequence[str] | None,
+    size: int | None,
+    downsample: int | None,
+    slice_step: int,
+    steps: int | None,
+    device: str,
+    c2st_steps: int,
+    seed: int,
+    console: Console | None,
+) -> dict[str, Any]:
     from mrsynth.data.prepare import prepare_dataset
     from mrsynth.eval.evaluate import evaluate
     from mrsynth.eval.report import build_report
@@ -230,9 +269,18 @@ def run_demo(
         build_report(ev, report)
     timings["report_s"] = _done(con, t0, f"report: {report}")
     timings["total_s"] = time.perf_counter() - t_all
-    atomic_write_json(root / "demo.json", {"timings_s": timings, "models": names,
-                                           "data": data, "geometry": geo,
-                                           "epochs": epochs, "subjects": subjects})
+    log_path = root / "demo.json"
+    try:
+        history = json.loads(log_path.read_text()).get("invocations", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        history = []
+    import torch
+
+    history.append({"finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "timings_s": timings, "torch_threads": torch.get_num_threads(),
+                    "models": names, "epochs": epochs, "steps_per_epoch": steps})
+    atomic_write_json(log_path, {"data": data, "geometry": geo, "subjects": subjects,
+                                 "invocations": history})
     return {"report": report, "eval": ev, "prepared": prepared, "runs": run_dirs,
             "timings": timings}
 
@@ -284,6 +332,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         c2st_steps: int = typer.Option(200, "--c2st-steps", min=1),
         seed: int = typer.Option(0, "--seed"),
+        threads: int = typer.Option(DEFAULT_THREADS, "--threads", min=0,
+                                    help="CPU threads for torch (0: one per core)."),
     ) -> None:
         """The whole study in one command: prepare, train all models, evaluate, report."""
         console = Console(stderr=True)
@@ -291,7 +341,7 @@ def register(app: typer.Typer) -> None:
             out, data=data, epochs=epochs, subjects=subjects,
             models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
             size=size, downsample=downsample, slice_step=slice_step, steps=steps or None,
-            device=device, c2st_steps=c2st_steps, seed=seed, console=console,
+            device=device, c2st_steps=c2st_steps, seed=seed, threads=threads, console=console,
         )
         out_console = Console() if sys.stdout.isatty() else Console(width=120)
         out_console.print(summary_table(res["eval"]))

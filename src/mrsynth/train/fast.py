@@ -1,0 +1,362 @@
+"""The fast training path: memory format, compilation, CUDA graphs, fused Adam, fewer syncs.
+
+Batch-1 GAN training on a GPU is bound by per-op launch overhead, not arithmetic: an eager
+CycleGAN iteration dispatches about 2,700 ops. What removes that overhead, in the order it pays
+off (each measured by ``benchmarks/train_speed.py``; see docs/performance.md):
+
+* ``torch.compile`` of every network (:func:`compile_networks`): fuses the instance-norm /
+  activation / residual chains and, with ``mode="reduce-overhead"``, replays each network as a
+  CUDA graph (one launch per network call). Losses stay eager and in fp32.
+* ``channels_last`` weights and images (:func:`to_channels_last`): cuDNN's and oneDNN's
+  preferred layout for convolutions, no transposes around each conv.
+* fused Adam (:func:`adam_options`): one kernel per optimiser step instead of one per tensor.
+* bf16 autocast (the trainer's ``--precision bf16``; :class:`~mrsynth.models.base.StepContext`).
+* no host synchronisation per step (:class:`LossAccumulator`): losses stay on the device and
+  are read once per log interval.
+
+Everything here is optional and falls back to the eager path when unavailable (no C++
+compiler for the CPU backend, no Triton for CUDA, Windows): training still runs, only slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mrsynth.errors import ConfigError
+
+#: ``train.compile`` values: off, inductor default, CUDA graphs, autotuned kernels.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+@dataclass
+class CompileReport:
+    """What :func:`compile_networks` did, for the run's config.json and the benchmark."""
+
+    mode: str
+    compiled: list[str]
+    reason: str = ""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.compiled)
+
+
+def compile_support(device: torch.device | str) -> tuple[bool, str]:
+    """Whether ``torch.compile`` can generate code for ``device`` here, and why not.
+
+    The CPU backend needs a C++ compiler (``CXX``, g++, c++ or clang++); the CUDA backend needs
+    Triton. Checked up front so a missing tool gives a clear fallback, not a crash mid-step.
+    """
+    dev = torch.device(device)
+    if sys.platform == "win32":
+        return False, "torch.compile's inductor backend is not supported on Windows"
+    if dev.type == "cpu":
+        cands = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in cands):
+            return False, "no C++ compiler found (install g++ or set CXX)"
+        return True, ""
+    if dev.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "Triton is not installed (it comes with the CUDA builds of torch)"
+        return True, ""
+    return False, f"no compile backend for device type {dev.type!r}"
+
+
+def check_compile_mode(mode: str | None) -> str:
+    mode = "none" if mode in (None, "", False) else str(mode)
+    if mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"Unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)} "
+            "(--set train.compile=...)."
+        )
+    return mode
+
+
+def trainable_networks(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's top-level networks that have parameters (what gets compiled / wrapped)."""
+    return {n: m for n, m in model.named_children() if any(True for _ in m.parameters())}
+
+
+def compile_networks(
+    model: nn.Module,
+    mode: str | None,
+    device: torch.device | str,
+    *,
+    distributed: bool = False,
+) -> CompileReport:
+    """Compile each network of ``model`` in place (``nn.Module.compile``).
+
+    In-place compilation keeps the module objects and their ``state_dict`` keys, so
+    checkpoints of compiled and eager runs are interchangeable. Shapes are static (batch and
+    image size are fixed during training). CUDA graphs (``reduce-overhead``) are used only on a
+    single CUDA device: on CPU they do not exist, and with DistributedDataParallel the gradient
+    all-reduce runs between graph replays, so ``default`` is used instead.
+    """
+    mode = check_compile_mode(mode)
+    if mode == "none":
+        return CompileReport(mode, [], "compile off")
+    dev = torch.device(device)
+    ok, why = compile_support(dev)
+    if not ok:
+        return CompileReport("none", [], f"torch.compile unavailable: {why}; eager fallback")
+    reason = ""
+    if mode == "reduce-overhead" and (dev.type != "cuda" or distributed):
+        reason = ("CUDA graphs need a single CUDA device; compiled with mode 'default'"
+                  if dev.type == "cuda" else "no CUDA graphs on CPU; compiled with mode 'default'")
+        mode = "default"
+    nets = trainable_networks(model)
+    for net in nets.values():
+        net.compile(mode=None if mode == "default" else mode, dynamic=False)
+    return CompileReport(mode, sorted(nets), reason)
+
+
+def uncompile_networks(model: nn.Module) -> None:
+    """Undo :func:`compile_networks` (e.g. to export or to compare with eager)."""
+    for net in model.children():
+        if getattr(net, "_compiled_call_impl", None) is not None:
+            net._compiled_call_impl = None
+
+
+def is_compiled(net: nn.Module) -> bool:
+    return getattr(net, "_compiled_call_impl", None) is not None
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled networks eagerly inside the block.
+
+    For the odd call with another shape or mode (sample grids at the end of an epoch, a
+    translation for a figure): compiling those would cost seconds and could make the compiler
+    switch the training graphs to dynamic shapes.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # older torch: nothing is forced, only slower
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+def step_begin(report: CompileReport | None) -> None:
+    """Tell CUDA graph trees that a new iteration starts (outputs of the last one are dead)."""
+    if report is not None and report.mode == "reduce-overhead" and report.active:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+# ---------------------------------------------------------------------- memory format
+def channels_last_supported(device: torch.device | str) -> bool:
+    """channels_last is a win where cuDNN or oneDNN run the convolutions (CUDA, x86 CPUs)."""
+    dev = torch.device(device)
+    return dev.type == "cuda" or (dev.type == "cpu" and torch.backends.mkldnn.is_available())
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Convert 4-D weights to channels_last in place (other parameters are untouched)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def as_channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+# ---------------------------------------------------------------------- optimiser
+def adam_options(device: torch.device | str, fused: bool | None = None) -> dict[str, Any]:
+    """``fused`` / ``foreach`` keyword for ``torch.optim.Adam`` on ``device``.
+
+    Fused Adam runs the whole update in one kernel per parameter group (CUDA, and CPU since
+    torch 2.4); otherwise the multi-tensor ``foreach`` path. ``fused=False`` forces foreach.
+    """
+    dev = torch.device(device)
+    if fused is None:
+        fused = dev.type in ("cuda", "cpu")
+    if fused and dev.type in ("cuda", "cpu"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+# ---------------------------------------------------------------------- logging
+class LossAccumulator:
+    """Running sums of a step's losses kept on the device: no host sync per step.
+
+    ``add`` stacks the step's scalar losses into one tensor and adds it in place (two small
+    kernels per step whatever the number of losses); ``means`` reads all of them with one
+    device-to-host copy. ``reduce`` (e.g. :func:`mrsynth.train.distributed.all_mean`) is
+    applied to the stacked sums before the copy, so averaging over ranks costs one collective
+    per interval.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        names = list(losses)
+        vals = torch.stack([losses[k].detach().float().reshape(()) for k in names])
+        if self.total is None:
+            self.names, self.total = names, vals
+        else:
+            if names != self.names:
+                raise ValueError(f"loss names changed from {self.names} to {names}")
+            self.total.add_(vals)
+        self.count += 1
+
+    def means(self, reduce: Any = None) -> dict[str, float]:
+        """Mean of each loss over the added steps; resets the accumulator."""
+        if self.total is None or self.names is None or self.count == 0:
+            return {}
+        t = self.total / self.count
+        if reduce is not None:
+            t = reduce(t)
+        out = dict(zip(self.names, t.cpu().tolist(), strict=True))
+        self.names, self.total, self.count = None, None, 0
+        return out
+
+
+class Timer:
+    """Wall time of a block, synchronising the device first so queued kernels are counted."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.elapsed = 0.0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> Timer:
+        self.sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sync()
+        self.elapsed = time.perf_counter() - self._t0
+
+
+def set_adam_implementation(
+    optimizers: dict[str, torch.optim.Optimizer], device: torch.device | str,
+    fused: bool | None = None,
+) -> dict[str, str]:
+    """Switch Adam optimisers to the fused (or foreach) update; returns what each one uses.
+
+    Models build their optimisers themselves; this adjusts the implementation flag of each
+    parameter group afterwards (the update rule is the same, only the kernels differ).
+    """
+    opts = adam_options(device, fused)
+    used = {}
+    for name, opt in optimizers.items():
+        if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            used[name] = "unchanged"
+            continue
+        for group in opt.param_groups:
+            group["fused"] = opts.get("fused", False) or None
+            group["foreach"] = opts.get("foreach", False) or None
+        opt.defaults.update(fused=opts.get("fused"), foreach=opts.get("foreach"))
+        used[name] = "fused" if opts.get("fused") else "foreach"
+    return used
+
+
+# ---------------------------------------------------------------------- the step path
+@dataclass
+class FastOptions:
+    """The speed settings of a run (``train.channels_last``, ``train.compile``,
+    ``optim.fused``, ``precision``)."""
+
+    channels_last: bool = False
+    compile: str = "none"
+    fused_adam: bool | None = None
+    precision: str = "fp32"
+
+    @classmethod
+    def fastest(cls, device: torch.device | str) -> FastOptions:
+        """What the benchmark found fastest: everything on CUDA; see docs/performance.md
+        for the CPU choice (compilation costs minutes on a small CPU and is left off)."""
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return cls(channels_last=True, compile="reduce-overhead", fused_adam=True,
+                       precision="bf16")
+        return cls(channels_last=True, compile="none", fused_adam=True, precision="fp32")
+
+    def describe(self) -> str:
+        parts = [self.precision]
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.fused_adam is not False:
+            parts.append("fused Adam")
+        if self.compile != "none":
+            parts.append(f"compile({self.compile})")
+        return ", ".join(parts)
+
+
+@dataclass
+class TrainingSetup:
+    """A model ready to step: on its device, in its memory format, compiled, optimisers made."""
+
+    model: nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    ctx: Any
+    device: torch.device
+    options: FastOptions
+    compile_report: CompileReport
+    adam: dict[str, str]
+
+
+def setup_training(
+    model: nn.Module, device: torch.device | str, options: FastOptions,
+    *, distributed: bool = False, scaler: Any = None,
+) -> TrainingSetup:
+    """Move ``model`` to ``device`` and apply ``options``; build optimisers and the context.
+
+    The order matters: memory format before the optimisers are made (they hold the
+    parameters), compilation after (it does not change parameters), DDP wrapping last (done by
+    the caller with :func:`mrsynth.train.distributed.wrap_model`).
+    """
+    from mrsynth.models.base import StepContext
+
+    dev = torch.device(device)
+    model.to(dev)
+    if options.channels_last and channels_last_supported(dev):
+        to_channels_last(model)
+    model.train()
+    optimizers = model.build_optimizers()  # type: ignore[operator]
+    adam = set_adam_implementation(optimizers, dev, options.fused_adam)
+    report = compile_networks(model, options.compile, dev, distributed=distributed)
+    ctx = StepContext(optimizers, dev.type, options.precision, scaler)
+    return TrainingSetup(model, optimizers, ctx, dev, options, report, adam)
+
+
+class TrainStepper:
+    """One training iteration as the trainer runs it.
+
+    The slices live on the device; a batch is a gather with index tensors (no DataLoader, no
+    host-to-device copy per step); losses go into a :class:`LossAccumulator` (no host sync).
+    """
+
+    def __init__(self, setup: TrainingSetup, A: Tensor, B: Tensor) -> None:
+        self.setup = setup
+        fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
+        self.A = A.to(setup.device).contiguous(memory_format=fmt)
+        self.B = B.to(setup.device).contiguous(memory_format=fmt)
+        self.losses = LossAccumulator()
+
+    def step(self, ia: Tensor, ib: Tensor) -> dict[str, Tensor]:
+        s = self.setup
+        step_begin(s.compile_report)
+        batch = {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
+        losses = s.model.train_step(batch, s.ctx)  # type: ignore[operator]
+        s.ctx.end_iteration()
+        self.losses.add(losses)
+        return losses

@@ -1,0 +1,240 @@
+"""The fast training path on CPU: each option computes what the eager fp32 path computes.
+
+Tolerances (documented in docs/performance.md):
+
+* channels_last and fused Adam change only the order of floating-point operations: generator
+  outputs within 1e-5, first-step losses within 1e-5 relative, second-step losses (after one
+  Adam update) within 1e-3 relative.
+* torch.compile (inductor, CPU) fuses kernels and reorders reductions: outputs within 5e-5,
+  losses as above.
+* bf16 autocast keeps 8 bits of mantissa through ~24 conv layers: generator outputs within
+  0.06 (on a [-1, 1] scale), losses within 2e-2 relative; the losses are computed in fp32.
+
+Weights are compared after Adam steps excluding the biases of convolutions followed by
+instance norm: the norm subtracts them again, so their exact gradient is zero and Adam moves
+them by +-lr in the direction of rounding noise, differently in any two implementations.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mrsynth.data.prepared import load_prepared
+from mrsynth.errors import ConfigError
+from mrsynth.models import build_model
+from mrsynth.models.base import StepContext
+from mrsynth.train import fast
+from mrsynth.train.config import resolve_config
+from mrsynth.train.dataset import EpochSampler, resample
+
+TINY: dict[str, dict[str, Any]] = {
+    "cyclegan": {"arch.ngf": 8, "arch.n_blocks": 2, "arch.ndf": 8},
+    # no dropout or latent noise: the paths must see the same random numbers
+    "unit": {"arch.nef": 8, "arch.ndf": 8, "arch.dropout": 0.0, "arch.noise_std": 0.0},
+    "generators_s": {"arch.ngf": 8, "arch.n_blocks": 2},
+}
+EAGER = fast.FastOptions(channels_last=False, compile="none", fused_adam=False, precision="fp32")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def slices(prepared_small: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paired real training slices (T1w, T2w) at 32x32."""
+    d = load_prepared(prepared_small)
+    rows = np.flatnonzero((d.split == "train") & d.paired)
+    a = resample(torch.from_numpy(d.images["T1w"][rows])[:, None], (32, 32))
+    b = resample(torch.from_numpy(d.images["T2w"][rows])[:, None], (32, 32))
+    return a, b
+
+
+def norm_cancelled_biases(model: nn.Module) -> set[str]:
+    """Names of conv biases directly followed by an instance norm (their gradient is zero)."""
+    out = set()
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, nn.Sequential):
+            kids = list(mod.named_children())
+            for (name, m), (_, nxt) in zip(kids, kids[1:], strict=False):
+                if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and isinstance(
+                    nxt, nn.InstanceNorm2d
+                ) and m.bias is not None:
+                    out.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
+    return out
+
+
+def run_path(name: str, options: fast.FastOptions, a: torch.Tensor, b: torch.Tensor,
+             steps: int = 2, arch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Same init, same batches: generator output, losses of ``steps`` steps, final weights."""
+    cfg = resolve_config(name, "cpu-small", arch or TINY[name])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    setup = fast.setup_training(model, "cpu", options)
+    fmt = torch.channels_last if options.channels_last else torch.contiguous_format
+    a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+    # Same mode and grad state as the training step's first call (compiled graphs are reused).
+    with setup.ctx.autocast():
+        out = model.generator("A2B")(a[:2]).detach().float()
+    losses = []
+    for i in range(steps):
+        batch = {"A": a[2 * i: 2 * i + 2], "B": b[2 * i: 2 * i + 2]}
+        losses.append({k: float(v) for k, v in model.train_step(batch, setup.ctx).items()})
+    weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    return {"out": out, "losses": losses, "weights": weights, "setup": setup,
+            "skip": norm_cancelled_biases(model)}
+
+
+def assert_close_losses(got: list[dict[str, float]], ref: list[dict[str, float]],
+                        rtol: list[float]) -> None:
+    for step, (g, r, tol) in enumerate(zip(got, ref, rtol, strict=True)):
+        assert g.keys() == r.keys()
+        for k in r:
+            assert abs(g[k] - r[k]) <= tol * max(abs(r[k]), 1e-3), (step, k, g[k], r[k])
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_channels_last_bf16_and_fused_adam_match_eager_fp32(name: str, slices) -> None:
+    a, b = slices
+    ref = run_path(name, EAGER, a, b)
+    assert ref["setup"].adam == {n: "foreach" for n in ref["setup"].optimizers}
+    # every loss finite and not trivially zero: the comparison is meaningful
+    assert all(np.isfinite(v) for step in ref["losses"] for v in step.values())
+
+    cl = run_path(name, fast.FastOptions(channels_last=True, fused_adam=False), a, b)
+    some_weight = next(p for p in cl["setup"].model.parameters() if p.ndim == 4)
+    assert some_weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl["out"], ref["out"], atol=1e-5, rtol=0)
+    assert_close_losses(cl["losses"], ref["losses"], [1e-5, 1e-3])
+
+    fused = run_path(name, fast.FastOptions(fused_adam=True), a, b)
+    assert set(fused["setup"].adam.values()) == {"fused"}
+    assert all(g["fused"] for o in fused["setup"].optimizers.values() for g in o.param_groups)
+    assert_close_losses(fused["losses"], ref["losses"], [1e-6, 1e-3])
+    for k, w in ref["weights"].items():
+        if k not in ref["skip"]:
+            torch.testing.assert_close(fused["weights"][k], w, atol=1e-6, rtol=1e-5, msg=k)
+
+    bf = run_path(name, fast.FastOptions(precision="bf16", fused_adam=False), a, b)
+    err = (bf["out"] - ref["out"]).abs().max().item()
+    assert err <= 0.06, err
+    assert_close_losses(bf["losses"], ref["losses"], [2e-2, 2e-2])
+
+
+def test_compiled_networks_match_eager_and_keep_their_state_dict(slices) -> None:
+    ok, why = fast.compile_support("cpu")
+    assert ok, f"torch.compile needs a C++ compiler on this machine: {why}"
+    a, b = slices
+    small = {"arch.ngf": 4, "arch.n_blocks": 1}  # compile time grows with the graph
+    ref = run_path("generators_s", EAGER, a, b, arch=small)
+    opts = fast.FastOptions(compile="default", fused_adam=False)
+    comp = run_path("generators_s", opts, a, b, arch=small)
+    report = comp["setup"].compile_report
+    assert report.active and report.compiled == ["G_A2B", "G_B2A"] and report.mode == "default"
+    model = comp["setup"].model
+    assert all(fast.is_compiled(m) for m in model.children())
+    torch.testing.assert_close(comp["out"], ref["out"], atol=5e-5, rtol=0)
+    assert_close_losses(comp["losses"], ref["losses"], [1e-5, 1e-3])
+    # In-place compilation: same module objects, same checkpoint keys as an eager model.
+    assert list(comp["weights"]) == list(ref["weights"])
+    # eager(): compiled networks run without compiling for an odd shape
+    with fast.eager(), torch.no_grad():
+        y = model.generator("B2A")(b[:3])
+    assert y.shape == (3, 1, 32, 32)
+    fast.uncompile_networks(model)
+    assert not any(fast.is_compiled(m) for m in model.children())
+
+
+def test_reduce_overhead_falls_back_to_default_without_cuda() -> None:
+    model = build_model(resolve_config("generators_s", "cpu-small", TINY["generators_s"]))
+    report = fast.compile_networks(model, "reduce-overhead", "cpu")
+    assert report.mode == "default" and "no CUDA graphs on CPU" in report.reason
+    fast.uncompile_networks(model)
+    assert fast.compile_networks(model, "none", "cpu").active is False
+    with pytest.raises(ConfigError, match="Unknown compile mode 'fastest'"):
+        fast.compile_networks(model, "fastest", "cpu")
+
+
+def test_missing_compiler_means_eager_fallback(monkeypatch) -> None:
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    ok, why = fast.compile_support("cpu")
+    assert not ok and "no C++ compiler" in why
+    model = build_model(resolve_config("generators_s", "cpu-small", TINY["generators_s"]))
+    report = fast.compile_networks(model, "default", "cpu")
+    assert not report.active and "eager fallback" in report.reason
+    assert not any(fast.is_compiled(m) for m in model.children())
+
+
+def test_loss_accumulator_means_and_one_read() -> None:
+    acc = fast.LossAccumulator()
+    rng = np.random.default_rng(0)
+    vals = rng.normal(size=(7, 3))
+    for row in vals:
+        acc.add({"G": torch.tensor(row[0]), "D": torch.tensor(row[1]),
+                 "cycle": torch.tensor(row[2], dtype=torch.float64)})
+    assert acc.count == 7
+    means = acc.means()
+    assert list(means) == ["G", "D", "cycle"]
+    np.testing.assert_allclose(list(means.values()), vals.mean(0), rtol=0, atol=1e-6)
+    assert acc.means() == {}  # reset after reading
+    acc.add({"G": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="loss names changed"):
+        acc.add({"D": torch.tensor(1.0)})
+    halved = acc.means(reduce=lambda t: t / 2)
+    assert halved == {"G": 0.5}
+
+
+@pytest.mark.parametrize("name,key", [("generators_s", "G"), ("cyclegan", "cycle")])
+def test_bf16_training_converges_like_fp32_on_real_slices(name: str, key: str, slices) -> None:
+    """30 steps on real shared slices: the key loss falls in bf16 as it does in fp32."""
+    a, b = slices
+    cfg = resolve_config(name, "cpu-small", {**TINY[name], "optim.lr": 1e-3})
+    finals = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        ctx = StepContext(model.build_optimizers(), "cpu", precision)
+        ia, _ = EpochSampler(a.shape[0], b.shape[0], True, 2, seed=0, max_steps=30).draw()
+        trace = [float(model.train_step({"A": a[i], "B": b[i]}, ctx)[key]) for i in ia]
+        assert all(np.isfinite(trace))
+        first, last = np.mean(trace[:5]), np.mean(trace[-5:])
+        assert last < 0.8 * first, (precision, first, last)
+        finals[precision] = last
+    assert abs(finals["bf16"] - finals["fp32"]) <= 0.15 * finals["fp32"], finals
+
+
+def test_adam_options_and_switching() -> None:
+    assert fast.adam_options("cpu") == {"fused": True}
+    assert fast.adam_options("cpu", fused=False) == {"foreach": True}
+    assert fast.adam_options("meta") == {"foreach": True}
+    model = build_model(resolve_config("cyclegan", "cpu-small", TINY["cyclegan"]))
+    opts = model.build_optimizers()
+    before = copy.deepcopy([o.state_dict()["param_groups"] for o in opts.values()])
+    assert fast.set_adam_implementation(opts, "cpu", True) == {"G": "fused", "D": "fused"}
+    after = [o.state_dict()["param_groups"] for o in opts.values()]
+    for g0, g1 in zip(before, after, strict=True):  # only the implementation changed
+        for x, y in zip(g0, g1, strict=True):
+            assert {k: v for k, v in x.items() if k not in ("fused", "foreach")} == {
+                k: v for k, v in y.items() if k not in ("fused", "foreach")}
+
+
+def test_fastest_options_per_device() -> None:
+    gpu = fast.FastOptions.fastest("cuda")
+    assert (gpu.precision, gpu.compile, gpu.channels_last, gpu.fused_adam) == (
+        "bf16", "reduce-overhead", True, True)
+    cpu = fast.FastOptions.fastest("cpu")
+    assert cpu.precision == "fp32" and cpu.compile == "none"
+    assert "compile(reduce-overhead)" in gpu.describe()
