@@ -459,6 +459,20 @@ def row(v: Variant, args: argparse.Namespace, base_s: float | None) -> dict[str,
 
 
 # ---------------------------------------------------------------------------- inference
+def _generator_key(name: str, preset: str) -> str:
+    """Identifies a generator network: its class and the architecture settings it uses."""
+    import json
+
+    from mrsynth.models.base import build_model
+    from mrsynth.train.config import resolve_config
+
+    cfg = resolve_config(name, preset)
+    with torch.device("meta"):
+        gen = build_model(cfg).generator("A2B")
+    shapes = [tuple(p.shape) for p in gen.parameters()]
+    return f"{type(gen).__name__}:{json.dumps(shapes)}"
+
+
 def bench_inference(name: str, args: argparse.Namespace, device: torch.device,
                     A: Tensor, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from mrsynth.models.base import build_model
@@ -500,7 +514,7 @@ def bench_inference(name: str, args: argparse.Namespace, device: torch.device,
                 _sync(device)
                 warm = time.perf_counter() - t0
                 times = []
-                for _ in range(3):
+                for _ in range(5):
                     _sync(device)
                     t0 = time.perf_counter()
                     for _ in range(n_rep):
@@ -643,6 +657,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"making {args.n_images} slice pairs at {args.size[0]}x{args.size[1]}")
     A, B = make_slices(args.n_images, args.size)
     rows, feats, infer = [], [], []
+    seen_generators: dict[str, str] = {}
     for name in args.models:
         variants = bench_model(name, args, device, A, B, log)
         base = next((v for v in variants if v.variant == "baseline"), None)
@@ -651,7 +666,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for v in variants:
             (feats if v.variant == "feature" else rows).append(row(v, args, base_s))
         if args.infer_batches:
-            infer += bench_inference(name, args, device, A, log)
+            key = _generator_key(name, args.preset)
+            if key in seen_generators:  # e.g. generators_s uses CycleGAN's generator
+                infer += [{**r, "model": name, "same_network_as": seen_generators[key]}
+                          for r in infer if r["model"] == seen_generators[key]]
+            else:
+                seen_generators[key] = name
+                infer += bench_inference(name, args, device, A, log)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "benchmark": "train_speed",

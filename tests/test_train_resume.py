@@ -187,9 +187,11 @@ def test_checkpoint_swap_survives_a_crash_between_renames(tmp_path: Path) -> Non
     assert found.name == ".old-latest" and ckpt.read_meta(found)["epoch"] == 2
     ckpt.clean_stale(root)
     assert not (root / ".tmp-latest-x").exists()
+    # The next save starts from the restored checkpoint and completes the swap.
+    ckpt.save_checkpoint(root, "latest", model, {}, {**meta, "epoch": 3})
+    assert ckpt.read_meta(ckpt.find_checkpoint(tmp_path / "run"))["epoch"] == 3
+    assert sorted(p.name for p in root.iterdir()) == ["latest"]
     # A half-written checkpoint (no meta.json) is never used.
-    shutil.rmtree(root / ".old-latest")
-    ckpt.save_checkpoint(root, "latest", model, {}, meta)
     (root / "latest" / "meta.json").unlink()
     with pytest.raises(RunError, match="no complete checkpoint"):
         ckpt.find_checkpoint(tmp_path / "run")

@@ -257,7 +257,14 @@ def evaluate(
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished directory into place (the old one only goes once the new is there)."""
+    """Move the finished directory into place (the old one only goes once the new is there).
+
+    ``mkdtemp`` makes the directory private (0700); give it the permissions a plain
+    ``mkdir`` would have under the user's umask before it becomes the output.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

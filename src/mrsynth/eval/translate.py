@@ -62,6 +62,7 @@ from mrsynth.data.slicing import (
     block_average,
     brain_origin,
     crop_or_pad,
+    downsample_mask,
     image_origin,
     slices_first,
     uncrop,
@@ -152,7 +153,7 @@ def translate_array_volume(
         raise DataError(f"{name}: no brain/foreground found; the volume looks empty.")
     offset, scale = fit_scale(data, mask, geo.percentiles, name=name)
     f = geo.downsample
-    mask_ds = mask if f == 1 else block_average(mask.astype(np.float32), f) >= 0.5
+    mask_ds = downsample_mask(mask, f)
     index = np.flatnonzero(mask.any(axis=(0, 1)))
     origin = brain_origin(mask_ds, geo.size)
     sub = block_average(data[:, :, index], f)
@@ -220,7 +221,7 @@ def translate_image(
         raise DataError(f"{src}: no foreground found (the image is all background).")
     offset, scale = fit_scale(data, mask, geo.percentiles, name=str(src))
     f = geo.downsample
-    mask_ds = mask if f == 1 else block_average(mask.astype(np.float32), f) >= 0.5
+    mask_ds = downsample_mask(mask, f)
     origin = image_origin(mask_ds.shape, geo.size)
     norm = normalise(block_average(data, f), offset, scale)
     np.clip(norm, -1.0, 1.0, out=norm)

@@ -52,6 +52,8 @@ def _fsync_file(path: Path) -> None:
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
     old = final.parent / f".old-{final.name}"
+    if old.exists() and not final.exists():  # an earlier swap was cut short: restore first
+        os.rename(old, final)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():

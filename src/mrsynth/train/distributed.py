@@ -337,11 +337,18 @@ def wrap_model(
     """Wrap each optimiser's networks in one DistributedDataParallel and route calls to it.
 
     Must be called on every rank, after the model is on its device and the optimisers exist,
-    in a process that joined the group (:func:`init`). DDP broadcasts rank 0's weights, so all
-    ranks start identical. ``broadcast_buffers`` is off: the models use instance norm (no
-    running statistics); a batch-norm network would keep per-rank statistics.
+    in a process that joined the group (:func:`init`). DDP broadcasts rank 0's weights and
+    buffers, so all ranks start identical. Buffers are not re-synchronised at every forward:
+    the models use instance norm (no running statistics); a batch-norm network keeps per-rank
+    statistics between checkpoints (rank 0's are saved).
     """
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = inspect.signature(DDP.__init__).parameters
+    buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+               else {"broadcast_buffers": False})
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("wrap_model needs an initialised process group (distributed.init)")
@@ -351,9 +358,9 @@ def wrap_model(
         ddp = DDP(
             group,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
             gradient_as_bucket_view=True,
             bucket_cap_mb=bucket_cap_mb,
+            **buffers,
         )
         wrapping.groups[opt_name] = ddp
         for name, net in nets.items():

@@ -123,9 +123,12 @@ def save_sample_grid(
     contrasts: tuple[str, str],
     title: str,
 ) -> None:
-    """Rows of (real A, A->B, real B, B->A) on the normalised [-1, 1] grey scale."""
+    """Rows of (real A, A->B, real B, B->A) on the normalised [-1, 1] grey scale, rotated
+    for viewing like every other figure of mrsynth (anterior at the top)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from mrsynth.data.slicing import to_display
 
     a, b = contrasts
     heads = (f"real {a}", f"{a}->{b}", f"real {b}", f"{b}->{a}")
@@ -136,7 +139,7 @@ def save_sample_grid(
     for r, row in enumerate(images):
         for c, img in enumerate(row):
             ax = axes[r][c]
-            ax.imshow(img, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            ax.imshow(to_display(img), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

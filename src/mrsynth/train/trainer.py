@@ -247,6 +247,12 @@ class _Trainer:
         self.precision = config["precision"]
         if self.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU.")
+        if (self.precision == "bf16" and self.device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            raise ConfigError(
+                f"--precision bf16: the GPU {torch.cuda.get_device_name(self.device)} has no "
+                "bfloat16 support; use fp32 (fp16 is possible but unstable for GANs)."
+            )
         self.ckpt_root = out / "checkpoints"
 
     # ------------------------------------------------------------------ set-up
