@@ -480,17 +480,25 @@ def bench_inference(name: str, args: argparse.Namespace, device: torch.device,
     from mrsynth.train.fast import channels_last_supported, compile_networks
 
     rows = []
-    fast = args.mrsynth_options
+    mode = args.mrsynth_options.compile
+    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
     for variant in ("eager fp32", "fast"):
+        # fast inference: channels_last, bf16 autocast, and compilation when the mrsynth row
+        # compiles (precision matters less here than in training: outputs are compared in
+        # tests/test_speed_fast.py to within 0.06 on the [-1, 1] scale)
+        fast_on = variant == "fast"
         torch.manual_seed(0)
         model = build_model(resolve_config(name, args.preset)).to(device).eval()
-        cl = variant == "fast" and fast.channels_last and channels_last_supported(device)
+        cl = fast_on and channels_last_supported(device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
-        if variant == "fast" and fast.compile != "none":
-            compile_networks(model, fast.compile, device)
+        compiled = fast_on and mode != "none"
+        if compiled:
+            compile_networks(model, mode, device)
+        options = ", ".join(x for x, on in (("channels_last", cl), ("bf16", fast_on and bf16_ok),
+                                            (f"compile({mode})", compiled)) if on) or "fp32"
         gen = model.generator("A2B")
-        dtype = torch.bfloat16 if variant == "fast" and fast.precision == "bf16" else None
+        dtype = torch.bfloat16 if fast_on and bf16_ok else None
         for batch in args.infer_batches:
             x = A[:batch].to(device)
             if x.shape[0] < batch:
@@ -523,6 +531,7 @@ def bench_inference(name: str, args: argparse.Namespace, device: torch.device,
                     times.append((time.perf_counter() - t0) / n_rep)
                 t = statistics.median(times)
                 rows.append({"model": name, "generator": "A2B", "variant": variant,
+                             "options": options,
                              "batch": batch, "ms_per_batch": round(1e3 * t, 3),
                              "slices_per_s": round(batch / t, 2), "warmup_s": round(warm, 2)})
             except Exception as exc:
@@ -542,8 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="Slices per domain; s/epoch is extrapolated to this many (default 900).")
     ap.add_argument("--batch", type=int, default=1, help="Images per step (default 1).")
     ap.add_argument("--iters", type=int, default=None,
-                    help="Iterations per timed window (default: 100 on CUDA, 3 on CPU).")
-    ap.add_argument("--windows", type=int, default=3, help="Timed windows per variant.")
+                    help="Iterations per timed window (default: 100 on CUDA, 4 on CPU).")
+    ap.add_argument("--windows", type=int, default=5, help="Timed windows per variant.")
     ap.add_argument("--warmup", type=int, default=None,
                     help="Untimed iterations first (default: 30 on CUDA, 2 on CPU).")
     ap.add_argument("--models", default=",".join(MODELS), help="Comma-separated model names.")
@@ -569,7 +578,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gpu = args.device.startswith("cuda")
     args.size = tuple(args.size) if args.size else (STUDY["size"] if gpu else (64, 64))
     args.preset = args.preset or ("paper" if gpu else "cpu-small")
-    args.iters = args.iters or (100 if gpu else 3)
+    args.iters = args.iters or (100 if gpu else 4)
     args.warmup = args.warmup if args.warmup is not None else (30 if gpu else 2)
     args.infer_iters = args.infer_iters or (50 if gpu else 8)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -632,14 +641,16 @@ def print_tables(result: dict[str, Any]) -> None:
     console.print(t)
     if result["inference"]:
         ti = Table(title="Inference (generator A2B, no grad)")
-        for col in ("model", "variant", "batch", "ms/batch", "slices/s"):
+        for col in ("model", "variant", "options", "batch", "ms/batch", "slices/s"):
             ti.add_column(col, justify="right" if col in ("batch", "ms/batch", "slices/s")
                           else "left")
         for r in result["inference"]:
             if "error" in r:
-                ti.add_row(r["model"], r["variant"], str(r["batch"]), "-", r["error"][:30])
+                ti.add_row(r["model"], r["variant"], "", str(r["batch"]), "-", r["error"][:30])
             else:
-                ti.add_row(r["model"], r["variant"], str(r["batch"]), f"{r['ms_per_batch']:.2f}",
+                same = r.get("same_network_as")
+                ti.add_row(r["model"] + (f" (= {same})" if same else ""), r["variant"],
+                           r["options"], str(r["batch"]), f"{r['ms_per_batch']:.2f}",
                            f"{r['slices_per_s']:.1f}")
         console.print(ti)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,9 +31,11 @@ from mrsynth.train import fast
 from mrsynth.train.config import resolve_config
 from mrsynth.train.dataset import resample
 
-TINY = {
+TINY: dict[str, dict[str, Any]] = {
     "cyclegan": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
     "generators_s": {"arch.ngf": 4, "arch.n_blocks": 1},
+    # no dropout or latent noise here: ranks draw their own random numbers
+    "unit": {"arch.nef": 4, "arch.ndf": 4, "arch.dropout": 0.0, "arch.noise_std": 0.0},
 }
 OPTIONS = fast.FastOptions(channels_last=False, compile="none", fused_adam=False,
                            precision="fp32")
@@ -131,7 +134,7 @@ def test_networks_are_grouped_by_optimiser_never_g_with_d() -> None:
 def test_collectives_are_identity_in_one_process() -> None:
     t = torch.tensor([1.0, 2.0])
     assert dd.all_mean(t) is t
-    assert dd.any_rank(True) and not dd.any_rank(False)
+    assert dd.any_rank(True, False) == (True, False)
     assert dd.broadcast_object({"a": 1}) == {"a": 1}
     dd.barrier()  # no group: returns at once
     assert dd.current() == dd.SINGLE
@@ -167,23 +170,21 @@ def _train_worker(rank: int, world: int, port: int, name: str, a: torch.Tensor,
         if info.is_main:
             torch.save({"weights": model.state_dict(), "outs": outs,
                         "skip": norm_cancelled_biases(model)}, out)
+        dd.shutdown(wait=True)
     finally:
         dd.shutdown()
 
 
-@pytest.mark.parametrize("name,dtype,weight_tol,out_tol", [
-    # float64: nothing but the order of additions differs, so the match is near-exact
-    ("cyclegan", torch.float64, 1e-12, 1e-10),
-    # float32, as trained: Adam divides by each gradient's own size, so an element whose
-    # gradient is mostly rounding noise moves a little differently (a few % of one step)
-    ("generators_s", torch.float32, 2e-5, 2e-5),
-])
+@pytest.mark.parametrize("name", ["cyclegan", "unit"])
 def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(
-    name: str, dtype: torch.dtype, weight_tol: float, out_tol: float, slices, tmp_path: Path,
-    monkeypatch,
+    name: str, slices, tmp_path: Path, monkeypatch,
 ) -> None:
+    """In float64 nothing but the order of additions differs, so the match is near-exact:
+    both optimisers' gradients are synchronised (generators and discriminators in separate
+    DDP modules), frozen discriminators bypass DDP, the image pools are per rank."""
     for v in dd.TORCHRUN_VARS:
         monkeypatch.delenv(v, raising=False)
+    dtype, weight_tol, out_tol = torch.float64, 1e-12, 1e-10
     a, b = (x.to(dtype) for x in slices)
     steps = 3
     _train_worker(0, 1, free_port(), name, a, b, steps, str(tmp_path / "single.pt"))
@@ -200,12 +201,13 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(
             compared += 1
     assert compared > 10
     assert worst < weight_tol, worst
-    # the weights did move (up to 3 Adam steps of lr 2e-4): not two untouched inits
+    # the weights did move (up to 3 Adam steps): not two untouched inits
+    cfg = resolve_config(name, "cpu-small", TINY[name])
     torch.manual_seed(0)
-    init = build_model(resolve_config(name, "cpu-small", TINY[name])).to(dtype).state_dict()
+    init = build_model(cfg).to(dtype).state_dict()
     moved = max((single["weights"][k] - init[k]).abs().max().item() for k in init
                 if k not in single["skip"])
-    assert moved > 3e-4, moved
+    assert moved > 1.5 * cfg["optim"]["lr"], moved
     for d in ("A2B", "B2A"):
         err = (ddp["outs"][d] - single["outs"][d]).abs().max().item()
         assert err < out_tol, (d, err)

@@ -94,7 +94,7 @@ def test_bad_options_are_refused(bench) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--features", "warp-speed"])
     args = bench.parse_args(["--device", "cpu"])
-    assert args.size == (64, 64) and args.preset == "cpu-small" and args.iters == 3
+    assert args.size == (64, 64) and args.preset == "cpu-small" and args.iters == 4
     assert args.features == ["eager", "channels_last", "fused_adam", "bf16"]
     args = bench.parse_args(["--device", "cpu", "--mrsynth", "bf16,compile"])
     assert args.mrsynth_options.precision == "bf16"

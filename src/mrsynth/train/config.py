@@ -6,7 +6,7 @@ A resolved config is a plain JSON-able dict (it is written to ``RUN_DIR/config.j
     data.{contrasts, image_size},
     train.{epochs, batch_size, decay_start_epoch, max_steps_per_epoch, log_every, samples,
            checkpoint_every_minutes, keep_every_epochs, deterministic, channels_last,
-           num_threads, progress},
+           compile, fused_adam, num_threads, progress},
     arch.*, loss.*, optim.*   (model-specific, from the model's ``preset_config``)
 
 Presets: ``paper`` reproduces the study's settings; ``cpu-small`` is the same code path with
@@ -27,6 +27,8 @@ from mrsynth.errors import ConfigError
 PRESETS = ("paper", "cpu-small")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: ``train.compile``: off, torch.compile (inductor), + CUDA graphs, + autotuned kernels.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 _BASE: dict[str, Any] = {
     "model": None,
@@ -53,7 +55,13 @@ _BASE: dict[str, Any] = {
         "checkpoint_every_minutes": 10.0,
         "keep_every_epochs": 50,
         "deterministic": False,
+        # channels_last memory format (used on CUDA; on CPU it gains nothing measurable).
         "channels_last": True,
+        # torch.compile the networks (see docs/performance.md); "reduce-overhead" adds CUDA
+        # graphs on a single GPU. Compiling costs seconds (GPU) to minutes (small CPU).
+        "compile": "none",
+        # Fused Adam kernels (CUDA and CPU): same update rule, fewer kernel launches.
+        "fused_adam": True,
         "num_threads": None,
         "progress": True,
     },
@@ -167,6 +175,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     for key, value in overrides.items():
         if isinstance(value, str) and key not in ("model", "preset", "device", "precision"):
             value = parse_value(value) if not isinstance(flat.get(key), str) else value
+        if value is None and isinstance(flat.get(key), str):
+            value = "none"  # `--set train.lr_decay=none`: for a text setting "none" is a word
         if key not in flat:
             raise ConfigError(
                 f"Unknown setting {key!r} for model {cfg['model']!r}. Valid settings: "
@@ -207,6 +217,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         problems.append("train.epochs must be at least 1")
     if t["batch_size"] < 1:
         problems.append("train.batch_size must be at least 1")
+    if t["compile"] not in COMPILE_MODES:
+        problems.append(f"train.compile must be one of {', '.join(COMPILE_MODES)}")
     if t["lr_decay"] not in ("linear", "none"):
         problems.append("train.lr_decay must be 'linear' or 'none'")
     if t["decay_start_epoch"] is not None and not 1 <= t["decay_start_epoch"] <= t["epochs"] + 1:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,9 +143,21 @@ def init(device: torch.device, timeout_minutes: float = 30.0) -> tuple[DistInfo,
     return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend()), dev
 
 
-def shutdown() -> None:
-    """Leave the process group (safe to call when none was created)."""
+def initialized() -> bool:
+    """Whether this process has joined a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def shutdown(*, wait: bool = False) -> None:
+    """Leave the process group (safe to call when none was created).
+
+    ``wait``: meet the other ranks first. After a normal end every rank should, so that no rank
+    tears down its connections while a peer still uses them (gloo aborts the process then);
+    after an error the others may never arrive, so the default does not wait.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            barrier()
         dist.destroy_process_group()
 
 
@@ -208,13 +219,16 @@ def all_mean(values: Tensor) -> Tensor:
     return out / dist.get_world_size()
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank when ``flag`` is true on at least one (stop signals, timers)."""
+def any_rank(*flags: bool, device: torch.device | str = "cpu") -> tuple[bool, ...]:
+    """For each flag: true on every rank when it is true on at least one (stop signals,
+    timers), so that all ranks take the same branch. One collective for all flags."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return tuple(bool(f) for f in flags)
+    if dist.get_backend() == "nccl" and torch.device(device).type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return tuple(bool(v > 0) for v in t.tolist())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -369,15 +383,3 @@ def wrap_model(
             model.__dict__[name] = _Routed(ddp, name, net)
             wrapping.routed.append(name)
     return wrapping
-
-
-@contextmanager
-def main_first(info: DistInfo) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. creating the run directory), then the others."""
-    if not info.is_main:
-        barrier()
-    try:
-        yield
-    finally:
-        if info.is_main:
-            barrier()

@@ -33,9 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mrsynth.errors import ConfigError
-
-#: ``train.compile`` values: off, inductor default, CUDA graphs, autotuned kernels.
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+from mrsynth.train.config import COMPILE_MODES
 
 
 @dataclass
@@ -213,15 +211,16 @@ class LossAccumulator:
             self.total.add_(vals)
         self.count += 1
 
-    def means(self, reduce: Any = None) -> dict[str, float]:
-        """Mean of each loss over the added steps; resets the accumulator."""
+    def means(self, reduce: Any = None, *, reset: bool = True) -> dict[str, float]:
+        """Mean of each loss over the added steps (one host sync); resets unless told not to."""
         if self.total is None or self.names is None or self.count == 0:
             return {}
         t = self.total / self.count
         if reduce is not None:
             t = reduce(t)
         out = dict(zip(self.names, t.cpu().tolist(), strict=True))
-        self.names, self.total, self.count = None, None, 0
+        if reset:
+            self.names, self.total, self.count = None, None, 0
         return out
 
 
@@ -281,14 +280,34 @@ class FastOptions:
     precision: str = "fp32"
 
     @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: torch.device | str) -> FastOptions:
+        """The options a resolved training config asks for, on ``device``.
+
+        channels_last is applied on CUDA only: on CPU the benchmark measured no consistent
+        gain (docs/performance.md), and the eager layout keeps CPU runs simple to debug.
+        """
+        t = cfg["train"]
+        dev = torch.device(device)
+        return cls(
+            channels_last=bool(t["channels_last"]) and dev.type == "cuda",
+            compile=check_compile_mode(t.get("compile", "none")),
+            fused_adam=bool(t.get("fused_adam", True)),
+            precision=str(cfg["precision"]),
+        )
+
+    @classmethod
     def fastest(cls, device: torch.device | str) -> FastOptions:
-        """What the benchmark found fastest: everything on CUDA; see docs/performance.md
-        for the CPU choice (compilation costs minutes on a small CPU and is left off)."""
+        """The fastest options for ``device`` (the benchmark's ``mrsynth`` row).
+
+        CUDA: everything (``mrsynth train --precision bf16 --compile reduce-overhead``).
+        CPU: the trainer's defaults (fp32, fused Adam): bf16 and compilation are opt-in there
+        (bf16 changes numerics; compiling costs minutes on a small CPU; docs/performance.md).
+        """
         dev = torch.device(device)
         if dev.type == "cuda":
             return cls(channels_last=True, compile="reduce-overhead", fused_adam=True,
                        precision="bf16")
-        return cls(channels_last=True, compile="none", fused_adam=True, precision="fp32")
+        return cls(channels_last=False, compile="none", fused_adam=True, precision="fp32")
 
     def describe(self) -> str:
         parts = [self.precision]

@@ -13,9 +13,15 @@ directory::
 
 The loop is generic: models supply networks, optimisers and a step (:mod:`mrsynth.models`);
 this file owns device and precision, the learning-rate schedule, checkpoints, logging,
-resume and signals. Resuming restores weights, optimisers, schedulers, grad scaler, image
-pools, every RNG state and the position inside the epoch, so on CPU with a fixed seed an
-interrupted and resumed run ends with the same weights as an uninterrupted one.
+resume and signals. The per-step work (batch gather, step, loss accumulation without host
+syncs) and the speed options (channels_last, fused Adam, ``torch.compile``, CUDA graphs) come
+from :mod:`mrsynth.train.fast`; under ``torchrun`` the loop runs data-parallel with
+:mod:`mrsynth.train.distributed` (``train.batch_size`` is the global batch, rank 0 writes).
+
+Resuming restores weights, optimisers, schedulers, grad scaler, image pools, every RNG state
+and the position inside the epoch, so on CPU with a fixed seed an interrupted and resumed run
+ends with the same weights as an uninterrupted one. A data-parallel run may be resumed with
+another number of ranks (the global batch, hence the steps, stay the same).
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from rich.console import Console
 
 from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError, MrsynthError, OutputExistsError, RunError
-from mrsynth.models.base import StepContext, TranslationModel, build_model, get_model_class
+from mrsynth.models.base import TranslationModel, build_model, get_model_class
 from mrsynth.train import checkpoint as ckpt
+from mrsynth.train import distributed as dd
+from mrsynth.train import fast
 from mrsynth.train.config import decay_start, flatten, upgrade_config, validate_config
 from mrsynth.train.dataset import EpochSampler, TrainingSlices, load_training_slices
 from mrsynth.train.logging import SAMPLES_DIR, EpochProgress, LossLog, Metrics, save_sample_grid
@@ -56,6 +64,7 @@ RESUMABLE_KEYS = {
     "train.log_every",
     "train.samples", "train.checkpoint_every_minutes", "train.keep_every_epochs",
     "train.progress", "train.num_threads", "train.max_steps_per_epoch", "train.channels_last",
+    "train.compile", "train.fused_adam",
 }
 
 
@@ -189,7 +198,8 @@ def train(
     ``config`` is a resolved config (may be None with ``resume``: the stored one is used);
     ``data_path`` a prepared-slice file (None with ``resume``: the stored path). Raises
     :class:`TrainingInterrupted` after saving on Ctrl-C/SIGTERM and :class:`TrainingDiverged`
-    on a non-finite loss.
+    on a non-finite loss. Launched by ``torchrun``, every rank calls this; they join one
+    process group (left again at the end) and train data-parallel.
     """
     out = Path(out_dir)
     stored: dict[str, Any] | None = None
@@ -203,9 +213,20 @@ def train(
         if config is None or data_path is None:
             raise ConfigError("train() needs a config and a data path unless resuming.")
         config = validate_config(copy.deepcopy(config))
-        _check_out_dir(out, overwrite)
     assert data_path is not None and config is not None
-    return _Trainer(config, Path(data_path), out, stored, console, overwrite).run()
+    own_group = not dd.initialized()
+    info, device = dd.init(resolve_device(config["device"]))
+    finished = False
+    try:
+        if not resume:
+            _check_out_dir(out, overwrite)
+        run = _Trainer(config, Path(data_path), out, stored, console, overwrite,
+                       info=info, device=device).run()
+        finished = True
+        return run
+    finally:
+        if own_group:
+            dd.shutdown(wait=finished)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -234,16 +255,22 @@ class _Trainer:
         stored: dict[str, Any] | None,
         console: Console | None,
         overwrite: bool = False,
+        *,
+        info: dd.DistInfo = dd.SINGLE,
+        device: torch.device | None = None,
     ) -> None:
         self.overwrite = overwrite
+        self.dist = info
         self.cfg = config
         self.data_path = data_path
         self.out = out
         self.stored = stored
-        self.console = console or Console(stderr=True)
+        # Only rank 0 prints; the others stay quiet (their logs would repeat rank 0's).
+        self.console = (console or Console(stderr=True)) if info.is_main else Console(
+            stderr=True, quiet=True)
         self.tcfg = config["train"]
         self.contrasts = (config["data"]["contrasts"][0], config["data"]["contrasts"][1])
-        self.device = resolve_device(config["device"])
+        self.device = device if device is not None else resolve_device(config["device"])
         self.precision = config["precision"]
         if self.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU.")
@@ -297,21 +324,24 @@ class _Trainer:
         data = load_prepared(self.data_path)
         if self.stored is not None:
             self._check_same_data(data.settings)
-        channels_last = bool(t["channels_last"]) and self.device.type == "cuda"
+        options = fast.FastOptions.from_config(cfg, self.device)
+        dd.local_batch_size(int(t["batch_size"]), self.dist.world_size)  # splits evenly?
         slices = load_training_slices(
             data, self.contrasts, cls.name, cls.needs_paired, cfg["data"]["image_size"],
-            self.device, channels_last, int(t["samples"]),
+            self.device, options.channels_last, int(t["samples"]),
         )
         if self.stored is None:  # data and options are fine: now (re)create the run dir
             _check_out_dir(self.out, self.overwrite)
-            if self.out.is_dir() and any(self.out.iterdir()):
-                shutil.rmtree(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
-        model = build_model(cfg).to(self.device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.train()
-        optimizers = model.build_optimizers()
+            dd.barrier()  # every rank has checked before rank 0 changes anything
+            if self.dist.is_main:
+                if self.out.is_dir() and any(self.out.iterdir()):
+                    shutil.rmtree(self.out)
+                self.out.mkdir(parents=True, exist_ok=True)
+        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        setup = fast.setup_training(build_model(cfg), self.device, options,
+                                    distributed=self.dist.distributed, scaler=scaler)
+        model: TranslationModel = setup.model  # type: ignore[assignment]
+        optimizers = setup.optimizers
         epochs, decay = int(t["epochs"]), decay_start(t)
         schedulers = {
             n: torch.optim.lr_scheduler.LambdaLR(
@@ -319,15 +349,16 @@ class _Trainer:
             )
             for n, o in optimizers.items()
         }
-        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        # The sampler draws the global batch with the run's seed on every rank; each rank
+        # trains on its share (distributed.shard_batch).
         sampler = EpochSampler(
             slices.A.shape[0], slices.B.shape[0], slices.paired, int(t["batch_size"]),
             int(cfg["seed"]), t["max_steps_per_epoch"],
         )
-        ctx = StepContext(optimizers, self.device.type, self.precision, scaler)
 
         epoch_done, step_in_epoch, iteration, epoch_elapsed = 0, 0, 0, 0.0
-        ckpt.clean_stale(self.ckpt_root)
+        if self.dist.is_main:
+            ckpt.clean_stale(self.ckpt_root)
         has_ckpt = self.stored is not None and self._has_checkpoint()
         if self.stored is not None and not has_ckpt:
             self.console.print(f"Run {self.out} has no checkpoint yet: starting it from the "
@@ -341,92 +372,120 @@ class _Trainer:
             for s in schedulers.values():
                 for group, base in zip(s.optimizer.param_groups, s.base_lrs, strict=True):
                     group["lr"] = base * lr_factor(epoch_done + 1, epochs, decay)
-        self._write_config(data, slices, resumed_at=epoch_done if self.stored else None)
+            # the checkpoint's optimiser settings include the implementation: use this run's
+            fast.set_adam_implementation(optimizers, self.device, options.fused_adam)
+        if self.dist.distributed and self.dist.rank > 0:
+            # dropout and latent noise: a stream of its own per rank (rank 0 keeps the run's)
+            torch.manual_seed(dd.rank_seed(int(cfg["seed"]) + iteration, self.dist.rank))
+        self.setup = setup
         keep = None if self.stored is None else epoch_done
-        losses_log = LossLog(self.out, keep_upto_iteration=None if keep is None else iteration)
-        metrics = Metrics(self.out, self._metrics_header(slices, sampler), keep_upto_epoch=keep)
+        metrics: Metrics | _Silent
+        losses_log: LossLog | _Silent
+        if self.dist.is_main:
+            self._write_config(data, slices, resumed_at=epoch_done if self.stored else None)
+            losses_log = LossLog(self.out,
+                                 keep_upto_iteration=None if keep is None else iteration)
+            metrics = Metrics(self.out, self._metrics_header(slices, sampler),
+                              keep_upto_epoch=keep)
+        else:
+            losses_log, metrics = _Silent(), _Silent()
         if epoch_done >= epochs:
             self.console.print(f"Run {self.out} already completed {epoch_done} epochs.")
             metrics.save("completed")
             losses_log.close()
             return self.out
 
+        # DDP last: it broadcasts rank 0's (restored) weights and routes the model's network
+        # calls through one DDP module per optimiser.
+        wrapping = (dd.wrap_model(model, optimizers, self.device) if self.dist.distributed
+                    else None)
         self.model, self.optimizers, self.schedulers = model, optimizers, schedulers
         self.scaler, self.sampler, self.slices = scaler, sampler, slices
         self.metrics, self.log = metrics, losses_log
-        progress = EpochProgress(self.console, bool(t["progress"]))
+        progress = EpochProgress(self.console, bool(t["progress"]) and self.dist.is_main)
+        stepper = fast.TrainStepper(setup, slices.A, slices.B)
         stop.install()
         try:
-            self._loop(model, ctx, slices, sampler, losses_log, metrics, progress, stop,
+            self._loop(stepper, sampler, losses_log, metrics, progress, stop,
                        epoch_done, step_in_epoch, iteration, epoch_elapsed)
         finally:
             progress.stop()
             losses_log.close()
+            if wrapping is not None:
+                wrapping.unwrap()
         return self.out
 
     def _loop(
-        self, model: TranslationModel, ctx: StepContext, slices: TrainingSlices,
-        sampler: EpochSampler, log: LossLog, metrics: Metrics, progress: EpochProgress,
-        stop: _StopFlag, epoch_done: int, step0: int, iteration: int, elapsed0: float,
+        self, stepper: fast.TrainStepper, sampler: EpochSampler, log: LossLog | _Silent,
+        metrics: Metrics | _Silent, progress: EpochProgress, stop: _StopFlag,
+        epoch_done: int, step0: int, iteration: int, elapsed0: float,
     ) -> None:
         t = self.tcfg
         epochs, log_every = int(t["epochs"]), int(t["log_every"])
         every_s = (t["checkpoint_every_minutes"] or 0) * 60.0
-        batch = int(t["batch_size"])
+        batch = int(t["batch_size"])  # the global batch
+        rank, world, distributed = self.dist.rank, self.dist.world_size, self.dist.distributed
         last_ckpt = time.monotonic()
         for epoch in range(epoch_done + 1, epochs + 1):
             sampler_state = sampler.get_state()
             ia, ib = sampler.draw()
-            ia, ib = ia.to(self.device), ib.to(self.device)
+            ia = dd.shard_batch(ia, rank, world).to(self.device)
+            ib = dd.shard_batch(ib, rank, world).to(self.device)
             steps = sampler.steps
             start = step0 if epoch == epoch_done + 1 else 0
             elapsed_before = elapsed0 if epoch == epoch_done + 1 else 0.0
             progress.start(epoch, epochs, steps, start)
-            acc: dict[str, torch.Tensor] = {}
-            epoch_sum: dict[str, torch.Tensor] = {}
+            epoch_sum: dict[str, float] = {}
             n_acc = n_epoch = 0
             t_epoch = t_log = time.perf_counter()
             lr = self._lr()
             for s in range(start, steps):
-                batch_t = {"A": slices.A.index_select(0, ia[s]),
-                           "B": slices.B.index_select(0, ib[s])}
-                losses = model.train_step(batch_t, ctx)
-                ctx.end_iteration()
-                for k, v in losses.items():
-                    acc[k] = acc[k] + v if k in acc else v
+                stepper.step(ia[s], ib[s])
                 n_acc += 1
                 iteration += 1
                 progress.advance()
                 last = s + 1 == steps
                 if n_acc == log_every or last:
                     now = time.perf_counter()
-                    means = self._flush_interval(acc, n_acc, epoch, iteration)
+                    means = self._flush_interval(stepper.losses, epoch, iteration)
                     ips = n_acc * batch / max(now - t_log, 1e-9)
                     log.log(epoch, iteration, ips, lr, means)
                     progress.show(ips, means)
-                    for k, v in acc.items():
-                        epoch_sum[k] = epoch_sum[k] + v if k in epoch_sum else v
+                    for k, v in means.items():
+                        epoch_sum[k] = epoch_sum.get(k, 0.0) + v * n_acc
                     n_epoch += n_acc
-                    acc, n_acc, t_log = {}, 0, now
+                    n_acc, t_log = 0, now
                 if last:
                     break
-                timed = every_s > 0 and time.monotonic() - last_ckpt >= every_s
-                if stop.signum is not None or timed:
-                    if acc:  # make sure nothing non-finite goes into a checkpoint
-                        self._check_finite(acc, epoch, iteration)
+                if distributed:
+                    # Decide together, where all ranks are at the same step (after a log
+                    # interval): a rank that stopped alone would leave the others waiting.
+                    if n_acc:
+                        continue
+                    stopping, timed = dd.any_rank(
+                        stop.signum is not None,
+                        every_s > 0 and time.monotonic() - last_ckpt >= every_s,
+                        device=self.device)
+                else:
+                    stopping = stop.signum is not None
+                    timed = every_s > 0 and time.monotonic() - last_ckpt >= every_s
+                if stopping or timed:
+                    if n_acc:  # make sure nothing non-finite goes into a checkpoint
+                        self._check_finite(stepper.losses, epoch, iteration)
                     wall = elapsed_before + time.perf_counter() - t_epoch
                     self._save("latest", epoch - 1, s + 1, iteration, wall, sampler_state)
                     log.flush()
                     last_ckpt = time.monotonic()
-                    if stop.signum is not None:
+                    if stopping:
                         progress.stop()
                         metrics.save("interrupted")
-                        name = signal.Signals(stop.signum).name
+                        signum = stop.signum or signal.SIGTERM
+                        name = signal.Signals(signum).name
                         raise TrainingInterrupted(
                             f"{name} received: training stopped at epoch {epoch}, iteration "
                             f"{iteration}; the state was saved in {self.ckpt_root / 'latest'}. "
                             f"Continue with `mrsynth train --out {self.out} --resume`.",
-                            exit_code=128 + stop.signum,
+                            exit_code=128 + signum,
                         )
             # ---- end of epoch
             if self.device.type == "cuda":
@@ -434,11 +493,12 @@ class _Trainer:
             wall = elapsed_before + time.perf_counter() - t_epoch
             progress.stop()
             done_steps = steps - start
-            means = {k: float(v) / max(n_epoch, 1) for k, v in epoch_sum.items()}
+            means = {k: v / max(n_epoch, 1) for k, v in epoch_sum.items()}
             lrs = {n: o.param_groups[0]["lr"] for n, o in self.optimizers.items()}
             for s_ in self.schedulers.values():
                 s_.step()
-            self._save_samples(epoch)
+            if self.dist.is_main:
+                self._save_samples(epoch)
             ips = done_steps * batch / max(wall - elapsed_before, 1e-9)
             metrics.add_epoch({
                 "epoch": epoch,
@@ -457,7 +517,7 @@ class _Trainer:
             self._save("latest", epoch, 0, iteration, 0.0, sampler.get_state())
             last_ckpt = time.monotonic()
             keep = int(t["keep_every_epochs"] or 0)
-            if keep and epoch % keep == 0:
+            if keep and epoch % keep == 0 and self.dist.is_main:
                 ckpt.copy_checkpoint(self.ckpt_root, "latest", f"epoch_{epoch:04d}")
             if epoch == epochs:
                 metrics.save("completed")
@@ -466,34 +526,34 @@ class _Trainer:
                 f"epoch {epoch}/{epochs}  {wall:.1f} s  {ips:.1f} img/s  {loss_txt}",
                 highlight=False,
             )
-            if stop.signum is not None and epoch < epochs:
-                name = signal.Signals(stop.signum).name
+            (stopping,) = dd.any_rank(stop.signum is not None, device=self.device)
+            if stopping and epoch < epochs:
+                signum = stop.signum or signal.SIGTERM
+                name = signal.Signals(signum).name
                 metrics.save("interrupted")
                 raise TrainingInterrupted(
                     f"{name} received: training stopped after epoch {epoch}; the state was saved "
                     f"in {self.ckpt_root / 'latest'}. Continue with "
                     f"`mrsynth train --out {self.out} --resume`.",
-                    exit_code=128 + stop.signum,
+                    exit_code=128 + signum,
                 )
 
     # ------------------------------------------------------------------ helpers
     def _lr(self) -> float:
         return float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
 
-    def _flush_interval(self, acc: dict[str, torch.Tensor], n: int, epoch: int,
+    def _flush_interval(self, acc: fast.LossAccumulator, epoch: int,
                         iteration: int) -> dict[str, float]:
-        """One device sync per interval: means of the losses, refusing non-finite values."""
-        names = list(acc)
-        vals = (torch.stack([acc[k] for k in names]) / n).cpu().tolist()
-        means = dict(zip(names, vals, strict=True))
+        """One device sync per interval: means of the losses (averaged over ranks: every rank
+        gets the same numbers, so all stop together on a non-finite one)."""
+        means = acc.means(reduce=dd.all_mean)
         bad = {k: v for k, v in means.items() if not math.isfinite(v)}
         if bad:
             self._diverged(bad, epoch, iteration)
         return means
 
-    def _check_finite(self, acc: dict[str, torch.Tensor], epoch: int, iteration: int) -> None:
-        vals = torch.stack(list(acc.values())).cpu().tolist()
-        bad = {k: v for k, v in zip(acc, vals, strict=True) if not math.isfinite(v)}
+    def _check_finite(self, acc: fast.LossAccumulator, epoch: int, iteration: int) -> None:
+        bad = {k: v for k, v in acc.means(reset=False).items() if not math.isfinite(v)}
         if bad:
             self._diverged(bad, epoch, iteration)
 
@@ -515,7 +575,11 @@ class _Trainer:
         )
 
     def _save(self, name: str, epoch: int, step_in_epoch: int, iteration: int,
-              epoch_elapsed: float, sampler_state: torch.Tensor) -> Path:
+              epoch_elapsed: float, sampler_state: torch.Tensor) -> Path | None:
+        """Write a checkpoint (rank 0 only: the ranks hold the same weights). Image pools
+        and RNG states are rank 0's; every rank resumes from them."""
+        if not self.dist.is_main:
+            return None
         state = {
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
@@ -596,8 +660,9 @@ class _Trainer:
         was_training = model.training
         model.eval()
         try:
-            fb = model.generator("A2B")(sl.sample_A).float().cpu().numpy()[:, 0]
-            fa = model.generator("B2A")(sl.sample_B).float().cpu().numpy()[:, 0]
+            with fast.eager():  # no compilation for this one-off shape and mode
+                fb = model.generator("A2B")(sl.sample_A).float().cpu().numpy()[:, 0]
+                fa = model.generator("B2A")(sl.sample_B).float().cpu().numpy()[:, 0]
         finally:
             model.train(was_training)
         ra = sl.sample_A.float().cpu().numpy()[:, 0]
@@ -618,6 +683,20 @@ class _Trainer:
             "steps_per_epoch": sampler.steps,
             "batch_size": int(self.tcfg["batch_size"]),
             "image_size": list(slices.size),
+            **self._parallel_info(),
+        }
+
+    def _parallel_info(self) -> dict[str, Any]:
+        """How the run was executed: ranks, per-rank batch, speed options actually used."""
+        setup = self.setup
+        return {
+            "world_size": self.dist.world_size,
+            "per_rank_batch": int(self.tcfg["batch_size"]) // self.dist.world_size,
+            "backend": self.dist.backend,
+            "compile": setup.compile_report.mode,
+            "compile_note": setup.compile_report.reason,
+            "channels_last": setup.options.channels_last,
+            "adam": setup.adam,
         }
 
     def _write_config(self, data: Any, slices: TrainingSlices, resumed_at: int | None) -> None:
@@ -627,7 +706,8 @@ class _Trainer:
         event = {"event": "resume" if resumed_at is not None else "start",
                  "time_utc": env["time_utc"], "device": str(self.device),
                  "device_name": device_name, "precision": self.precision,
-                 "argv": env["argv"], "git_commit": env["git_commit"]}
+                 "argv": env["argv"], "git_commit": env["git_commit"],
+                 **self._parallel_info()}
         if resumed_at is not None:
             assert self.stored is not None
             doc = copy.deepcopy(self.stored)
@@ -653,3 +733,10 @@ class _Trainer:
                 "history": [event],
             }
         atomic_write_json(self.out / CONFIG_JSON, doc)
+
+
+class _Silent:
+    """Stands in for the loss log and metrics on ranks other than 0: they write nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
