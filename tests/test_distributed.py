@@ -2,12 +2,13 @@
 
 The key check: two processes with one image each per step end with the same weights as one
 process with both images per step (global batch 2), because the losses are batch means and
-DDP averages the gradients. In float64 they agree to ~1e-15 (only the order of additions
-differs); in float32 to ~1e-6 (Adam divides by each gradient's own size, so elements whose
-gradient is rounding noise move a little differently). Biases of convolutions followed by
-instance norm are left out of the weight comparison: their exact gradient is zero, so Adam
-moves them by +-lr following rounding noise (see tests/test_speed_fast.py); they do not change
-any output, and the generators' outputs are compared too.
+DDP averages the gradients. It runs in float64, where only the order of additions differs and
+the weights agree to ~1e-15. (In float32 Adam divides each gradient by its own size, so
+elements whose gradient is rounding noise take +-lr steps in arbitrary directions, and the
+adversarial game amplifies that; tests/test_distributed_train.py covers the fp32 trainer.)
+Biases of convolutions followed by instance norm are left out of the weight comparison: their
+exact gradient is zero, so even in float64 Adam moves them following rounding noise; they do
+not change any output, and the generators' outputs are compared too.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrsynth.errors import ConfigError
+from mrsynth.models.blocks import init_weights
 
 #: Translation directions: A -> B (e.g. T1w -> T2w) and back.
 DIRECTIONS = ("A2B", "B2A")
@@ -142,6 +143,40 @@ class TranslationModel(nn.Module):
             weight_decay=float(self.optim_cfg.get("weight_decay", 0.0)),
             fused=fused or None,
         )
+
+
+class PairedL1Model(TranslationModel):
+    """Two independent generators (A->B, B->A), each regressed onto the aligned target with L1.
+
+    ``generators_s`` and ``simple`` differ only in the network, so they share this step:
+    subclasses implement :meth:`make_generator`.
+    """
+
+    needs_paired = True
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.G_A2B = self.make_generator()
+        self.G_B2A = self.make_generator()
+        init_weights(self)
+
+    def make_generator(self) -> nn.Module:
+        raise NotImplementedError
+
+    def generator(self, direction: str) -> nn.Module:
+        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"G": self.adam([*self.G_A2B.parameters(), *self.G_B2A.parameters()])}
+
+    def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        real_A, real_B = batch["A"], batch["B"]
+        with ctx.autocast():
+            mae_A2B = l1(self.G_A2B(real_A), real_B)
+            mae_B2A = l1(self.G_B2A(real_B), real_A)
+            loss = self.loss_cfg["l1"] * (mae_A2B + mae_B2A)
+        ctx.step("G", loss)
+        return {"G": loss.detach(), "mae_A2B": mae_A2B.detach(), "mae_B2A": mae_B2A.detach()}
 
 
 def check_direction(direction: str) -> str:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from mrsynth.models.base import StepContext, TranslationModel, check_direction, l1, register_model
-from mrsynth.models.blocks import init_weights
+from mrsynth.models.base import PairedL1Model, register_model
 
 
 class SimpleNet(nn.Module):
@@ -31,11 +29,10 @@ class SimpleNet(nn.Module):
 
 
 @register_model
-class Simple(TranslationModel):
+class Simple(PairedL1Model):
     """Two-layer baseline, one network per direction."""
 
     name = "simple"
-    needs_paired = True
     summary = "Baseline: 1x1 conv 256 + ReLU + 5x5 conv, MAE to the paired target (the study)"
     order = 50
 
@@ -48,23 +45,5 @@ class Simple(TranslationModel):
             "train": {"epochs": 200 if preset == "paper" else 10, "lr_decay": "none"},
         }
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
-        self.G_A2B = SimpleNet(self.arch["hidden"], self.arch["kernel"])
-        self.G_B2A = SimpleNet(self.arch["hidden"], self.arch["kernel"])
-        init_weights(self)
-
-    def generator(self, direction: str) -> nn.Module:
-        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
-
-    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"G": self.adam([*self.G_A2B.parameters(), *self.G_B2A.parameters()])}
-
-    def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        real_A, real_B = batch["A"], batch["B"]
-        with ctx.autocast():
-            mae_A2B = l1(self.G_A2B(real_A), real_B)
-            mae_B2A = l1(self.G_B2A(real_B), real_A)
-            loss = self.loss_cfg["l1"] * (mae_A2B + mae_B2A)
-        ctx.step("G", loss)
-        return {"G": loss.detach(), "mae_A2B": mae_A2B.detach(), "mae_B2A": mae_B2A.detach()}
+    def make_generator(self) -> nn.Module:
+        return SimpleNet(self.arch["hidden"], self.arch["kernel"])
