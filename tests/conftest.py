@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -77,3 +82,50 @@ def mini_bids(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             _write_halved(mrpaired / sub / "anat" / name, root / sub / "anat" / name)
     (root / "dataset_description.json").write_text('{"Name": "mini", "BIDSVersion": "1.9.0"}\n')
     return root
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): the
+    networks in tests are tiny, and on a shared 2-core machine two spinning OpenMP threads
+    per process slow training down by an order of magnitude."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def paired_train_slices(prepared_small: Path) -> tuple[Any, Any]:
+    """Paired real training slices (T1w, T2w) of ``prepared_small`` at 32x32, as tensors."""
+    import numpy as np
+    import torch
+
+    from mrsynth.data.prepared import load_prepared
+    from mrsynth.train.dataset import resample
+
+    d = load_prepared(prepared_small)
+    rows = np.flatnonzero((d.split == "train") & d.paired)
+    a = resample(torch.from_numpy(d.images["T1w"][rows])[:, None], (32, 32))
+    b = resample(torch.from_numpy(d.images["T2w"][rows])[:, None], (32, 32))
+    return a.contiguous(), b.contiguous()
+
+
+@pytest.fixture(scope="session")
+def study_load() -> ModuleType:
+    """benchmarks/study_load.py as a module: study inputs, free ports, the load benchmark."""
+    path = str(REPO / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module("study_load")
+
+
+@pytest.fixture(scope="module")
+def study_inputs(mrpaired: Path, study_load: ModuleType, tmp_path_factory: pytest.TempPathFactory):
+    """Real slice files and fake "model" outputs for study tests: ``(real_dir, {model: dir})``.
+
+    Built on first use under the session's base temp folder and reused by later modules.
+    """
+    return study_load.build_inputs(mrpaired, tmp_path_factory.getbasetemp() / "study_inputs")

@@ -18,19 +18,16 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
-from mrsynth.data.prepared import load_prepared
+from helpers import norm_cancelled_biases
 from mrsynth.errors import ConfigError
 from mrsynth.models import build_model
 from mrsynth.train import distributed as dd
 from mrsynth.train import fast
 from mrsynth.train.config import resolve_config
-from mrsynth.train.dataset import resample
 
 TINY: dict[str, dict[str, Any]] = {
     "cyclegan": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
@@ -46,28 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def norm_cancelled_biases(model: nn.Module) -> set[str]:
-    out = set()
-    for prefix, mod in model.named_modules():
-        if isinstance(mod, nn.Sequential):
-            kids = list(mod.named_children())
-            for (name, m), (_, nxt) in zip(kids, kids[1:], strict=False):
-                if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and isinstance(
-                    nxt, nn.InstanceNorm2d
-                ):
-                    out.add(f"{prefix}.{name}.bias")
-    return out
-
-
-@pytest.fixture(scope="module")
-def slices(prepared_small: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_prepared(prepared_small)
-    rows = np.flatnonzero((d.split == "train") & d.paired)
-    a = resample(torch.from_numpy(d.images["T1w"][rows])[:, None], (32, 32))
-    b = resample(torch.from_numpy(d.images["T2w"][rows])[:, None], (32, 32))
-    return a.contiguous(), b.contiguous()
 
 
 # ---------------------------------------------------------------------- environment
@@ -178,7 +153,7 @@ def _train_worker(rank: int, world: int, port: int, name: str, a: torch.Tensor,
 
 @pytest.mark.parametrize("name", ["cyclegan", "unit"])
 def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(
-    name: str, slices, tmp_path: Path, monkeypatch,
+    name: str, paired_train_slices, tmp_path: Path, monkeypatch,
 ) -> None:
     """In float64 nothing but the order of additions differs, so the match is near-exact:
     both optimisers' gradients are synchronised (generators and discriminators in separate
@@ -186,7 +161,7 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(
     for v in dd.TORCHRUN_VARS:
         monkeypatch.delenv(v, raising=False)
     dtype, weight_tol, out_tol = torch.float64, 1e-12, 1e-10
-    a, b = (x.to(dtype) for x in slices)
+    a, b = (x.to(dtype) for x in paired_train_slices)
     steps = 3
     _train_worker(0, 1, free_port(), name, a, b, steps, str(tmp_path / "single.pt"))
     for v in dd.TORCHRUN_VARS:  # the worker set them for the single process

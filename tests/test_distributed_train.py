@@ -41,18 +41,13 @@ TINY_ARGS = ["--preset", "cpu-small", "--max-steps-per-epoch", "3", "--batch-siz
              "--set", "train.lr_decay=none"]  # a 1-epoch start must not decay the rate
 
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
 @pytest.fixture(autouse=True)
 def _no_torchrun_env(monkeypatch):
     for v in dd.TORCHRUN_VARS:
         monkeypatch.delenv(v, raising=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def loss_rows(run: Path) -> list[dict[str, float]]:

@@ -10,6 +10,7 @@ import torch
 from mrsynth.cli import main
 from mrsynth.errors import ConfigError
 from mrsynth.models import build_model, get_model_class, model_names
+from mrsynth.models.base import StepContext
 from mrsynth.models.blocks import ImagePool, count_conv_layers, count_parameters
 from mrsynth.train.commands import model_table
 from mrsynth.train.config import resolve_config
@@ -17,14 +18,7 @@ from mrsynth.train.config import resolve_config
 MODELS = ["cyclegan", "cyclegan_s", "unit", "generators_s", "simple", "pix2pix"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these networks are tiny, and on a shared 2-core machine two
-    spinning OpenMP threads per process slow training down by an order of magnitude."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 # --------------------------------------------------------------------- hand formulas
@@ -143,6 +137,18 @@ def test_generators_accept_sizes_that_are_not_multiples_of_four() -> None:
         assert g(x).shape == x.shape
         assert u(x).shape == x.shape
 
+
+
+@pytest.mark.parametrize("model", ["cyclegan", "unit", "generators_s", "pix2pix"])
+def test_training_steps_accept_sizes_that_are_not_multiples_of_four(model: str) -> None:
+    """A prepared --size like 30x42 must train, not only translate (UNIT pads internally)."""
+    torch.manual_seed(0)
+    small_d = {} if model == "generators_s" else {"arch.ndf": 4}
+    m = build_model(resolve_config(model, "cpu-small", small_d))
+    opts = m.build_optimizers()
+    batch = {"A": torch.rand(1, 1, 30, 42) * 2 - 1, "B": torch.rand(1, 1, 30, 42) * 2 - 1}
+    losses = m.train_step(batch, StepContext(opts))
+    assert losses and all(torch.isfinite(v).all() for v in losses.values())
 
 def test_unit_translation_is_deterministic_in_eval_and_noisy_in_training() -> None:
     torch.manual_seed(0)

@@ -27,16 +27,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from helpers import norm_cancelled_biases
 from mrsynth.cli import main
-from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError
 from mrsynth.models import build_model
 from mrsynth.models.base import StepContext
 from mrsynth.train import fast
 from mrsynth.train.config import resolve_config
-from mrsynth.train.dataset import EpochSampler, resample
+from mrsynth.train.dataset import EpochSampler
 from mrsynth.train.runs import load_run
 
 TINY: dict[str, dict[str, Any]] = {
@@ -48,36 +47,7 @@ TINY: dict[str, dict[str, Any]] = {
 EAGER = fast.FastOptions(channels_last=False, compile="none", fused_adam=False, precision="fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def slices(prepared_small: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paired real training slices (T1w, T2w) at 32x32."""
-    d = load_prepared(prepared_small)
-    rows = np.flatnonzero((d.split == "train") & d.paired)
-    a = resample(torch.from_numpy(d.images["T1w"][rows])[:, None], (32, 32))
-    b = resample(torch.from_numpy(d.images["T2w"][rows])[:, None], (32, 32))
-    return a, b
-
-
-def norm_cancelled_biases(model: nn.Module) -> set[str]:
-    """Names of conv biases directly followed by an instance norm (their gradient is zero)."""
-    out = set()
-    for prefix, mod in model.named_modules():
-        if isinstance(mod, nn.Sequential):
-            kids = list(mod.named_children())
-            for (name, m), (_, nxt) in zip(kids, kids[1:], strict=False):
-                if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and isinstance(
-                    nxt, nn.InstanceNorm2d
-                ) and m.bias is not None:
-                    out.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
-    return out
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def run_path(name: str, options: fast.FastOptions, a: torch.Tensor, b: torch.Tensor,
@@ -110,8 +80,8 @@ def assert_close_losses(got: list[dict[str, float]], ref: list[dict[str, float]]
 
 
 @pytest.mark.parametrize("name", list(TINY))
-def test_channels_last_bf16_and_fused_adam_match_eager_fp32(name: str, slices) -> None:
-    a, b = slices
+def test_channels_last_bf16_and_fused_adam_match_eager_fp32(name: str, paired_train_slices) -> None:
+    a, b = paired_train_slices
     ref = run_path(name, EAGER, a, b)
     assert ref["setup"].adam == {n: "foreach" for n in ref["setup"].optimizers}
     # every loss finite and not trivially zero: the comparison is meaningful
@@ -137,10 +107,10 @@ def test_channels_last_bf16_and_fused_adam_match_eager_fp32(name: str, slices) -
     assert_close_losses(bf["losses"], ref["losses"], [2e-2, 2e-2])
 
 
-def test_compiled_networks_match_eager_and_keep_their_state_dict(slices) -> None:
+def test_compiled_networks_match_eager_and_keep_their_state_dict(paired_train_slices) -> None:
     ok, why = fast.compile_support("cpu")
     assert ok, f"torch.compile needs a C++ compiler on this machine: {why}"
-    a, b = slices
+    a, b = paired_train_slices
     small = {"arch.ngf": 4, "arch.n_blocks": 1}  # compile time grows with the graph
     ref = run_path("generators_s", EAGER, a, b, arch=small)
     opts = fast.FastOptions(compile="default", fused_adam=False)
@@ -202,9 +172,11 @@ def test_loss_accumulator_means_and_one_read() -> None:
 
 
 @pytest.mark.parametrize("name,key", [("generators_s", "G"), ("cyclegan", "cycle")])
-def test_bf16_training_converges_like_fp32_on_real_slices(name: str, key: str, slices) -> None:
+def test_bf16_training_converges_like_fp32_on_real_slices(
+    name: str, key: str, paired_train_slices
+) -> None:
     """30 steps on real shared slices: the key loss falls in bf16 as it does in fp32."""
-    a, b = slices
+    a, b = paired_train_slices
     cfg = resolve_config(name, "cpu-small", {**TINY[name], "optim.lr": 1e-3})
     finals = {}
     for precision in ("fp32", "bf16"):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
 import io
 import json
 import re
 import sqlite3
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,32 +23,20 @@ from mrsynth.study.create import create_study
 from mrsynth.study.render import png_chunks
 from mrsynth.study.stats import POOLED, dprime, fleiss_kappa
 
-REPO = Path(__file__).resolve().parents[1]
 UID = r"[A-Za-z0-9_-]{32}"
 
 
-def _study_load():
-    path = str(REPO / "benchmarks")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module("study_load")
-
-
-@pytest.fixture(scope="module")
-def inputs(mrpaired, tmp_path_factory):
-    return _study_load().build_inputs(mrpaired, tmp_path_factory.getbasetemp() / "study_inputs")
-
-
-def _make(inputs, tmp_path_factory, name: str, **kw) -> tuple[Path, str]:
-    real_dir, syn = inputs
+def _make(study_inputs, tmp_path_factory, name: str, **kw) -> tuple[Path, str]:
+    real_dir, syn = study_inputs
     settings = sdb.StudySettings(display_size=kw.pop("display_size", 48), **kw)
     made = create_study(real_dir, syn, tmp_path_factory.mktemp(name) / "s.db", settings)
     return made.path, made.admin_token
 
 
 @pytest.fixture(scope="module")
-def single(inputs, tmp_path_factory):
-    path, admin = _make(inputs, tmp_path_factory, "single", n_real=8, n_synthetic=8, n_practice=2)
+def single(study_inputs, tmp_path_factory):
+    path, admin = _make(study_inputs, tmp_path_factory, "single", n_real=8, n_synthetic=8,
+                        n_practice=2)
     return path, admin, TestClient(create_app(path))
 
 
@@ -92,7 +78,7 @@ def _answers(path: Path) -> list[tuple]:
 
 
 # --------------------------------------------------------------------------- reader flow
-def test_reader_flow_resume_and_statistics(single, inputs, tmp_path):
+def test_reader_flow_resume_and_statistics(single, study_inputs, tmp_path):
     path, admin, client = single
     ta, tb = _reader(path, "flow-a"), _reader(path, "flow-b")
     truth = _truth(path)
@@ -333,8 +319,8 @@ def test_served_trials_carry_nothing_about_the_truth(single):
 
 
 # --------------------------------------------------------------------------- other protocols
-def test_2afc_mode(inputs, tmp_path_factory):
-    path, admin = _make(inputs, tmp_path_factory, "afc", mode="2afc", n_synthetic=8,
+def test_2afc_mode(study_inputs, tmp_path_factory):
+    path, admin = _make(study_inputs, tmp_path_factory, "afc", mode="2afc", n_synthetic=8,
                         n_practice=2, exposure_ms=1000)
     client = TestClient(create_app(path))
     token = _reader(path, "pairs")
@@ -366,8 +352,8 @@ def test_2afc_mode(inputs, tmp_path_factory):
     assert total["auc"] == pytest.approx(sum(picks.values()) / 8)
 
 
-def test_six_point_scale(inputs, tmp_path_factory):
-    path, admin = _make(inputs, tmp_path_factory, "six", scale="six", n_real=6, n_synthetic=8)
+def test_six_point_scale(study_inputs, tmp_path_factory):
+    path, admin = _make(study_inputs, tmp_path_factory, "six", scale="six", n_real=6, n_synthetic=8)
     client = TestClient(create_app(path))
     token = _reader(path, "rater")
     truth = _truth(path)

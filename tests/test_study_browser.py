@@ -7,9 +7,7 @@ Every request the browser makes is checked to stay on the loopback server.
 
 from __future__ import annotations
 
-import importlib
 import sqlite3
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,32 +21,19 @@ from mrsynth.study.create import create_study
 
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
         "--disable-gpu", "--no-first-run", "--disable-sync"]
 TIMEOUT_MS = 10_000
 
 
-def _study_load():
-    path = str(REPO / "benchmarks")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module("study_load")
-
-
-@pytest.fixture(scope="module")
-def inputs(mrpaired, tmp_path_factory):
-    return _study_load().build_inputs(mrpaired, tmp_path_factory.getbasetemp() / "study_inputs")
-
-
 class _Server:
     """uvicorn on 127.0.0.1 in a background thread."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, port: int) -> None:
         import uvicorn
 
-        self.port = _study_load().free_port()
+        self.port = port
         config = uvicorn.Config(create_app(db), host="127.0.0.1", port=self.port,
                                 log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
@@ -117,17 +102,17 @@ def _rows(db: Path, reader: str) -> list[tuple]:
         conn.close()
 
 
-def test_reader_page_click_keyboard_reload_resume(browser, inputs, tmp_path):
+def test_reader_page_click_keyboard_reload_resume(browser, study_inputs, study_load, tmp_path):
     from playwright.sync_api import expect
 
-    real_dir, syn = inputs
+    real_dir, syn = study_inputs
     settings = sdb.StudySettings(n_real=4, n_synthetic=4, n_practice=2, display_size=64, seed=3)
     made = create_study(real_dir, syn, tmp_path / "b.db", settings)
     conn = sdb.connect(made.path)
     token = sdb.add_reader(conn, "browser")
     conn.close()
     requests: list[str] = []
-    with _Server(made.path) as base:
+    with _Server(made.path, study_load.free_port()) as base:
         page = _page(browser, requests)
         page.goto(f"{base}/r/{token}")
         _wait_phase(page, "instructions")
@@ -223,10 +208,10 @@ def test_reader_page_click_keyboard_reload_resume(browser, inputs, tmp_path):
     assert requests and all(urlsplit(u).hostname == "127.0.0.1" for u in requests)
 
 
-def test_2afc_arrows_and_exposure_in_browser(browser, inputs, tmp_path):
+def test_2afc_arrows_and_exposure_in_browser(browser, study_inputs, study_load, tmp_path):
     from playwright.sync_api import expect
 
-    real_dir, syn = inputs
+    real_dir, syn = study_inputs
     settings = sdb.StudySettings(mode="2afc", n_synthetic=4, exposure_ms=300, display_size=64,
                                  scale="binary")
     made = create_study(real_dir, syn, tmp_path / "a.db", settings)
@@ -234,7 +219,7 @@ def test_2afc_arrows_and_exposure_in_browser(browser, inputs, tmp_path):
     token = sdb.add_reader(conn, "afc")
     conn.close()
     requests: list[str] = []
-    with _Server(made.path) as base:
+    with _Server(made.path, study_load.free_port()) as base:
         page = _page(browser, requests)
         page.goto(f"{base}/r/{token}")
         _wait_phase(page, "instructions")

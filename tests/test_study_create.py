@@ -8,10 +8,8 @@ needs image files). Built once per session by benchmarks/study_load.py.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import sqlite3
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,20 +23,6 @@ from mrsynth.study import db as sdb
 from mrsynth.study.create import create_study, parse_synthetic
 from mrsynth.study.render import png_chunks, render_png, to_display
 from mrsynth.study.sources import parse_name, scan_source
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _study_load():
-    path = str(REPO / "benchmarks")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module("study_load")
-
-
-@pytest.fixture(scope="module")
-def inputs(mrpaired, tmp_path_factory):
-    return _study_load().build_inputs(mrpaired, tmp_path_factory.getbasetemp() / "study_inputs")
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -75,8 +59,8 @@ def test_parse_name_conventions():
     assert parse_name("slice-12_T1w.npy") == (None, 12, "T1w")
 
 
-def test_rendering_windows_and_encodes_without_metadata(inputs):
-    real_dir, _ = inputs
+def test_rendering_windows_and_encodes_without_metadata(study_inputs):
+    real_dir, _ = study_inputs
     x = np.load(next(iter(sorted(real_dir.glob("*_T2w.npy")))))
     assert x.shape == (64, 64)
     # Robust window written out independently: foreground above min + 2 % of (p99.5 - min),
@@ -117,8 +101,8 @@ def test_rendering_windows_and_encodes_without_metadata(inputs):
 
 
 # --------------------------------------------------------------------------- sampling
-def test_create_single_is_balanced_disjoint_and_identically_rendered(inputs, tmp_path):
-    real_dir, syn = inputs
+def test_create_single_is_balanced_disjoint_and_identically_rendered(study_inputs, tmp_path):
+    real_dir, syn = study_inputs
     settings = sdb.StudySettings(n_real=12, n_synthetic=8, n_practice=4, display_size=64, seed=5)
     made = create_study(real_dir, syn, tmp_path / "s.db", settings)
     assert made.counts == {
@@ -170,8 +154,8 @@ def test_create_single_is_balanced_disjoint_and_identically_rendered(inputs, tmp
     )
 
 
-def test_readers_get_own_shuffled_orders(inputs, tmp_path):
-    real_dir, syn = inputs
+def test_readers_get_own_shuffled_orders(study_inputs, tmp_path):
+    real_dir, syn = study_inputs
     settings = sdb.StudySettings(n_real=8, n_synthetic=8, n_practice=2, display_size=32, seed=1)
     made = create_study(real_dir, syn, tmp_path / "s.db", settings)
     conn = sdb.connect(made.path)
@@ -198,8 +182,8 @@ def test_readers_get_own_shuffled_orders(inputs, tmp_path):
     conn.close()
 
 
-def test_create_2afc_matched_pairs(inputs, tmp_path):
-    real_dir, syn = inputs
+def test_create_2afc_matched_pairs(study_inputs, tmp_path):
+    real_dir, syn = study_inputs
     settings = sdb.StudySettings(mode="2afc", n_synthetic=8, n_practice=2, display_size=32)
     made = create_study(real_dir, syn, tmp_path / "p.db", settings)
     by_id = {im["id"]: im for im in _images(made.path)}
@@ -228,10 +212,10 @@ def test_create_2afc_matched_pairs(inputs, tmp_path):
     assert len(set(keys)) == 16
 
 
-def test_create_from_prepared_file_uses_test_split(inputs, tmp_path):
+def test_create_from_prepared_file_uses_test_split(study_inputs, tmp_path):
     from mrsynth.data.prepared import PreparedData
 
-    real_dir, syn = inputs
+    real_dir, syn = study_inputs
     files = sorted(real_dir.glob("*_T1w.npy"))
     n = len(files)
     t1 = np.stack([np.load(f) for f in files])
@@ -267,8 +251,8 @@ def test_create_from_prepared_file_uses_test_split(inputs, tmp_path):
         assert np.array_equal(_decode(im["png"]), expected)
 
 
-def test_nifti_volumes_never_show_both_versions(inputs, mrpaired, tmp_path):
-    _, syn = inputs
+def test_nifti_volumes_never_show_both_versions(study_inputs, mrpaired, tmp_path):
+    _, syn = study_inputs
     real_dir = tmp_path / "bids"
     real_dir.mkdir()
     src = mrpaired / "sub-ms19" / "anat" / "sub-ms19_T1w.nii.gz"
@@ -291,8 +275,8 @@ def test_nifti_volumes_never_show_both_versions(inputs, mrpaired, tmp_path):
     assert any("native sizes" in w for w in made.warnings)
 
 
-def test_create_errors(inputs, tmp_path):
-    real_dir, syn = inputs
+def test_create_errors(study_inputs, tmp_path):
+    real_dir, syn = study_inputs
     out = tmp_path / "s.db"
     with pytest.raises(DataError, match="Not enough real T1w"):
         create_study(real_dir, syn, out, sdb.StudySettings(n_real=1000, n_synthetic=4))
@@ -318,8 +302,8 @@ def test_create_errors(inputs, tmp_path):
         sdb.connect(tmp_path / "missing.db")
 
 
-def test_cli_create_and_add_reader(inputs, tmp_path, capsys):
-    real_dir, syn = inputs
+def test_cli_create_and_add_reader(study_inputs, tmp_path, capsys):
+    real_dir, syn = study_inputs
     out = tmp_path / "cli.db"
     args = ["study", "create", "--real", str(real_dir), "--synthetic", f"blur={syn['blur']}",
             "--n-real", "4", "--n-synthetic", "4", "--display-size", "32", "--out", str(out)]

@@ -6,26 +6,13 @@ Small (3 readers x 10 answers) and without timing assertions; the full benchmark
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _study_load():
-    path = str(REPO / "benchmarks")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module("study_load")
-
-
-def test_load_benchmark_smoke(mrpaired, tmp_path, capsys):
-    bench = _study_load()
+def test_load_benchmark_smoke(mrpaired, study_load, tmp_path, capsys):
     out = tmp_path / "study_load.json"
-    rc = bench.main(["--readers", "3", "--answers", "10", "--dup-every", "3",
-                     "--data", str(mrpaired), "--out", str(out)])
+    rc = study_load.main(["--readers", "3", "--answers", "10", "--dup-every", "3",
+                          "--data", str(mrpaired), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "answers/s" in printed and "p95" in printed

@@ -49,14 +49,7 @@ TINY_ARCH: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these networks are tiny, and on a shared 2-core machine two
-    spinning OpenMP threads per process slow training down by an order of magnitude."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def tiny_config(model: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -339,6 +332,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert json.loads((out / "metrics.json").read_text())["status"] == "diverged"
 
+
+
+def test_weights_broken_by_the_last_step_are_never_checkpointed(
+    prepared_small: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The epoch's last step leaves NaN weights while its own loss was finite."""
+    calls = {"n": 0}
+    original = Simple.train_step
+
+    def poisoned_after(self, batch, ctx):
+        losses = original(self, batch, ctx)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the last step of epoch 1, after its loss was computed
+            with torch.no_grad():
+                self.G_B2A.model[0].bias.fill_(float("inf"))
+        return losses
+
+    monkeypatch.setattr(Simple, "train_step", poisoned_after)
+    cfg = tiny_config("simple", {"train.epochs": 2, "train.max_steps_per_epoch": 4})
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights \(G_B2A\.model\.0\.bias\)"):
+        train(cfg, prepared_small, out)
+    assert not (out / "checkpoints/latest").exists()
+    assert json.loads((out / "metrics.json").read_text())["status"] == "diverged"
 
 def test_progress_bar_shows_losses_and_speed_only_on_a_terminal() -> None:
     buf = io.StringIO()

@@ -27,14 +27,7 @@ from mrsynth.train.trainer import train
 MRSYNTH = Path(sys.executable).parent / "mrsynth"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these networks are tiny, and on a shared 2-core machine two
-    spinning OpenMP threads per process slow training down by an order of magnitude."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -208,3 +208,16 @@ def test_existing_output_and_missing_checkpoint(run_dir, volumes, tmp_path, caps
                "--output", str(other), "--device", "cpu"])
     assert rc != 0 and "checkpoint" in capsys.readouterr().err.lower()
     assert not other.exists()
+
+
+
+def test_brain_larger_than_the_training_grid_is_reported(volumes):
+    """A crop that cuts brain off must say so instead of silently writing background there."""
+    from mrsynth.data import DataWarning
+
+    data = load_volume(volumes["sub-ms19_T1w"]).data
+    d = Direction("A2B", "T1w", "T2w")
+    with pytest.warns(DataWarning, match=r"larger than the run's training size 64 x 64"):
+        out, _ = translate_array_volume(data, _Identity(), d, Geometry((64, 64), 1, (0.5, 99.5)))
+    fg = data != 0
+    assert np.mean(out[fg] == 0) > 0.2  # the cut-off brain really is background

@@ -36,6 +36,7 @@ from mrsynth.data.slicing import (
     crop_or_pad,
     downsample_mask,
     image_origin,
+    outline_outside_crop,
     slices_first,
 )
 from mrsynth.data.volumes import (
@@ -236,16 +237,13 @@ def _prepare_volume_record(
     mask_ds = downsample_mask(joint, downsample)
     origin = brain_origin(mask_ds, size)
     sel_mask = mask_ds[:, :, index]
-    proj = mask_ds.any(axis=2)
-    kept = crop_or_pad(proj, size, origin, fill=False).sum()
-    if kept < proj.sum():
-        rows = np.flatnonzero(proj.any(axis=1))
-        cols = np.flatnonzero(proj.any(axis=0))
+    lost, span_r, span_c = outline_outside_crop(mask_ds, size, origin)
+    if lost:
         warn(
-            f"Subject {rec.id}: the brain spans {rows[-1] - rows[0] + 1} x "
-            f"{cols[-1] - cols[0] + 1} voxels in-plane (after downsample {downsample}), larger "
+            f"Subject {rec.id}: the brain spans {span_r} x "
+            f"{span_c} voxels in-plane (after downsample {downsample}), larger "
             f"than --size {size[0]} {size[1]}, so its edges are cut off "
-            f"({int(proj.sum() - kept)} voxels of its outline). Use a larger --size or "
+            f"({lost} voxels of its outline). Use a larger --size or "
             "--downsample.", warnings_out)
 
     images: dict[str, np.ndarray] = {}

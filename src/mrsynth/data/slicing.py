@@ -135,6 +135,23 @@ def brain_origin(mask: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
     return int(np.floor(cr - size[0] / 2.0 + 0.5)), int(np.floor(cc - size[1] / 2.0 + 0.5))
 
 
+def outline_outside_crop(
+    mask: np.ndarray, size: tuple[int, int], origin: tuple[int, int]
+) -> tuple[int, int, int]:
+    """Brain voxels a crop cuts off, so callers can warn instead of losing brain silently.
+
+    ``mask`` is (X, Y[, Z]); its in-plane projection is compared with the crop at ``origin``.
+    Returns (voxels of the projected outline outside the crop, brain rows, brain columns).
+    """
+    proj = mask.any(axis=2) if mask.ndim == 3 else mask.astype(bool)
+    kept = int(crop_or_pad(proj, size, origin, fill=False).sum())
+    rows = np.flatnonzero(proj.any(axis=1))
+    cols = np.flatnonzero(proj.any(axis=0))
+    span_r = int(rows[-1] - rows[0] + 1) if rows.size else 0
+    span_c = int(cols[-1] - cols[0] + 1) if cols.size else 0
+    return int(proj.sum()) - kept, span_r, span_c
+
+
 def image_origin(shape: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int]:
     """Crop origin centring the whole (X, Y) plane in (H, W) (0, 0 when sizes match)."""
     return (int(shape[0]) - size[0]) // 2, (int(shape[1]) - size[1]) // 2

@@ -50,6 +50,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from mrsynth.data import warn
 from mrsynth.data.normalise import (
     BACKGROUND,
     DEFAULT_PERCENTILES,
@@ -64,6 +65,7 @@ from mrsynth.data.slicing import (
     crop_or_pad,
     downsample_mask,
     image_origin,
+    outline_outside_crop,
     slices_first,
     uncrop,
 )
@@ -156,6 +158,14 @@ def translate_array_volume(
     mask_ds = downsample_mask(mask, f)
     index = np.flatnonzero(mask.any(axis=(0, 1)))
     origin = brain_origin(mask_ds, geo.size)
+    lost, span_r, span_c = outline_outside_crop(mask_ds, geo.size, origin)
+    if lost:
+        warn(
+            f"{name}: the brain spans {span_r} x {span_c} voxels in-plane (after downsample "
+            f"{f}), larger than the run's training size {geo.size[0]} x {geo.size[1]}; brain "
+            f"outside the crop ({lost} voxels of its outline) keeps the background value. "
+            "Train on data prepared with a larger --size to translate the whole brain."
+        )
     sub = block_average(data[:, :, index], f)
     norm = normalise(sub, offset, scale)
     np.clip(norm, -1.0, 1.0, out=norm)

@@ -145,7 +145,25 @@ class TranslationModel(nn.Module):
         )
 
 
-class PairedL1Model(TranslationModel):
+class GeneratorPairModel(TranslationModel):
+    """A model with one network per direction, ``G_A2B`` and ``G_B2A``, set by ``__init__``.
+
+    CycleGAN, pix2pix and the paired L1 models all translate this way and optimise the two
+    generators together, so the lookup and the generator parameters live here once.
+    """
+
+    G_A2B: nn.Module
+    G_B2A: nn.Module
+
+    def generator(self, direction: str) -> nn.Module:
+        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Both generators' parameters (A->B first): what the ``G`` optimiser steps."""
+        return [*self.G_A2B.parameters(), *self.G_B2A.parameters()]
+
+
+class PairedL1Model(GeneratorPairModel):
     """Two independent generators (A->B, B->A), each regressed onto the aligned target with L1.
 
     ``generators_s`` and ``simple`` differ only in the network, so they share this step:
@@ -163,11 +181,8 @@ class PairedL1Model(TranslationModel):
     def make_generator(self) -> nn.Module:
         raise NotImplementedError
 
-    def generator(self, direction: str) -> nn.Module:
-        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
-
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"G": self.adam([*self.G_A2B.parameters(), *self.G_B2A.parameters()])}
+        return {"G": self.adam(self.generator_parameters())}
 
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         real_A, real_B = batch["A"], batch["B"]

@@ -11,15 +11,14 @@ separately on real and synthetic batches; here one step sees ``0.5 * (real + fak
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mrsynth.models.base import (
+    GeneratorPairModel,
     StepContext,
-    TranslationModel,
-    check_direction,
     gan_loss,
     l1,
     register_model,
@@ -49,8 +48,37 @@ def resnet_preset(preset: str, loss: dict[str, Any]) -> dict[str, dict[str, Any]
     }
 
 
+class ResnetGanPair(GeneratorPairModel):
+    """Two ResNet generators and two PatchGANs, one optimiser for each pair.
+
+    The layout CycleGAN and pix2pix share; they differ in what a discriminator judges.
+    Subclasses name the discriminators (the names key the checkpoints) and set their input
+    channels: 1 judges an image alone, 2 an (input, output) pair stacked as channels.
+    """
+
+    discriminator_names: ClassVar[tuple[str, str]]
+    discriminator_channels: ClassVar[int]
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        a = self.arch
+        self.G_A2B = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        self.G_B2A = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        for name in self.discriminator_names:
+            d = PatchDiscriminator(self.discriminator_channels, a["ndf"], a["d_layers"], a["norm"])
+            self.add_module(name, d)
+        init_weights(self)
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        nets = [self.get_submodule(name) for name in self.discriminator_names]
+        return {
+            "G": self.adam(self.generator_parameters()),
+            "D": self.adam([p for d in nets for p in d.parameters()]),
+        }
+
+
 @register_model
-class CycleGAN(TranslationModel):
+class CycleGAN(ResnetGanPair):
     """Unpaired CycleGAN with the study's generator (24 conv layers) and PatchGAN."""
 
     name = "cyclegan"
@@ -58,6 +86,10 @@ class CycleGAN(TranslationModel):
     summary = "CycleGAN, unpaired: cycle L1 x10, LSGAN, image pool 50 (the study)"
     order = 10
     supervised_default = 0.0
+    discriminator_names = ("D_A", "D_B")
+    discriminator_channels = 1
+    D_A: PatchDiscriminator
+    D_B: PatchDiscriminator
 
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
@@ -72,25 +104,10 @@ class CycleGAN(TranslationModel):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        a = self.arch
-        self.G_A2B = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
-        self.G_B2A = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
-        self.D_A = PatchDiscriminator(1, a["ndf"], a["d_layers"], a["norm"])
-        self.D_B = PatchDiscriminator(1, a["ndf"], a["d_layers"], a["norm"])
-        init_weights(self)
         seed = int(config.get("seed", 0))
         pool = int(self.loss_cfg["pool_size"])
         self.pool_A = ImagePool(pool, seed=seed + 1)
         self.pool_B = ImagePool(pool, seed=seed + 2)
-
-    def generator(self, direction: str) -> nn.Module:
-        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
-
-    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {
-            "G": self.adam([*self.G_A2B.parameters(), *self.G_B2A.parameters()]),
-            "D": self.adam([*self.D_A.parameters(), *self.D_B.parameters()]),
-        }
 
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         real_A, real_B = batch["A"], batch["B"]

@@ -11,51 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mrsynth.models.base import (
-    StepContext,
-    TranslationModel,
-    check_direction,
-    gan_loss,
-    l1,
-    register_model,
-    set_requires_grad,
-)
-from mrsynth.models.blocks import PatchDiscriminator, ResnetGenerator, init_weights
-from mrsynth.models.cyclegan import resnet_preset
+from mrsynth.models.base import StepContext, gan_loss, l1, register_model, set_requires_grad
+from mrsynth.models.blocks import PatchDiscriminator
+from mrsynth.models.cyclegan import ResnetGanPair, resnet_preset
 
 
 @register_model
-class Pix2Pix(TranslationModel):
+class Pix2Pix(ResnetGanPair):
     """Conditional GAN per direction with L1 x100 to the paired target."""
 
     name = "pix2pix"
     needs_paired = True
     summary = "pix2pix both ways: ResNet G, conditional PatchGAN, L1 x100 (beyond the study)"
     order = 60
+    discriminator_names = ("D_A2B", "D_B2A")
+    discriminator_channels = 2
+    D_A2B: PatchDiscriminator
+    D_B2A: PatchDiscriminator
 
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
         return resnet_preset(preset, {"gan_mode": "vanilla", "l1": 100.0})
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
-        a = self.arch
-        self.G_A2B = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
-        self.G_B2A = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
-        self.D_A2B = PatchDiscriminator(2, a["ndf"], a["d_layers"], a["norm"])
-        self.D_B2A = PatchDiscriminator(2, a["ndf"], a["d_layers"], a["norm"])
-        init_weights(self)
-
-    def generator(self, direction: str) -> nn.Module:
-        return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
-
-    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {
-            "G": self.adam([*self.G_A2B.parameters(), *self.G_B2A.parameters()]),
-            "D": self.adam([*self.D_A2B.parameters(), *self.D_B2A.parameters()]),
-        }
 
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         real_A, real_B = batch["A"], batch["B"]

@@ -202,7 +202,10 @@ class UNIT(TranslationModel):
         return mu, self.dec_shared(z)
 
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        real_A, real_B = batch["A"], batch["B"]
+        # The two stride-2 stages need sides divisible by 4; pad with background as the
+        # inference path does, so every loss compares tensors of one shape.
+        real_A = pad_to_multiple(batch["A"], 4)[0]
+        real_B = pad_to_multiple(batch["B"], 4)[0]
         w = self.loss_cfg
 
         def adv(outs: list[Tensor], real: bool) -> Tensor:

@@ -23,9 +23,7 @@ this server's own scripts, styles and images: the page needs no network beyond i
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import math
 import sqlite3
 import threading
@@ -524,9 +522,4 @@ _CSV_FIELDS = (
 
 def answers_csv(rows: list[dict[str, Any]]) -> str:
     """Every answer with its truth, one row per trial (for one's own analysis)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    return buf.getvalue()
+    return sdb.rows_csv(rows, _CSV_FIELDS)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import ipaddress
 import math
 from pathlib import Path
@@ -232,12 +230,11 @@ SUMMARY_FIELDS = (
 
 
 def summary_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    return buf.getvalue()
+    from mrsynth.study.db import rows_csv
+
+    blanked = ({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+               for r in rows)
+    return rows_csv(blanked, SUMMARY_FIELDS)
 
 
 @study_app.command("results")

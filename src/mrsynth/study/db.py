@@ -21,13 +21,15 @@ Tables
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import hmac
+import io
 import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -406,3 +408,16 @@ def answer_rows(
         d["slice"] = d["synthetic_slice"] if d["synthetic_image"] else d["real_slice"]
         out.append(d)
     return out
+
+
+def rows_csv(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> str:
+    """CSV text of ``rows`` with the columns ``fields`` (other keys dropped), Unix newlines.
+
+    One writer for the study's tables (answers, results), so their CSV files read alike.
+    """
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()

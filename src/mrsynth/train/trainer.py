@@ -549,15 +549,25 @@ class _Trainer:
         means = acc.means(reduce=dd.all_mean)
         bad = {k: v for k, v in means.items() if not math.isfinite(v)}
         if bad:
-            self._diverged(bad, epoch, iteration)
+            self._diverged(_loss_problem(bad), epoch, iteration)
         return means
 
     def _check_finite(self, acc: fast.LossAccumulator, epoch: int, iteration: int) -> None:
         bad = {k: v for k, v in acc.means(reset=False).items() if not math.isfinite(v)}
         if bad:
-            self._diverged(bad, epoch, iteration)
+            self._diverged(_loss_problem(bad), epoch, iteration)
 
-    def _diverged(self, bad: dict[str, float], epoch: int, iteration: int) -> None:
+    def _check_weights(self, epoch: int, iteration: int) -> None:
+        """Refuse to checkpoint non-finite weights: a step can break the weights while its
+        own loss (computed before the update) is still finite. One device sync per save."""
+        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        if torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+            return
+        names = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        self._diverged(f"non-finite weights ({shown})", epoch, iteration)
+
+    def _diverged(self, problem: str, epoch: int, iteration: int) -> None:
         try:
             good = ckpt.read_meta(ckpt.find_checkpoint(self.out))
             kept = (f"The last good checkpoint (epoch {good['epoch']}, iteration "
@@ -566,10 +576,9 @@ class _Trainer:
             kept = "No checkpoint had been written yet."
         self.metrics.save("diverged")
         self.log.flush()
-        names = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise TrainingDiverged(
-            f"Training stopped at epoch {epoch}, iteration {iteration}: non-finite loss "
-            f"({names}). {kept} Lower the learning rate (--set optim.lr=...), use "
+            f"Training stopped at epoch {epoch}, iteration {iteration}: {problem}. {kept} "
+            "Lower the learning rate (--set optim.lr=...), use "
             "--precision fp32 if you used fp16/bf16, check the prepared data, then start again "
             "or --resume from the checkpoint."
         )
@@ -578,6 +587,7 @@ class _Trainer:
               epoch_elapsed: float, sampler_state: torch.Tensor) -> Path | None:
         """Write a checkpoint (rank 0 only: the ranks hold the same weights). Image pools
         and RNG states are rank 0's; every rank resumes from them."""
+        self._check_weights(epoch, iteration)  # on every rank, so all stop together
         if not self.dist.is_main:
             return None
         state = {
@@ -740,3 +750,7 @@ class _Silent:
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
+
+
+def _loss_problem(bad: dict[str, float]) -> str:
+    return "non-finite loss (" + ", ".join(f"{k}={v}" for k, v in bad.items()) + ")"
