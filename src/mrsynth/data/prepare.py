@@ -24,20 +24,20 @@ import numpy as np
 
 from mrsynth import __version__
 from mrsynth.data import warn
-from mrsynth.data.normalise import BACKGROUND, DEFAULT_PERCENTILES, fit_scale, normalise
+from mrsynth.data.normalise import BACKGROUND, DEFAULT_PERCENTILES, fit_scale
 from mrsynth.data.normalise import settings as normalisation_settings
 from mrsynth.data.prepared import FORMAT_VERSION, PreparedData
 from mrsynth.data.readers import DatasetIndex, SubjectRecord, index_dataset, load_image_2d
 from mrsynth.data.slicing import (
     DEFAULT_SLICES,
     SliceSpec,
-    block_average,
     brain_origin,
     crop_or_pad,
     downsample_mask,
     image_origin,
     outline_outside_crop,
     slices_first,
+    to_training_grid,
 )
 from mrsynth.data.volumes import (
     Volume,
@@ -257,11 +257,8 @@ def _prepare_volume_record(
             continue
         v = vols[c]
         offset, scale = fit_scale(v.data, joint, percentiles, name=f"{rec.describe(c)}")
-        sub = block_average(v.data[:, :, index], downsample)
-        norm = normalise(sub, offset, scale)
-        np.clip(norm, -1.0, 1.0, out=norm)
-        norm[~sel_mask] = BACKGROUND
-        images[c] = slices_first(crop_or_pad(norm.astype(np.float32), size, origin, BACKGROUND))
+        images[c] = slices_first(to_training_grid(
+            v.data[:, :, index], offset, scale, sel_mask, downsample, size, origin))
         offsets[c], scales[c] = offset, scale
         per_contrast[c] = {
             "file": rec.describe(c),
@@ -338,10 +335,8 @@ def _prepare_image_record(
             offsets[c], scales[c] = 0.0, 1.0
             continue
         offset, scale = fit_scale(data[c], joint, percentiles, name=str(rec.files[c]))
-        norm = normalise(block_average(data[c], downsample), offset, scale)
-        np.clip(norm, -1.0, 1.0, out=norm)
-        norm[~mask_ds] = BACKGROUND
-        images[c] = crop_or_pad(norm.astype(np.float32), size, origin, BACKGROUND)[None]
+        images[c] = to_training_grid(
+            data[c], offset, scale, mask_ds, downsample, size, origin)[None]
         offsets[c], scales[c] = offset, scale
         per_contrast[c] = {
             "file": str(rec.files[c]),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mrsynth.data.normalise import BACKGROUND, normalise
 from mrsynth.errors import ConfigError, DataError
 
 DEFAULT_SLICES = "brain:0.10"
@@ -194,6 +195,28 @@ def uncrop(
     sc, oc = _overlap(out.shape[1], w, origin[1])
     out[sr, sc] = arr[orr, oc]
     return out
+
+
+def to_training_grid(
+    data: np.ndarray,
+    offset: float,
+    scale: float,
+    mask_ds: np.ndarray,
+    downsample: int,
+    size: tuple[int, int],
+    origin: tuple[int, int],
+) -> np.ndarray:
+    """Full-resolution plane(s) (X, Y[, N]) -> what a network sees (H, W[, N]), float32.
+
+    Block-average by ``downsample``, normalise with the volume's (offset, scale), clip to
+    [-1, 1], set everything outside the downsampled brain mask ``mask_ds`` to background and
+    crop/pad to ``size`` at ``origin``. ``prepare`` and ``translate`` both call this, so a
+    volume is translated on exactly the grid and intensity scale the model was trained on.
+    """
+    norm = normalise(block_average(data, downsample), offset, scale)
+    np.clip(norm, -1.0, 1.0, out=norm)
+    norm[~mask_ds] = BACKGROUND
+    return crop_or_pad(norm.astype(np.float32), size, origin, BACKGROUND)
 
 
 def slices_first(stack: np.ndarray) -> np.ndarray:

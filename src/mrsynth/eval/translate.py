@@ -52,21 +52,18 @@ import numpy as np
 
 from mrsynth.data import warn
 from mrsynth.data.normalise import (
-    BACKGROUND,
     DEFAULT_PERCENTILES,
     denormalise,
     fit_scale,
-    normalise,
 )
 from mrsynth.data.readers import IMAGE_SUFFIXES, KNOWN_CONTRASTS, load_image_2d
 from mrsynth.data.slicing import (
-    block_average,
     brain_origin,
-    crop_or_pad,
     downsample_mask,
     image_origin,
     outline_outside_crop,
     slices_first,
+    to_training_grid,
     uncrop,
 )
 from mrsynth.data.volumes import (
@@ -166,11 +163,8 @@ def translate_array_volume(
             f"outside the crop ({lost} voxels of its outline) keeps the background value. "
             "Train on data prepared with a larger --size to translate the whole brain."
         )
-    sub = block_average(data[:, :, index], f)
-    norm = normalise(sub, offset, scale)
-    np.clip(norm, -1.0, 1.0, out=norm)
-    norm[~mask_ds[:, :, index]] = BACKGROUND
-    x = slices_first(crop_or_pad(norm.astype(np.float32), geo.size, origin, BACKGROUND))
+    x = slices_first(to_training_grid(
+        data[:, :, index], offset, scale, mask_ds[:, :, index], f, geo.size, origin))
     y = _translate_slices(run, x, d, batch_size, device)  # (n, H, W) normalised
     plane = uncrop(np.moveaxis(y, 0, -1), mask_ds.shape[:2], origin, fill=np.nan)
     plane = _upsample(plane, f, data.shape[:2])
@@ -233,10 +227,7 @@ def translate_image(
     f = geo.downsample
     mask_ds = downsample_mask(mask, f)
     origin = image_origin(mask_ds.shape, geo.size)
-    norm = normalise(block_average(data, f), offset, scale)
-    np.clip(norm, -1.0, 1.0, out=norm)
-    norm[~mask_ds] = BACKGROUND
-    x = crop_or_pad(norm.astype(np.float32), geo.size, origin, BACKGROUND)[None]
+    x = to_training_grid(data, offset, scale, mask_ds, f, geo.size, origin)[None]
     y = _translate_slices(run, x, d, batch_size, device)[0]
     plane = _upsample(uncrop(y, mask_ds.shape, origin, fill=np.nan), f, data.shape)
     vals = denormalise(plane, offset, scale)
