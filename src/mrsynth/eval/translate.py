@@ -136,6 +136,20 @@ def _upsample(plane: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndar
     return big[: shape[0], : shape[1]]
 
 
+def _from_training_grid(
+    y: np.ndarray, mask: np.ndarray, grid_shape: tuple[int, ...], origin: tuple[int, int],
+    f: int, offset: float, scale: float, fill: float,
+) -> np.ndarray:
+    """Inverse of ``to_training_grid`` for translated planes (H, W[, n]): uncrop, upsample
+    and map back to the input's units; voxels outside ``mask`` or the crop get ``fill``."""
+    plane = _upsample(uncrop(y, grid_shape, origin, fill=np.nan), f, mask.shape[:2])
+    vals = denormalise(plane, offset, scale)
+    out = np.full(mask.shape, fill, dtype=np.float64)
+    keep = mask & np.isfinite(vals)
+    out[keep] = vals[keep]
+    return out
+
+
 def _fill_value(data: np.ndarray) -> float:
     bg = background_value(data)
     return float(data.min()) if bg is None else float(bg)
@@ -166,15 +180,11 @@ def translate_array_volume(
     x = slices_first(to_training_grid(
         data[:, :, index], offset, scale, mask_ds[:, :, index], f, geo.size, origin))
     y = _translate_slices(run, x, d, batch_size, device)  # (n, H, W) normalised
-    plane = uncrop(np.moveaxis(y, 0, -1), mask_ds.shape[:2], origin, fill=np.nan)
-    plane = _upsample(plane, f, data.shape[:2])
     fill = _fill_value(data)
     out = np.full(data.shape, fill, dtype=np.float64)
-    vals = denormalise(plane, offset, scale)
-    keep = mask[:, :, index] & np.isfinite(vals)
-    block = out[:, :, index]
-    block[keep] = vals[keep]
-    out[:, :, index] = block
+    out[:, :, index] = _from_training_grid(
+        np.moveaxis(y, 0, -1), mask[:, :, index], mask_ds.shape[:2], origin, f, offset, scale,
+        fill)
     return out.astype(np.float32), int(index.size)
 
 
@@ -229,11 +239,8 @@ def translate_image(
     origin = image_origin(mask_ds.shape, geo.size)
     x = to_training_grid(data, offset, scale, mask_ds, f, geo.size, origin)[None]
     y = _translate_slices(run, x, d, batch_size, device)[0]
-    plane = _upsample(uncrop(y, mask_ds.shape, origin, fill=np.nan), f, data.shape)
-    vals = denormalise(plane, offset, scale)
-    out = np.full(data.shape, _fill_value(data), dtype=np.float64)
-    keep = mask & np.isfinite(vals)
-    out[keep] = vals[keep]
+    out = _from_training_grid(y, mask, mask_ds.shape, origin, f, offset, scale,
+                              _fill_value(data))
     _write_image(dest, out.astype(np.float32), float(data.max()))
     return 1
 
