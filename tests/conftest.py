@@ -89,12 +89,10 @@ def torch_single_thread() -> Iterator[None]:
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): the
     networks in tests are tiny, and on a shared 2-core machine two spinning OpenMP threads
     per process slow training down by an order of magnitude."""
-    import torch
+    from helpers import one_torch_thread
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,24 @@ inherit that path, so they can import it too.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from two threads, and on a shared 2-core machine OpenMP
+    threads competing with other processes slow them down many-fold (the reduced demo:
+    14 s with one thread, 91 s with two under load)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def norm_cancelled_biases(model: nn.Module) -> set[str]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import one_torch_thread
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.models.base import model_names
-from test_eval_fixtures import one_torch_thread
 
 SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
          "--downsample", "3", "--slice-step", "3", "--c2st-steps", "10", "--device", "cpu"]

@@ -9,10 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from helpers import one_torch_thread
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.export import ONNX_TOLERANCE
-from test_eval_fixtures import one_torch_thread, tiny_run
+from test_eval_fixtures import tiny_run
 
 
 @pytest.fixture(scope="module", autouse=True)

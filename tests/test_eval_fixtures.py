@@ -7,13 +7,14 @@ every module's fixture calls it (later calls find the finished run).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import one_torch_thread
 
 #: Test settings: real 64x64 slices, one epoch of four steps at a 32-pixel internal size.
 TINY_OVERRIDES = {
@@ -26,21 +27,6 @@ TINY_OVERRIDES = {
     "device": "cpu",
     "seed": 0,
 }
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from two threads, and on a shared 2-core machine OpenMP
-    threads competing with other processes slow them down many-fold (the reduced demo:
-    14 s with one thread, 91 s with two under load)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module", autouse=True)

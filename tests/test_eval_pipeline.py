@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
+from helpers import one_torch_thread
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.metrics import METRICS, image_metrics
-from test_eval_fixtures import one_torch_thread, tiny_run
+from test_eval_fixtures import tiny_run
 
 MODELS = ("cyclegan", "simple")
 DIRECTIONS = ("T1w2T2w", "T2w2T1w")

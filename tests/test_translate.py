@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import one_torch_thread
 from mrsynth.cli import main
 from mrsynth.data.volumes import load_volume
 from mrsynth.eval.common import Direction
@@ -19,7 +20,7 @@ from mrsynth.eval.translate import (
     translate_image,
     translate_volume,
 )
-from test_eval_fixtures import one_torch_thread, tiny_run
+from test_eval_fixtures import tiny_run
 
 SUBJECTS = ("sub-ms19", "sub-gli00001")  # LAS float32 (qform only) and LPS int16 (q+sform)
 
