@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from mrsynth.models import build_model
+from mrsynth.train import fast
+from mrsynth.train.config import resolve_config
 
 
 @contextlib.contextmanager
@@ -43,3 +48,50 @@ def norm_cancelled_biases(model: nn.Module) -> set[str]:
                 ) and m.bias is not None:
                     out.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
     return out
+
+
+# ---------------------------------------------------------------------- fast-path comparisons
+#: Tiny networks of the three benchmarked models, for comparing speed options with eager.
+TINY: dict[str, dict[str, Any]] = {
+    "cyclegan": {"arch.ngf": 8, "arch.n_blocks": 2, "arch.ndf": 8},
+    # no dropout or latent noise: the paths must see the same random numbers
+    "unit": {"arch.nef": 8, "arch.ndf": 8, "arch.dropout": 0.0, "arch.noise_std": 0.0},
+    "generators_s": {"arch.ngf": 8, "arch.n_blocks": 2},
+}
+EAGER = fast.FastOptions(channels_last=False, compile="none", fused_adam=False, precision="fp32")
+
+
+def run_path(name: str, options: fast.FastOptions, a: torch.Tensor, b: torch.Tensor,
+             steps: int = 2, arch: dict[str, Any] | None = None,
+             device: str = "cpu") -> dict[str, Any]:
+    """Same init, same batches: generator output, losses of ``steps`` steps, final weights
+    (all returned on the CPU, so that CUDA graph replays cannot overwrite them)."""
+    cfg = resolve_config(name, "cpu-small", arch or TINY[name])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    setup = fast.setup_training(model, device, options)
+    fmt = torch.channels_last if options.channels_last else torch.contiguous_format
+    a = a.to(device).contiguous(memory_format=fmt)
+    b = b.to(device).contiguous(memory_format=fmt)
+    # Same mode and grad state as the training step's first call (compiled graphs are reused).
+    fast.step_begin(setup.compile_report)
+    with setup.ctx.autocast():
+        out = model.generator("A2B")(a[:2]).detach().float().cpu()
+    losses = []
+    for i in range(steps):
+        fast.step_begin(setup.compile_report)
+        batch = {"A": a[2 * i: 2 * i + 2], "B": b[2 * i: 2 * i + 2]}
+        losses.append({k: float(v) for k, v in model.train_step(batch, setup.ctx).items()})
+        setup.ctx.end_iteration()
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {"out": out, "losses": losses, "weights": weights, "setup": setup,
+            "skip": norm_cancelled_biases(model)}
+
+
+def assert_close_losses(got: list[dict[str, float]], ref: list[dict[str, float]],
+                        rtol: list[float]) -> None:
+    """Loss by loss and step by step, relative to the reference (absolute near zero)."""
+    for step, (g, r, tol) in enumerate(zip(got, ref, rtol, strict=True)):
+        assert g.keys() == r.keys()
+        for k in r:
+            assert abs(g[k] - r[k]) <= tol * max(abs(r[k]), 1e-3), (step, k, g[k], r[k])

@@ -22,13 +22,12 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import norm_cancelled_biases
+from helpers import EAGER, TINY, assert_close_losses, run_path
 from mrsynth.cli import main
 from mrsynth.errors import ConfigError
 from mrsynth.models import build_model
@@ -38,45 +37,7 @@ from mrsynth.train.config import resolve_config
 from mrsynth.train.dataset import EpochSampler
 from mrsynth.train.runs import load_run
 
-TINY: dict[str, dict[str, Any]] = {
-    "cyclegan": {"arch.ngf": 8, "arch.n_blocks": 2, "arch.ndf": 8},
-    # no dropout or latent noise: the paths must see the same random numbers
-    "unit": {"arch.nef": 8, "arch.ndf": 8, "arch.dropout": 0.0, "arch.noise_std": 0.0},
-    "generators_s": {"arch.ngf": 8, "arch.n_blocks": 2},
-}
-EAGER = fast.FastOptions(channels_last=False, compile="none", fused_adam=False, precision="fp32")
-
-
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-def run_path(name: str, options: fast.FastOptions, a: torch.Tensor, b: torch.Tensor,
-             steps: int = 2, arch: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Same init, same batches: generator output, losses of ``steps`` steps, final weights."""
-    cfg = resolve_config(name, "cpu-small", arch or TINY[name])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    setup = fast.setup_training(model, "cpu", options)
-    fmt = torch.channels_last if options.channels_last else torch.contiguous_format
-    a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
-    # Same mode and grad state as the training step's first call (compiled graphs are reused).
-    with setup.ctx.autocast():
-        out = model.generator("A2B")(a[:2]).detach().float()
-    losses = []
-    for i in range(steps):
-        batch = {"A": a[2 * i: 2 * i + 2], "B": b[2 * i: 2 * i + 2]}
-        losses.append({k: float(v) for k, v in model.train_step(batch, setup.ctx).items()})
-    weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    return {"out": out, "losses": losses, "weights": weights, "setup": setup,
-            "skip": norm_cancelled_biases(model)}
-
-
-def assert_close_losses(got: list[dict[str, float]], ref: list[dict[str, float]],
-                        rtol: list[float]) -> None:
-    for step, (g, r, tol) in enumerate(zip(got, ref, rtol, strict=True)):
-        assert g.keys() == r.keys()
-        for k in r:
-            assert abs(g[k] - r[k]) <= tol * max(abs(r[k]), 1e-3), (step, k, g[k], r[k])
 
 
 @pytest.mark.parametrize("name", list(TINY))
