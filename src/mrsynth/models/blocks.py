@@ -205,30 +205,35 @@ class ImagePool:
         self.generator = torch.Generator().manual_seed(seed)
 
     def query(self, images: Tensor) -> Tensor:
+        """The images to show the discriminator: ``images`` with some swapped for older ones.
+
+        The pool stores float32 whatever the step's precision, so a run can resume with
+        another ``--precision``; the result has the dtype and the strides of ``images`` (a
+        compiled discriminator then sees one input layout before and after the pool fills).
+        """
         images = images.detach()
         if self.size <= 0:
             return images
         if self.buffer is None:
             self.buffer = torch.empty(
-                (self.size, *images.shape[1:]), dtype=images.dtype, device=images.device
+                (self.size, *images.shape[1:]), dtype=torch.float32, device=images.device
             )
-        out = []
+        out = torch.empty_like(images)
         for i in range(images.shape[0]):
             img = images[i : i + 1]
             if self.count < self.size:
                 self.buffer[self.count : self.count + 1].copy_(img)
                 self.count += 1
-                out.append(img)
+                out[i : i + 1].copy_(img)
                 continue
             swap = torch.rand((), generator=self.generator).item() < 0.5
             if swap:
                 j = int(torch.randint(self.size, (), generator=self.generator).item())
-                old = self.buffer[j : j + 1].clone()
+                out[i : i + 1].copy_(self.buffer[j : j + 1])
                 self.buffer[j : j + 1].copy_(img)
-                out.append(old)
             else:
-                out.append(img)
-        return torch.cat(out, 0)
+                out[i : i + 1].copy_(img)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -245,6 +250,7 @@ class ImagePool:
         if buf is None:
             self.buffer = None
         else:
-            self.buffer = torch.empty((self.size, *buf.shape[1:]), dtype=buf.dtype, device=device)
+            self.buffer = torch.empty((self.size, *buf.shape[1:]), dtype=torch.float32,
+                                      device=device)
             self.buffer[: self.count].copy_(buf.to(device))
         self.generator.set_state(state["generator"])

@@ -55,8 +55,10 @@ _BASE: dict[str, Any] = {
         "checkpoint_every_minutes": 10.0,
         "keep_every_epochs": 50,
         "deterministic": False,
-        # channels_last memory format (used on CUDA; on CPU it gains nothing measurable).
-        "channels_last": True,
+        # channels_last memory format, CUDA only (on CPU it gained nothing measurable). "auto":
+        # with torch.compile only — eager instance norm returns the default layout, so an eager
+        # network would convert twice around every conv-norm pair; true: also eager.
+        "channels_last": "auto",
         # torch.compile the networks (see docs/performance.md); "reduce-overhead" adds CUDA
         # graphs on a single GPU. Compiling costs seconds (GPU) to minutes (small CPU).
         "compile": "none",
@@ -142,10 +144,18 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+#: Settings that take true, false or "auto".
+_BOOL_OR_AUTO = ("train.channels_last",)
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the default's type; ints are accepted where floats are."""
     if default is None or value is None:
         return value
+    if key in _BOOL_OR_AUTO:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f"Setting {key} must be true, false or auto, got {value!r}.")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from mrsynth.errors import ConfigError
 from mrsynth.train.config import COMPILE_MODES
 
+#: torch.compile modes that replay CUDA graphs on a CUDA device.
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 @dataclass
 class CompileReport:
@@ -43,6 +46,8 @@ class CompileReport:
     mode: str
     compiled: list[str]
     reason: str = ""
+    #: whether the compiled networks replay CUDA graphs (iterations must then be marked)
+    cudagraphs: bool = False
 
     @property
     def active(self) -> bool:
@@ -98,9 +103,10 @@ def compile_networks(
 
     In-place compilation keeps the module objects and their ``state_dict`` keys, so
     checkpoints of compiled and eager runs are interchangeable. Shapes are static (batch and
-    image size are fixed during training). CUDA graphs (``reduce-overhead``) are used only on a
-    single CUDA device: on CPU they do not exist, and with DistributedDataParallel the gradient
-    all-reduce runs between graph replays, so ``default`` is used instead.
+    image size are fixed during training). CUDA graphs (``reduce-overhead``, and
+    ``max-autotune``, which turns them on too) are used only on a single CUDA device: on CPU
+    they do not exist, and with DistributedDataParallel the gradient all-reduce runs between
+    graph replays, so those modes become ``default`` / ``max-autotune-no-cudagraphs``.
     """
     mode = check_compile_mode(mode)
     if mode == "none":
@@ -110,14 +116,17 @@ def compile_networks(
     if not ok:
         return CompileReport("none", [], f"torch.compile unavailable: {why}; eager fallback")
     reason = ""
-    if mode == "reduce-overhead" and (dev.type != "cuda" or distributed):
-        reason = ("CUDA graphs need a single CUDA device; compiled with mode 'default'"
-                  if dev.type == "cuda" else "no CUDA graphs on CPU; compiled with mode 'default'")
-        mode = "default"
+    graphs = mode in CUDAGRAPH_MODES
+    if graphs and (dev.type != "cuda" or distributed):
+        fallback = "default" if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+        reason = (f"CUDA graphs need a single CUDA device; compiled with mode {fallback!r}"
+                  if dev.type == "cuda" else
+                  f"no CUDA graphs on CPU; compiled with mode {fallback!r}")
+        mode, graphs = fallback, False
     nets = trainable_networks(model)
     for net in nets.values():
         net.compile(mode=None if mode == "default" else mode, dynamic=False)
-    return CompileReport(mode, sorted(nets), reason)
+    return CompileReport(mode, sorted(nets), reason, cudagraphs=graphs)
 
 
 def uncompile_networks(model: nn.Module) -> None:
@@ -148,8 +157,13 @@ def eager() -> Iterator[None]:
 
 
 def step_begin(report: CompileReport | None) -> None:
-    """Tell CUDA graph trees that a new iteration starts (outputs of the last one are dead)."""
-    if report is not None and report.mode == "reduce-overhead" and report.active:
+    """Tell CUDA graph trees that a new iteration starts (outputs of the last one are dead).
+
+    Without the mark, a compiled call made while no backward is pending starts a new graph
+    generation and invalidates the previous outputs, which breaks models that chain several
+    compiled networks without gradients (UNIT's encoders) or reuse a detached output.
+    """
+    if report is not None and report.cudagraphs and report.active:
         torch.compiler.cudagraph_mark_step_begin()
 
 
@@ -264,8 +278,40 @@ def set_adam_implementation(
             group["fused"] = opts.get("fused", False) or None
             group["foreach"] = opts.get("foreach", False) or None
         opt.defaults.update(fused=opts.get("fused"), foreach=opts.get("foreach"))
+        # GradScaler hands its scale to step() only for implementations that take it (fused);
+        # the flag is set when the optimiser is built, so it must follow the switch.
+        opt._step_supports_amp_scaling = bool(opts.get("fused"))  # type: ignore[attr-defined]
+        align_adam_state(opt)
         used[name] = "fused" if opts.get("fused") else "foreach"
     return used
+
+
+def align_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Give restored Adam state its parameter's memory layout, and ``step`` its home device.
+
+    ``Optimizer.load_state_dict`` casts the state to each parameter's dtype and device but
+    keeps the saved strides, and places ``step`` by the *saved* group's implementation. A run
+    resumed with another layout (channels_last on CUDA, contiguous on CPU), device or Adam
+    implementation would otherwise pair each weight with another element's moments (the
+    CPU fused kernel walks memory in order) or fail in the CUDA fused kernel, which expects
+    ``step`` on the parameter's device (the foreach path expects it on the CPU).
+    """
+    for group in opt.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                t = st.get(key)
+                if isinstance(t, Tensor) and t.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+            step = st.get("step")
+            if isinstance(step, Tensor):  # fused: float32 on the device; else a CPU scalar
+                home, dtype = ((p.device, torch.float32) if on_device
+                               else (torch.device("cpu"), step.dtype))
+                if step.device != home or step.dtype != dtype:
+                    st["step"] = step.to(home, dtype)
 
 
 # ---------------------------------------------------------------------- the step path
@@ -284,13 +330,19 @@ class FastOptions:
         """The options a resolved training config asks for, on ``device``.
 
         channels_last is applied on CUDA only: on CPU the benchmark measured no consistent
-        gain (docs/performance.md), and the eager layout keeps CPU runs simple to debug.
+        gain (docs/performance.md), and the eager layout keeps CPU runs simple to debug. Its
+        default, ``auto``, applies it only to compiled networks: eager ``instance_norm``
+        returns the default layout, so an eager channels_last network converts the activations
+        back and forth around every conv-norm pair; the compiler chooses layouts itself.
         """
         t = cfg["train"]
         dev = torch.device(device)
+        compile_mode = check_compile_mode(t.get("compile", "none"))
+        cl = t["channels_last"]
         return cls(
-            channels_last=bool(t["channels_last"]) and dev.type == "cuda",
-            compile=check_compile_mode(t.get("compile", "none")),
+            channels_last=dev.type == "cuda" and (
+                cl is True or (cl == "auto" and compile_mode != "none")),
+            compile=compile_mode,
             fused_adam=bool(t.get("fused_adam", True)),
             precision=str(cfg["precision"]),
         )

@@ -106,8 +106,8 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
         "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
         "torch": torch.get_rng_state(),
     }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this device's stream only: the run may resume on another node
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
@@ -116,8 +116,13 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, list | tuple):  # older checkpoints: one state per visible GPU
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[idx] if idx < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 class _StopFlag:
@@ -274,24 +279,30 @@ class _Trainer:
         self.precision = config["precision"]
         if self.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU.")
-        if (self.precision == "bf16" and self.device.type == "cuda"
-                and not torch.cuda.is_bf16_supported()):
-            raise ConfigError(
-                f"--precision bf16: the GPU {torch.cuda.get_device_name(self.device)} has no "
-                "bfloat16 support; use fp32 (fp16 is possible but unstable for GANs)."
-            )
+        if self.precision == "bf16" and self.device.type == "cuda":
+            with torch.cuda.device(self.device):  # emulated bf16 (pre-Ampere) is no speed-up
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            if not native:
+                raise ConfigError(
+                    f"--precision bf16: the GPU {torch.cuda.get_device_name(self.device)} has "
+                    "no native bfloat16 support (it needs compute capability 8.0 or newer); use "
+                    "fp32 (fp16 is possible but unstable for GANs)."
+                )
         self.ckpt_root = out / "checkpoints"
 
     # ------------------------------------------------------------------ set-up
     def _setup_torch(self) -> None:
         self._old_threads = torch.get_num_threads()
-        self._old_det = torch.are_deterministic_algorithms_enabled()
+        self._old_det = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
         if self.tcfg["num_threads"]:
             torch.set_num_threads(int(self.tcfg["num_threads"]))
         if self.tcfg["deterministic"]:
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            # warn_only: some CUDA backward kernels have no deterministic version (the
+            # reflection padding of the ResNet generators); they warn instead of stopping the run
+            torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not self.tcfg["deterministic"]
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -299,7 +310,7 @@ class _Trainer:
 
     def _restore_torch(self) -> None:
         torch.set_num_threads(self._old_threads)
-        torch.use_deterministic_algorithms(self._old_det)
+        torch.use_deterministic_algorithms(self._old_det[0], warn_only=self._old_det[1])
 
     def _seed(self) -> None:
         seed = int(self.cfg["seed"])
@@ -446,8 +457,8 @@ class _Trainer:
                 progress.advance()
                 last = s + 1 == steps
                 if n_acc == log_every or last:
-                    now = time.perf_counter()
                     means = self._flush_interval(stepper.losses, epoch, iteration)
+                    now = time.perf_counter()  # after the flush's device sync: real time
                     ips = n_acc * batch / max(now - t_log, 1e-9)
                     log.log(epoch, iteration, ips, lr, means)
                     progress.show(ips, means)
