@@ -196,6 +196,23 @@ def _load_record_volumes(rec: SubjectRecord, contrasts: list[str]) -> dict[str, 
     return {c: load_volume(rec.files[c]) for c in contrasts if c in rec.files}
 
 
+def _subject_info(per_contrast: dict[str, dict[str, Any]], ref: str,
+                  grid_shape: tuple[int, ...]) -> dict[str, Any]:
+    """A subject's metadata: its grid from the reference contrast, and every contrast's."""
+    refc = per_contrast[ref]
+    return {
+        "files": {c: per_contrast[c]["file"] for c in per_contrast},
+        "original_shape": refc["original_shape"],
+        "original_affine": refc["original_affine"],
+        "canonical_shape": refc["canonical_shape"],
+        "canonical_affine": refc["canonical_affine"],
+        "voxel_size": refc["voxel_size"],
+        "grid_shape": [int(s) for s in grid_shape],
+        "reference_contrast": ref,
+        "contrasts": per_contrast,
+    }
+
+
 def _prepare_volume_record(
     rec: SubjectRecord, contrasts: list[str], spec: SliceSpec, slice_step: int,
     downsample: int, size: tuple[int, int], percentiles: tuple[float, float], resample: bool,
@@ -274,18 +291,7 @@ def _prepare_volume_record(
             "scale": scale,
             "intensity_range": [float(v.data.min()), float(v.data.max())],
         }
-    refc = per_contrast[ref]
-    info = {
-        "files": {c: per_contrast[c]["file"] for c in per_contrast},
-        "original_shape": refc["original_shape"],
-        "original_affine": refc["original_affine"],
-        "canonical_shape": refc["canonical_shape"],
-        "canonical_affine": refc["canonical_affine"],
-        "voxel_size": refc["voxel_size"],
-        "grid_shape": [int(s) for s in mask_ds.shape],
-        "reference_contrast": ref,
-        "contrasts": per_contrast,
-    }
+    info = _subject_info(per_contrast, ref, mask_ds.shape)
     mask = slices_first(crop_or_pad(sel_mask, size, origin, fill=False))
     return _Chunk(
         images=images, available={c: c in vols for c in contrasts}, offset=offsets, scale=scales,
@@ -349,18 +355,7 @@ def _prepare_image_record(
             "scale": scale,
             "intensity_range": [float(data[c].min()), float(data[c].max())],
         }
-    refc = per_contrast[ref]
-    info = {
-        "files": {c: per_contrast[c]["file"] for c in per_contrast},
-        "original_shape": refc["original_shape"],
-        "original_affine": None,
-        "canonical_shape": refc["canonical_shape"],
-        "canonical_affine": refc["canonical_affine"],
-        "voxel_size": refc["voxel_size"],
-        "grid_shape": [int(s) for s in mask_ds.shape],
-        "reference_contrast": ref,
-        "contrasts": per_contrast,
-    }
+    info = _subject_info(per_contrast, ref, mask_ds.shape)
     return _Chunk(
         images=images, available={c: c in data for c in contrasts}, offset=offsets,
         scale=scales, mask=crop_or_pad(mask_ds, size, origin, fill=False)[None],
