@@ -477,11 +477,16 @@ def bench_inference(name: str, args: argparse.Namespace, device: torch.device,
                     A: Tensor, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from mrsynth.models.base import build_model
     from mrsynth.train.config import resolve_config
-    from mrsynth.train.fast import channels_last_supported, compile_networks, step_begin
+    from mrsynth.train.fast import (
+        channels_last_supported,
+        compile_networks,
+        native_bf16,
+        step_begin,
+    )
 
     rows = []
     mode = args.mrsynth_options.compile
-    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16_ok = native_bf16(device)
     for variant in ("eager fp32", "fast"):
         # fast inference: channels_last, bf16 autocast, and compilation when the mrsynth row
         # compiles (precision matters less here than in training: outputs are compared in

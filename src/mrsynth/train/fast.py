@@ -183,6 +183,16 @@ def as_channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (CPUs, and GPUs of compute capability
+    8.0+); torch's default check also accepts emulation, which is slower than fp32."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev.type == "cpu"
+    with torch.cuda.device(dev):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 # ---------------------------------------------------------------------- optimiser
 def adam_options(device: torch.device | str, fused: bool | None = None) -> dict[str, Any]:
     """``fused`` / ``foreach`` keyword for ``torch.optim.Adam`` on ``device``.

@@ -279,15 +279,13 @@ class _Trainer:
         self.precision = config["precision"]
         if self.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU.")
-        if self.precision == "bf16" and self.device.type == "cuda":
-            with torch.cuda.device(self.device):  # emulated bf16 (pre-Ampere) is no speed-up
-                native = torch.cuda.is_bf16_supported(including_emulation=False)
-            if not native:
-                raise ConfigError(
-                    f"--precision bf16: the GPU {torch.cuda.get_device_name(self.device)} has "
-                    "no native bfloat16 support (it needs compute capability 8.0 or newer); use "
-                    "fp32 (fp16 is possible but unstable for GANs)."
-                )
+        if (self.precision == "bf16" and self.device.type == "cuda"
+                and not fast.native_bf16(self.device)):
+            raise ConfigError(
+                f"--precision bf16: the GPU {torch.cuda.get_device_name(self.device)} has no "
+                "native bfloat16 support (it needs compute capability 8.0 or newer); use fp32 "
+                "(fp16 is possible but unstable for GANs)."
+            )
         self.ckpt_root = out / "checkpoints"
 
     # ------------------------------------------------------------------ set-up
