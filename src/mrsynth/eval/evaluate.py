@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from mrsynth.data.naming import format_slice_name
 from mrsynth.data.prepared import PreparedData, load_prepared
 from mrsynth.errors import ConfigError, DataError
 from mrsynth.eval import stats
@@ -317,7 +318,7 @@ def _evaluate_into(
             fig2_syn[label][d.target] = syn[fig2_row]
             for i in range(len(test)):
                 subj, k = str(test.subject[i]), int(test.slice_index[i])
-                np.save(syn_dir / f"{subj}_slice-{k:03d}_{d.target}.npy", syn[i])
+                np.save(syn_dir / format_slice_name(subj, k, d.target), syn[i])
                 for reg in REGIONS:
                     m = image_metrics(tgt[i], syn[i], test.mask[i] if reg == "brain" else None,
                                       bins=bins)
