@@ -1,10 +1,11 @@
 """Finding and reading the images a study samples from.
 
 A source is a prepared ``.npz`` file (its ``test`` split) or a directory searched
-recursively for NPY, NIfTI, PNG and TIFF files. File names follow one rule: the
-contrast is the last ``_`` entity of the name (``sub-ms19_slice-088_T2w.npy``,
-``sub-ms19_desc-cyclegan_T2w.nii.gz``), the subject is the ``sub-`` entity and the
-slice the ``slice-`` entity when present. NIfTI volumes contribute each axial slice
+recursively for NPY, NIfTI, PNG and TIFF files. File names follow the rule of
+:mod:`mrsynth.data.naming`, which ``evaluate`` writes with: the contrast is the
+last ``_`` entity (``sim-007_slice-037_T2w.npy``, ``sub-ms19_desc-cyclegan_T2w.nii.gz``),
+the slice the ``slice-`` entity, the subject the ``sub-`` entity or the bare id
+before ``slice-``, compared without ``sub-``. NIfTI volumes contribute each axial slice
 that holds a reasonable amount of brain. The (subject, slice, contrast) key is what
 lets sampling keep a reader from seeing both versions of one slice.
 
@@ -15,7 +16,6 @@ anterior is up; PNG/TIFF pictures are shown as stored.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrsynth.data.naming import parse_slice_name, subject_label
 from mrsynth.errors import DataError
 
 #: File endings a directory source may hold, mapped to a format name.
@@ -40,9 +41,6 @@ ARRAY_FORMATS = ("prepared", "npy", "nifti")
 #: A NIfTI slice is a candidate when its foreground area is at least this
 #: fraction of the volume's largest slice (skips the nearly empty top and bottom).
 MIN_BRAIN_FRACTION = 0.25
-
-_SLICE_RE = re.compile(r"^slice-(\d+)$")
-
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -83,26 +81,9 @@ def split_extension(name: str) -> tuple[str, str | None]:
 
 
 def parse_name(name: str) -> tuple[str | None, int | None, str]:
-    """(subject, slice, contrast) from a BIDS-like file name (extension included or not)."""
+    """(subject, slice, contrast) from a file name (extension included or not)."""
     stem, _ = split_extension(Path(name).name)
-    parts = stem.split("_")
-    contrast = parts[-1]
-    subject: str | None = None
-    slice_: int | None = None
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith("sub-") and len(part) > 4:
-            subject = part[4:]
-        m = _SLICE_RE.match(part)
-        if m:
-            slice_ = int(m.group(1))
-            if subject is None and i > 0 and "-" not in parts[0]:
-                # "<subject>_slice-<k>_<contrast>" with a bare subject id ("ms19_slice-088_T2w")
-                subject = "_".join(parts[:i])
-    return subject, slice_, contrast
-
-
-def _norm_subject(s: str) -> str:
-    return s[4:] if s.startswith("sub-") else s
+    return tuple(parse_slice_name(stem))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- scanning
@@ -152,7 +133,7 @@ def _scan_prepared(
                     kind=kind,
                     model=model,
                     contrast=c,
-                    subject=_norm_subject(str(data.subject[r])),
+                    subject=subject_label(str(data.subject[r])),
                     slice=int(data.slice_index[r]),
                     path=p,
                     index=int(r),
