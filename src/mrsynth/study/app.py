@@ -10,6 +10,20 @@ Routes
 ``GET  /admin``                           admin page (asks for the admin token)
 ``GET  /api/admin/summary|answers.csv|figure.png``  need ``Authorization: Bearer <admin token>``
 ``GET  /static/{name}``                   the page's own JS/CSS (a fixed list, shipped with mrsynth)
+``GET  /favicon.ico``                     204 (no icon)
+
+Each request gets its own connection from the ``get_db`` dependency (``db.connect``:
+``mode=rw``, so a study file deleted while serving is never re-created); queries live
+in ``study/db.py``. A study file that cannot be opened or written gives 503 with a JSON
+``detail`` (an HTML page outside ``/api``), logged once per distinct problem. Request
+bodies over :data:`MAX_BODY_BYTES` get 413 before routing, parsing or the token check.
+
+Timing: the first image sent for a trial sets ``shown_at``; the answer's ``server_ms``
+runs from it. Asking again for an image already sent (a reloaded page) counts in the
+trial's ``reloads``, never restarts ``shown_at``, and the page's own ``response_ms`` of
+such a trial is not stored (it would count only from the reload). With an exposure
+time, images are refused (410) once ``exposure_ms`` + :data:`EXPOSURE_GRACE_S` have
+passed since ``shown_at``.
 
 Blinding: a trial is known to the browser only by a random id, its images only by
 that id and a slot number; every image is a pre-rendered PNG of identical size
@@ -24,21 +38,33 @@ this server's own scripts, styles and images: the page needs no network beyond i
 from __future__ import annotations
 
 import html
+import json
+import logging
 import math
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from mrsynth.errors import MrsynthError
 from mrsynth.study import db as sdb
+
+log = logging.getLogger("mrsynth.study")
+
+#: Largest request body accepted (an answer is ~150 bytes); larger ones get 413 unread.
+MAX_BODY_BYTES = 4096
+#: Time allowed between sending an image and the end of its exposure beyond
+#: ``exposure_ms`` (download and decoding); after it the image is refused (410).
+EXPOSURE_GRACE_S = 1.0
 
 _STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 _SECURITY_HEADERS = [
@@ -87,6 +113,100 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class StudyUnavailable(Exception):
+    """The study file cannot be opened (deleted, replaced, unreadable): 503, not 500."""
+
+
+class _BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413 before routing, parsing or auth.
+
+    A declared ``Content-Length`` over the limit is refused without reading; a body
+    without one (chunked) is read up to the limit and refused as soon as it passes it.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def _too_large(self, send: Any) -> None:
+        body = json.dumps(
+            {"detail": f"Request body too large (the limit is {self.limit} bytes)."}
+        ).encode()
+        await send({
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                        (b"content-length", str(len(body)).encode())],
+        })
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                too_big = True
+            if too_big:
+                await self._too_large(send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def get_db(request: Request) -> Iterator[sqlite3.Connection]:
+    """One connection per request, from ``db.connect`` (mode=rw: never creates the file)."""
+    try:
+        c = sdb.connect(request.app.state.db_path)
+    except MrsynthError as exc:
+        raise StudyUnavailable(str(exc)) from exc
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+Db = Annotated[sqlite3.Connection, Depends(get_db)]
+
+
+def admin_db(request: Request, c: Db) -> sqlite3.Connection:
+    """The connection, once the request's ``Authorization: Bearer`` admin token is checked."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not sdb.check_admin_token(c, token.strip()):
+        raise HTTPException(401, "Admin token required.", headers={"WWW-Authenticate": "Bearer"})
+    return c
+
+
+AdminDb = Annotated[sqlite3.Connection, Depends(admin_db)]
 
 
 def _load_package_files() -> tuple[dict[str, tuple[bytes, str]], dict[str, Template]]:
@@ -161,38 +281,26 @@ def instructions_html(settings: sdb.StudySettings, n_scored: int, n_practice: in
     return "\n".join(f"<p>{x}</p>" for x in p)
 
 
-def create_app(db_path: str | Path) -> FastAPI:
-    """The app for one study file (checked now, so a bad path fails before serving)."""
+def create_app(db_path: str | Path, *, clock: Callable[[], float] = time.time) -> FastAPI:
+    """The app for one study file (checked now, so a bad path fails before serving).
+
+    ``clock`` gives the server-side times (``shown_at``, answers); tests pass a fake one.
+    """
     path = Path(db_path)
     conn = sdb.connect(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         settings = sdb.load_settings(conn)
-        n_scored = conn.execute("SELECT COUNT(*) FROM items WHERE practice = 0").fetchone()[0]
-        n_practice = conn.execute("SELECT COUNT(*) FROM items WHERE practice = 1").fetchone()[0]
+        n_scored, n_practice = sdb.item_counts(conn)
     finally:
         conn.close()
-    static, templates = _load_package_files()
-    page_vars = {
-        "title": html.escape(settings.title),
-        "instructions": instructions_html(settings, n_scored, n_practice),
-    }
-    reader_page = templates["reader.html"].substitute(page_vars)
-    admin_page = templates["admin.html"].substitute(page_vars)
-    index_page = templates["message.html"].substitute(
-        title=page_vars["title"],
-        heading=page_vars["title"],
-        message="<p>This is an mrsynth reader study. Readers: open the private link you were "
-        'given.</p><p>Study organisers: <a href="/admin">admin page</a>.</p>',
-    )
-    unknown_page = templates["message.html"].substitute(
-        title="Unknown link",
-        heading="Unknown link",
-        message="<p>This link is not valid. Check the address, or ask the study's organiser "
-        "for your link.</p>",
-    )
+    pages = _pages(settings, n_scored, n_practice)
+    static = pages.pop("static")
+    slots = (0, 1) if settings.mode == "2afc" else (0,)
+    exposure_s = settings.exposure_ms / 1000.0
 
     app = FastAPI(title="mrsynth study", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(_SecurityHeaders)
     app.state.db_path = path
     app.state.settings = settings
@@ -201,13 +309,7 @@ def create_app(db_path: str | Path) -> FastAPI:
     # back-off (up to 100 ms per retry) dominated tail latency under concurrent answers.
     # SQLite still arbitrates against other processes (`add-reader` while serving).
     write_lock = threading.Lock()
-
-    def open_db() -> sqlite3.Connection:
-        c = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        c.row_factory = sqlite3.Row
-        c.execute("PRAGMA synchronous = FULL")
-        c.execute("PRAGMA foreign_keys = ON")
-        return c
+    logged: set[str] = set()
 
     def reader_or_404(c: sqlite3.Connection, token: str) -> sqlite3.Row:
         r = sdb.reader_by_token(c, token)
@@ -216,25 +318,14 @@ def create_app(db_path: str | Path) -> FastAPI:
         return r
 
     def state_of(c: sqlite3.Connection, reader: sqlite3.Row, token: str) -> dict[str, Any]:
-        counts = c.execute(
-            """SELECT SUM(t.practice = 0), SUM(t.practice = 0 AND a.id IS NOT NULL),
-                      SUM(t.practice = 1), SUM(t.practice = 1 AND a.id IS NOT NULL)
-               FROM trials t LEFT JOIN answers a ON a.trial_id = t.id WHERE t.reader_id = ?""",
-            (reader["id"],),
-        ).fetchone()
-        total, answered, p_total, p_answered = (int(x or 0) for x in counts)
-        nxt = c.execute(
-            """SELECT t.uid, t.practice FROM trials t LEFT JOIN answers a ON a.trial_id = t.id
-               WHERE t.reader_id = ? AND a.id IS NULL ORDER BY t.position LIMIT 1""",
-            (reader["id"],),
-        ).fetchone()
+        total, answered, p_total, p_answered = sdb.reader_counts(c, reader["id"])
+        nxt = sdb.next_trial(c, reader["id"])
         trial = None
         if nxt is not None:
-            n_slots = 2 if settings.mode == "2afc" else 1
             trial = {
                 "id": nxt["uid"],
                 "practice": bool(nxt["practice"]),
-                "images": [f"/api/r/{token}/image/{nxt['uid']}/{s}" for s in range(n_slots)],
+                "images": [f"/api/r/{token}/image/{nxt['uid']}/{s}" for s in slots],
             }
         return {
             "reader": reader["name"],
@@ -258,9 +349,30 @@ def create_app(db_path: str | Path) -> FastAPI:
         ]
         return JSONResponse({"detail": "Malformed request.", "errors": errors}, status_code=422)
 
+    @app.exception_handler(StudyUnavailable)
+    @app.exception_handler(sqlite3.Error)
+    async def _unavailable(request: Request, exc: Exception) -> Response:
+        # A deleted, replaced, read-only or locked study file: say so (once in the log),
+        # answer 503 so the reader's page offers to try again, and create nothing.
+        problem = f"{type(exc).__name__}: {exc}"
+        if problem not in logged:
+            logged.add(problem)
+            log.error("Study database %s cannot be used: %s", path, problem)
+        detail = (
+            "The study is unavailable right now: its database cannot be read or written. "
+            "Answers given so far are saved. Try again later, or tell the study's organiser."
+        )
+        if not request.url.path.startswith("/api/"):
+            return HTMLResponse(pages["unavailable"], status_code=503)
+        return JSONResponse({"detail": detail}, status_code=503)
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        return HTMLResponse(index_page)
+        return HTMLResponse(pages["index"])
+
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in every page's console
 
     @app.get("/static/{name}")
     def static_file(name: str) -> Response:
@@ -270,179 +382,130 @@ def create_app(db_path: str | Path) -> FastAPI:
         return Response(hit[0], media_type=hit[1])
 
     @app.get("/r/{token}", response_class=HTMLResponse)
-    def reader_page_route(token: str) -> HTMLResponse:
-        c = open_db()
-        try:
-            known = sdb.reader_by_token(c, token) is not None
-        finally:
-            c.close()
-        if not known:
-            return HTMLResponse(unknown_page, status_code=404)
-        return HTMLResponse(reader_page)
+    def reader_page(token: str, c: Db) -> HTMLResponse:
+        if sdb.reader_by_token(c, token) is None:
+            return HTMLResponse(pages["unknown"], status_code=404)
+        return HTMLResponse(pages["reader"])
 
     @app.get("/api/r/{token}/state")
-    def get_state(token: str) -> dict[str, Any]:
-        c = open_db()
-        try:
-            return state_of(c, reader_or_404(c, token), token)
-        finally:
-            c.close()
+    def get_state(token: str, c: Db) -> dict[str, Any]:
+        return state_of(c, reader_or_404(c, token), token)
 
     @app.post("/api/r/{token}/start")
-    def start(token: str) -> dict[str, Any]:
-        c = open_db()
-        try:
+    def start(token: str, c: Db) -> dict[str, Any]:
+        reader = reader_or_404(c, token)
+        if reader["started_at"] is None:
+            with write_lock, sdb.transaction(c):
+                sdb.mark_started(c, reader["id"], clock())
             reader = reader_or_404(c, token)
-            if reader["started_at"] is None:
-                with write_lock, sdb.transaction(c):
-                    c.execute(
-                        "UPDATE readers SET started_at = ? WHERE id = ? AND started_at IS NULL",
-                        (time.time(), reader["id"]),
-                    )
-                reader = reader_or_404(c, token)
-            return state_of(c, reader, token)
-        finally:
-            c.close()
+        return state_of(c, reader, token)
 
     @app.get("/api/r/{token}/image/{trial}/{slot}")
-    def image(token: str, trial: str, slot: int) -> Response:
-        c = open_db()
-        try:
-            reader = reader_or_404(c, token)
-            row = c.execute(
-                """SELECT t.id, t.real_slot, t.shown_at, i.real_image, i.synthetic_image
-                   FROM trials t JOIN items i ON i.id = t.item_id
-                   WHERE t.uid = ? AND t.reader_id = ?""",
-                (trial, reader["id"]),
-            ).fetchone()
-            if row is None or slot not in ((0, 1) if settings.mode == "2afc" else (0,)):
+    def image(token: str, trial: str, slot: int, c: Db) -> Response:
+        reader = reader_or_404(c, token)
+        if slot not in slots:
+            raise HTTPException(404, "Not found.")
+        now = clock()
+        with write_lock, sdb.transaction(c):
+            row = sdb.reader_trial(c, trial, reader["id"])
+            if row is None:
                 raise HTTPException(404, "Not found.")
-            if settings.mode == "2afc":
-                image_id = row["real_image"] if slot == row["real_slot"] else row["synthetic_image"]
-            else:
-                image_id = row["real_image"] or row["synthetic_image"]
-            png = c.execute("SELECT png FROM images WHERE id = ?", (image_id,)).fetchone()[0]
-            if row["shown_at"] is None:
-                with write_lock, sdb.transaction(c):
-                    c.execute(
-                        "UPDATE trials SET shown_at = ? WHERE id = ? AND shown_at IS NULL",
-                        (time.time(), row["id"]),
-                    )
-        finally:
-            c.close()
-        return Response(bytes(png), media_type="image/png")
+            sdb.record_view(c, row, slot, now)
+        shown = row["shown_at"] if row["shown_at"] is not None else now
+        if exposure_s and now > shown + exposure_s + EXPOSURE_GRACE_S:
+            raise HTTPException(410, "The viewing time of this image is over. Answer from memory.")
+        real = settings.mode != "2afc" or slot == row["real_slot"]
+        image_id = row["real_image"] if real and row["real_image"] else row["synthetic_image"]
+        return Response(sdb.image_png(c, image_id), media_type="image/png")
 
     @app.post("/api/r/{token}/answer")
-    def answer(token: str, body: AnswerIn) -> dict[str, Any]:
+    def answer(token: str, body: AnswerIn, c: Db) -> dict[str, Any]:
         _check_fields(body, settings)
-        c = open_db()
-        try:
-            reader = reader_or_404(c, token)
-            with write_lock, sdb.transaction(c):
-                row = c.execute(
-                    """SELECT t.id, t.practice, t.real_slot, t.shown_at, i.real_image,
-                              i.synthetic_image
-                       FROM trials t JOIN items i ON i.id = t.item_id
-                       WHERE t.uid = ? AND t.reader_id = ?""",
-                    (body.trial, reader["id"]),
-                ).fetchone()
-                if row is None:
-                    # Unknown, or another reader's trial: the same answer for both.
-                    raise HTTPException(404, "No such trial for this reader.")
-                old = c.execute(
-                    "SELECT label, choice, confidence, rating FROM answers WHERE trial_id = ?",
-                    (row["id"],),
-                ).fetchone()
-                if old is None:
-                    now = time.time()
-                    label, correct = _judge(body, row, settings)
-                    server_ms = (now - row["shown_at"]) * 1000.0 if row["shown_at"] else None
-                    c.execute(
-                        """INSERT INTO answers(trial_id, reader_id, label, choice, confidence,
-                               rating, correct, response_ms, server_ms, answered_at)
-                           VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(trial_id) DO NOTHING""",
-                        (
-                            row["id"],
-                            reader["id"],
-                            label,
-                            body.choice,
-                            body.confidence,
-                            body.rating,
-                            int(correct),
-                            body.response_ms,
-                            server_ms,
-                            now,
-                        ),
-                    )
-                    if reader["started_at"] is None:
-                        c.execute(
-                            "UPDATE readers SET started_at = ? WHERE id = ?", (now, reader["id"])
-                        )
-            out: dict[str, Any] = {"stored": old is None, "duplicate": old is not None}
-            if old is not None:
-                out["answer"] = dict(old)
-            if row["practice"]:
-                out["feedback"] = _feedback(row, settings, body if old is None else None, old)
-            out["state"] = state_of(c, reader_or_404(c, token), token)
-            return out
-        finally:
-            c.close()
+        reader = reader_or_404(c, token)
+        now = clock()
+        with write_lock, sdb.transaction(c):
+            row = sdb.reader_trial(c, body.trial, reader["id"])
+            if row is None:
+                # Unknown, or another reader's trial: the same answer for both.
+                raise HTTPException(404, "No such trial for this reader.")
+            old = sdb.existing_answer(c, row["id"])
+            if old is None:
+                label, correct = _judge(body, row, settings)
+                shown = row["shown_at"]
+                sdb.insert_answer(
+                    c, row["id"], reader["id"], label=label, choice=body.choice,
+                    confidence=body.confidence, rating=body.rating, correct=int(correct),
+                    # After a reload the page's clock covers only the last view: not stored.
+                    response_ms=None if row["reloads"] else body.response_ms,
+                    server_ms=None if shown is None else (now - shown) * 1000.0,
+                    answered_at=now,
+                )
+                sdb.mark_started(c, reader["id"], now)
+        out: dict[str, Any] = {"stored": old is None, "duplicate": old is not None}
+        if old is not None:
+            out["answer"] = dict(old)
+        if row["practice"]:
+            out["feedback"] = _feedback(row, settings, body if old is None else None, old)
+        out["state"] = state_of(c, reader_or_404(c, token), token)
+        return out
 
     # ------------------------------------------------------------------ admin
-    def admin_or_401(request: Request, c: sqlite3.Connection) -> None:
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not sdb.check_admin_token(c, token.strip()):
-            raise HTTPException(
-                401, "Admin token required.", headers={"WWW-Authenticate": "Bearer"}
-            )
-
     @app.get("/admin", response_class=HTMLResponse)
     def admin() -> HTMLResponse:
-        return HTMLResponse(admin_page)
+        return HTMLResponse(pages["admin"])
 
     @app.get("/api/admin/summary")
-    def admin_summary(request: Request, ci: Literal["wilson", "exact"] = "wilson") -> JSONResponse:
+    def admin_summary(c: AdminDb, ci: Literal["wilson", "exact"] = "wilson") -> JSONResponse:
         from mrsynth.study.stats import summarise
 
-        c = open_db()
-        try:
-            admin_or_401(request, c)
-            return JSONResponse(_clean(summarise(c, ci=ci)))
-        finally:
-            c.close()
+        return JSONResponse(_clean(summarise(c, ci=ci)))
 
     @app.get("/api/admin/answers.csv")
-    def admin_csv(request: Request) -> Response:
-        c = open_db()
-        try:
-            admin_or_401(request, c)
-            text = answers_csv(sdb.answer_rows(c, include_practice=True))
-        finally:
-            c.close()
+    def admin_csv(c: AdminDb) -> Response:
+        text = answers_csv(sdb.answer_rows(c, include_practice=True))
         return Response(text, media_type="text/csv; charset=utf-8")
 
     @app.get("/api/admin/figure.png")
-    def admin_figure(request: Request) -> Response:
-        import tempfile
+    def admin_figure(c: AdminDb) -> Response:
+        from mrsynth.study.stats import figure_png, summarise
 
-        from mrsynth.study.stats import figure, summarise
-
-        c = open_db()
-        try:
-            admin_or_401(request, c)
-            summary = summarise(c)
-        finally:
-            c.close()
+        summary = summarise(c)
         if not summary["rows"]:
             raise HTTPException(404, "No answers yet.")
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "figure.png"
-            figure(summary, str(out))
-            data = out.read_bytes()
-        return Response(data, media_type="image/png")
+        return Response(figure_png(summary), media_type="image/png")
 
     return app
+
+
+def _pages(settings: sdb.StudySettings, n_scored: int, n_practice: int) -> dict[str, Any]:
+    """Every page the app serves, rendered once (they hold nothing per reader)."""
+    static, templates = _load_package_files()
+    title = html.escape(settings.title)
+    page_vars = {"title": title, "instructions": instructions_html(settings, n_scored, n_practice)}
+
+    def message(title: str, heading: str, text: str) -> str:
+        return templates["message.html"].substitute(title=title, heading=heading, message=text)
+
+    return {
+        "static": static,
+        "reader": templates["reader.html"].substitute(page_vars),
+        "admin": templates["admin.html"].substitute(page_vars),
+        "index": message(
+            title, title,
+            "<p>This is an mrsynth reader study. Readers: open the private link you were "
+            'given.</p><p>Study organisers: <a href="/admin">admin page</a>.</p>',
+        ),
+        "unknown": message(
+            "Unknown link", "Unknown link",
+            "<p>This link is not valid. Check the address, or ask the study's organiser "
+            "for your link.</p>",
+        ),
+        "unavailable": message(
+            "Study unavailable", "Study unavailable",
+            "<p>The study cannot be reached right now. Answers given so far are saved. "
+            "Try again later, or tell the study's organiser.</p>",
+        ),
+    }
 
 
 def _check_fields(body: AnswerIn, settings: sdb.StudySettings) -> None:
@@ -514,6 +577,7 @@ _CSV_FIELDS = (
     "correct",
     "response_ms",
     "server_ms",
+    "reloads",
     "answered_at",
     "real_source",
     "synthetic_source",

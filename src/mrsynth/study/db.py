@@ -14,7 +14,9 @@ Tables
              ``practice`` items are shown first with feedback and not scored
 ``readers``  name, SHA-256 of the private token (the token itself is never stored)
 ``trials``   per reader: a shuffled order of all items, an opaque random ``uid`` used in
-             URLs and, in 2AFC mode, which side (slot 0 = left, 1 = right) holds the real image
+             URLs and, in 2AFC mode, which side (slot 0 = left, 1 = right) holds the real image;
+             ``shown_at`` (first image sent), ``served`` (bit per slot sent) and ``reloads``
+             (images asked for again: a reloaded page)
 ``answers``  at most one row per trial
 """
 
@@ -38,7 +40,7 @@ import numpy as np
 
 from mrsynth.errors import DataError, MrsynthError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MODES = ("single", "2afc")
 SCALES = ("binary", "confidence", "six")
@@ -95,6 +97,8 @@ CREATE TABLE trials (
     practice    INTEGER NOT NULL CHECK (practice IN (0, 1)),
     real_slot   INTEGER CHECK (real_slot IN (0, 1)),
     shown_at    REAL,
+    served      INTEGER NOT NULL DEFAULT 0,
+    reloads     INTEGER NOT NULL DEFAULT 0,
     UNIQUE (reader_id, position),
     UNIQUE (reader_id, item_id)
 );
@@ -176,7 +180,18 @@ def connect(path: str | Path, *, must_exist: bool = True) -> sqlite3.Connection:
             f"Study file {p} does not exist. Create one with `mrsynth study create ... "
             f"--out {p.name}`."
         )
-    conn = sqlite3.connect(p, timeout=30.0, isolation_level=None, check_same_thread=False)
+    # An existing study is opened with mode=rw (read-only if the file is write-protected):
+    # a file deleted while serving is an error, never silently re-created empty.
+    target = f"{p.resolve().as_uri()}?mode=rw" if must_exist else str(p)
+    try:
+        conn = sqlite3.connect(
+            target, timeout=30.0, isolation_level=None, check_same_thread=False, uri=must_exist
+        )
+    except sqlite3.OperationalError as exc:
+        raise DataError(
+            f"Cannot open study file {p} ({exc}). Check that it exists and that this user may "
+            "read and write it and its folder."
+        ) from exc
     conn.row_factory = sqlite3.Row
     try:
         conn.execute("PRAGMA foreign_keys = ON")
@@ -206,11 +221,28 @@ def _check_schema(conn: sqlite3.Connection, p: Path) -> None:
             f"{p} is not an mrsynth study database (no study metadata). Pass the .db file "
             "written by `mrsynth study create`."
         )
-    if int(row[0]) != SCHEMA_VERSION:
+    if int(row[0]) == 1:
+        try:
+            _migrate_v1(conn)
+        except sqlite3.OperationalError as exc:
+            raise DataError(
+                f"{p} is a study file of schema version 1; it needs a small upgrade that could "
+                f"not be written ({exc}). Make it writable and run `mrsynth study results` once."
+            ) from exc
+    elif int(row[0]) != SCHEMA_VERSION:
         raise DataError(
             f"{p} is a study database of schema version {row[0]}; this mrsynth reads version "
             f"{SCHEMA_VERSION}. Use the mrsynth version that created it."
         )
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Version 1 files lack the reload bookkeeping of ``trials``; add it (no data changes)."""
+    with transaction(conn):
+        if int(get_meta(conn, "schema_version")) == 1:
+            conn.execute("ALTER TABLE trials ADD COLUMN served INTEGER NOT NULL DEFAULT 0")
+            conn.execute("ALTER TABLE trials ADD COLUMN reloads INTEGER NOT NULL DEFAULT 0")
+            set_meta(conn, "schema_version", str(SCHEMA_VERSION))
 
 
 @contextlib.contextmanager
@@ -352,7 +384,8 @@ def reader_progress(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                SUM(t.practice = 1) AS n_practice,
                SUM(t.practice = 0 AND a.id IS NOT NULL) AS answered,
                SUM(t.practice = 1 AND a.id IS NOT NULL) AS practice_answered,
-               MAX(a.answered_at) AS last_answer
+               MAX(a.answered_at) AS last_answer,
+               SUM(t.reloads > 0) AS reloaded
         FROM readers r
         JOIN trials t ON t.reader_id = r.id
         LEFT JOIN answers a ON a.trial_id = t.id
@@ -369,9 +402,91 @@ def reader_progress(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             "started": r["started_at"] is not None,
             "finished": int(r["answered"] or 0) == int(r["n_scored"] or 0),
             "last_answer": r["last_answer"],
+            "reloaded": int(r["reloaded"] or 0),
         }
         for r in rows
     ]
+
+
+# --------------------------------------------------------------------------- serving
+def item_counts(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(scored items, practice items) of the study."""
+    row = conn.execute("SELECT SUM(practice = 0), SUM(practice = 1) FROM items").fetchone()
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+def reader_counts(conn: sqlite3.Connection, reader_id: int) -> tuple[int, int, int, int]:
+    """(scored total, scored answered, practice total, practice answered) of one reader."""
+    row = conn.execute(
+        """SELECT SUM(t.practice = 0), SUM(t.practice = 0 AND a.id IS NOT NULL),
+                  SUM(t.practice = 1), SUM(t.practice = 1 AND a.id IS NOT NULL)
+           FROM trials t LEFT JOIN answers a ON a.trial_id = t.id WHERE t.reader_id = ?""",
+        (reader_id,),
+    ).fetchone()
+    return tuple(int(x or 0) for x in row)  # type: ignore[return-value]
+
+
+def next_trial(conn: sqlite3.Connection, reader_id: int) -> sqlite3.Row | None:
+    """The reader's first unanswered trial (uid, practice), or None when all are answered."""
+    return conn.execute(
+        """SELECT t.uid, t.practice FROM trials t LEFT JOIN answers a ON a.trial_id = t.id
+           WHERE t.reader_id = ? AND a.id IS NULL ORDER BY t.position LIMIT 1""",
+        (reader_id,),
+    ).fetchone()
+
+
+def mark_started(conn: sqlite3.Connection, reader_id: int, now: float) -> None:
+    """Record when a reader left the instructions (the first time only)."""
+    conn.execute(
+        "UPDATE readers SET started_at = ? WHERE id = ? AND started_at IS NULL", (now, reader_id)
+    )
+
+
+def reader_trial(conn: sqlite3.Connection, uid: str, reader_id: int) -> sqlite3.Row | None:
+    """One of the reader's trials with its item's images (None for another reader's trial)."""
+    return conn.execute(
+        """SELECT t.id, t.practice, t.real_slot, t.shown_at, t.served, t.reloads,
+                  i.real_image, i.synthetic_image
+           FROM trials t JOIN items i ON i.id = t.item_id
+           WHERE t.uid = ? AND t.reader_id = ?""",
+        (uid, reader_id),
+    ).fetchone()
+
+
+def image_png(conn: sqlite3.Connection, image_id: int) -> bytes:
+    return bytes(conn.execute("SELECT png FROM images WHERE id = ?", (image_id,)).fetchone()[0])
+
+
+def record_view(conn: sqlite3.Connection, trial: sqlite3.Row, slot: int, now: float) -> bool:
+    """Note that ``slot``'s image of ``trial`` is being sent; True when it was sent before.
+
+    The first image sent starts the trial's clock (``shown_at``); asking again for a
+    slot already sent (a reloaded page) counts in ``reloads`` and never restarts it.
+    """
+    again = bool(trial["served"] >> slot & 1)
+    conn.execute(
+        """UPDATE trials SET shown_at = COALESCE(shown_at, ?), served = served | ?,
+                  reloads = reloads + ? WHERE id = ?""",
+        (now, 1 << slot, int(again), trial["id"]),
+    )
+    return again
+
+
+def existing_answer(conn: sqlite3.Connection, trial_id: int) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT label, choice, confidence, rating FROM answers WHERE trial_id = ?", (trial_id,)
+    ).fetchone()
+
+
+def insert_answer(conn: sqlite3.Connection, trial_id: int, reader_id: int, **fields: Any) -> None:
+    """Store one answer (a repeated one for the same trial is a no-op: the first stands)."""
+    cols = ("label", "choice", "confidence", "rating", "correct", "response_ms", "server_ms",
+            "answered_at")
+    conn.execute(
+        f"INSERT INTO answers(trial_id, reader_id, {', '.join(cols)}) "
+        f"VALUES (?, ?, {', '.join('?' * len(cols))}) ON CONFLICT(trial_id) DO NOTHING",
+        (trial_id, reader_id, *(fields[c] for c in cols)),
+    )
 
 
 # --------------------------------------------------------------------------- answers view
@@ -382,7 +497,7 @@ def answer_rows(
     sql = """
         SELECT r.name AS reader, t.position, t.practice, t.item_id AS item, t.real_slot,
                a.label, a.choice, a.confidence, a.rating, a.correct, a.response_ms,
-               a.server_ms, a.answered_at,
+               a.server_ms, a.answered_at, t.reloads,
                ri.id AS real_image, ri.contrast AS real_contrast, ri.subject AS real_subject,
                ri.slice AS real_slice, ri.source AS real_source,
                si.id AS synthetic_image, si.model AS model, si.contrast AS synthetic_contrast,
@@ -414,10 +529,25 @@ def rows_csv(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> str:
     """CSV text of ``rows`` with the columns ``fields`` (other keys dropped), Unix newlines.
 
     One writer for the study's tables (answers, results), so their CSV files read alike.
+    Text cells that a spreadsheet would run as a formula are neutralised (:func:`csv_cell`).
     """
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        w.writerow({k: csv_cell(v) for k, v in r.items()})
     return buf.getvalue()
+
+
+#: First characters that make spreadsheet programs treat a cell as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text value that starts like a formula (``=HYPERLINK(...)``) gets a leading ``'``.
+
+    Reader names, model names and paths are user-supplied; numbers are left as they are.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value

@@ -242,7 +242,16 @@ def agreement(answers: list[dict[str, Any]], mode: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- figure
-def figure(summary: dict[str, Any], out: str) -> None:
+def figure_png(summary: dict[str, Any]) -> bytes:
+    """:func:`figure` as PNG bytes (the admin page's figure)."""
+    import io
+
+    buf = io.BytesIO()
+    figure(summary, buf)
+    return buf.getvalue()
+
+
+def figure(summary: dict[str, Any], out: Any) -> None:
     """The study's Figure 1d-e: error fractions per contrast and per model (pooled readers)."""
     import matplotlib
 
@@ -323,5 +332,5 @@ def figure(summary: dict[str, Any], out: str) -> None:
         ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     if summary["settings"]["mode"] == "2afc":
         fig.suptitle("2AFC: fraction of pairs where the synthetic image was picked as real")
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, format="png")
     plt.close(fig)
