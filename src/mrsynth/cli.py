@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "mrsynth.data.commands",
     "mrsynth.train.commands",
     "mrsynth.eval.commands",
+    "mrsynth.eval.complete_commands",
     "mrsynth.study.commands",
     "mrsynth.demo",
 )

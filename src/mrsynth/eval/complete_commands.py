@@ -1,0 +1,139 @@
+"""CLI: ``mrsynth complete`` (the work is in :mod:`mrsynth.eval.complete`)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+_STATUS = {
+    "todo": "[cyan]to write[/cyan]",
+    "skip": "[dim]exists, skipped[/dim]",
+    "conflict": "[yellow]exists (other checkpoint)[/yellow]",
+    "done": "[green]written[/green]",
+    "failed": "[bold red]failed[/bold red]",
+}
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def plan_table(res: Any, *, title: str) -> Table:
+    """One row per synthetic volume: subject, model, direction, kind, output, status."""
+    t = Table(title=title, show_lines=False)
+    for col in ("subject", "model", "direction", "kind", "output", "status"):
+        t.add_column(col)
+    done = any(j.status in ("done", "failed") for j in res.jobs)
+    if done:
+        t.add_column("s", justify="right")
+    for j in res.jobs:
+        status = _STATUS.get(j.status, j.status)
+        if j.status == "failed":
+            status += f": {j.message.splitlines()[0] if j.message else ''}"
+        row = [j.record, j.run.model, j.direction.label,
+               "validation" if j.validation else "missing", _rel(j.output, res.out), status]
+        if done:
+            row.append(f"{j.seconds:.1f}" if j.status == "done" else "")
+        t.add_row(*row)
+    return t
+
+
+def _pm(v: tuple[float, float]) -> str:
+    m, s = v
+    return "n/a" if not math.isfinite(m) else f"{m:.3f} ± {s:.3f}"
+
+
+def validation_table(rows: list[dict[str, Any]]) -> Table:
+    from mrsynth.eval.volume import VOLUME_METRICS
+
+    t = Table(title="Validation: synthetic vs real volumes (mean ± SD over subjects)")
+    for col in ("model", "direction", "n", *VOLUME_METRICS.values()):
+        t.add_column(col, justify="right" if col not in ("model", "direction") else "left")
+    for r in rows:
+        t.add_row(r["model"], r["direction"], str(r["n"]), *(_pm(r[k]) for k in VOLUME_METRICS))
+    return t
+
+
+def _resolve_device(device: str) -> str:
+    try:  # the shared device resolution (moving to mrsynth.train.speed)
+        from mrsynth.train.speed import resolve_device
+    except ImportError:
+        from mrsynth.eval.commands import resolve_device  # type: ignore[attr-defined,no-redef]
+    return str(resolve_device(device))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("complete")
+    def complete_cmd(
+        bids_dir: Path = typer.Argument(..., help="BIDS data set (its root folder)."),
+        run: list[Path] = typer.Option(..., "--run",
+                                       help="Run directory from `mrsynth train` (repeatable)."),
+        out: Path | None = typer.Option(
+            None, "--out", help="Derivative data set to write (default: "
+            "BIDS_DIR/derivatives/mrsynth)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+        validate: bool = typer.Option(
+            False, "--validate", help="Also synthesise contrasts subjects have "
+            "(desc-<model>Validation) and score them against the real volumes."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace outputs written from another checkpoint "
+            "(and redo those of the same one)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per batch."),
+        qc: bool = typer.Option(True, "--qc/--no-qc", help="QC figures and qc.html."),
+    ) -> None:
+        """Synthesise every subject's missing contrasts as a BIDS derivative (and validate)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from mrsynth.eval.complete import command_line, complete_dataset, validation_summary
+
+        err = Console(stderr=True)
+        con = Console(width=None if sys.stdout.isatty() else 160)
+        dev = _resolve_device(device)
+        cmd = command_line(bids_dir, run, out, validate, overwrite, device, batch_size)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("subjects", total=None)
+
+            def tick(job: Any, done: int, total: int) -> None:
+                bar.update(task, total=total, completed=done,
+                           description=f"{job.record} {job.direction.label}")
+
+            def log(msg: str) -> None:
+                err.print(f"[dim]·[/dim] {msg}", highlight=False)
+
+            res = complete_dataset(bids_dir, run, out, dry_run=dry_run, validate=validate,
+                                   overwrite=overwrite, device=dev, batch_size=batch_size,
+                                   qc=qc, command=cmd, log=log, progress=tick)
+        if not res.jobs:
+            con.print(f"Nothing to do: no subject of {bids_dir} lacks a contrast the runs can "
+                      "produce" + (" or has one to validate." if validate else
+                                   " (--validate scores subjects that have it)."))
+            return
+        title = ("Plan (dry run: nothing written)" if dry_run
+                 else f"mrsynth complete -> {res.out}")
+        con.print(plan_table(res, title=title))
+        if dry_run:
+            return
+        counts = res.counts()
+        con.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        rows = validation_summary(res.jobs)
+        if rows:
+            con.print(validation_table(rows))
+        if res.validation_tsv:
+            con.print(f"Validation metrics: {res.validation_tsv}")
+        if res.qc_html:
+            con.print(f"QC page: {res.qc_html}")
+        if res.failed:
+            err.print(f"[bold red]{len(res.failed)} volume(s) failed[/bold red]; the others "
+                      "were written. See the table above.")
+            raise typer.Exit(1)

@@ -1,0 +1,278 @@
+"""``mrsynth complete`` on a copy of real shared subjects (half resolution) with a tiny run.
+
+The data set: sub-ms19 (T1w only), sub-bratscase/ses-01 (T1w only) and sub-met00110 (T1w
+and T2w: validation, and the data set's T2w intensity reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from helpers import one_torch_thread
+from mrsynth.cli import main
+from test_eval_fixtures import tiny_run
+
+MODEL = "simple"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, prepared_small) -> Path:
+    return tiny_run(tmp_path_factory, prepared_small, MODEL)
+
+
+def make_raw(mini_bids: Path, dest: Path) -> Path:
+    """The test data set (see the module docstring) at ``dest``."""
+    shutil.copytree(mini_bids, dest)
+    (dest / "sub-ms19" / "anat" / "sub-ms19_T2w.nii.gz").unlink()
+    old = dest / "sub-bratscase" / "anat"
+    new = dest / "sub-bratscase" / "ses-01" / "anat"
+    new.mkdir(parents=True)
+    (old / "sub-bratscase_T1w.nii.gz").rename(new / "sub-bratscase_ses-01_T1w.nii.gz")
+    shutil.rmtree(old)
+    return dest
+
+
+def tree_hash(root: Path, skip: str = "derivatives") -> dict[str, str]:
+    """SHA-256 of every file below ``root`` (except ``skip``), and the folders."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if rel.parts[0] == skip:
+            continue
+        out[rel.as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["complete", *map(str, args)])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def brain_range(path: Path) -> tuple[float, float]:
+    x = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+    return tuple(np.percentile(x[x != 0], [0.5, 99.5]))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def completed(mini_bids, run_dir, tmp_path_factory):
+    """One ``complete --validate`` run: (raw, out, rc, stdout, stderr, raw hash before)."""
+    raw = make_raw(mini_bids, tmp_path_factory.mktemp("complete") / "bids")
+    before = tree_hash(raw)
+    rc, out, err = cli(raw, "--run", run_dir, "--validate", "--device", "cpu",
+                       "--batch-size", "16")
+    return raw, raw / "derivatives" / "mrsynth", rc, out, err, before
+
+
+EXPECTED = {
+    # (source, output) relative to raw / out
+    ("sub-ms19/anat/sub-ms19_T1w.nii.gz", f"sub-ms19/anat/sub-ms19_desc-{MODEL}_T2w.nii.gz"),
+    ("sub-bratscase/ses-01/anat/sub-bratscase_ses-01_T1w.nii.gz",
+     f"sub-bratscase/ses-01/anat/sub-bratscase_ses-01_desc-{MODEL}_T2w.nii.gz"),
+    ("sub-met00110/anat/sub-met00110_T1w.nii.gz",
+     f"sub-met00110/anat/sub-met00110_desc-{MODEL}Validation_T2w.nii.gz"),
+    ("sub-met00110/anat/sub-met00110_T2w.nii.gz",
+     f"sub-met00110/anat/sub-met00110_desc-{MODEL}Validation_T1w.nii.gz"),
+}
+
+
+def test_writes_every_missing_contrast_and_touches_no_raw_file(completed):
+    raw, out, rc, stdout, err, before = completed
+    assert rc == 0, err
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")}
+    assert written == {o for _, o in EXPECTED}
+    assert tree_hash(raw) == before  # raw data untouched, nothing added outside derivatives
+    assert "written" in stdout and "Validation" in stdout
+    # no temporary files left anywhere
+    assert not [p for p in raw.rglob(".*tmp*")]
+
+
+def test_outputs_keep_the_source_grid_and_use_the_target_units(completed):
+    raw, out, *_ = completed
+    t2_lo, t2_hi = brain_range(raw / "sub-met00110/anat/sub-met00110_T2w.nii.gz")
+    for src_rel, out_rel in EXPECTED:
+        src, dst = nib.load(raw / src_rel), nib.load(out / out_rel)
+        assert dst.shape == src.shape
+        np.testing.assert_array_equal(dst.affine, src.affine)
+        np.testing.assert_array_equal(dst.header.get_zooms(), src.header.get_zooms())
+        assert dst.get_data_dtype() == np.float32
+        x = np.asarray(src.dataobj, dtype=np.float64)
+        y = np.asarray(dst.dataobj, dtype=np.float64)
+        brain = x != 0
+        assert np.mean(y[~brain] == 0) > 0.99  # background: the reference's value, 0
+        assert np.std(y[brain]) > 0
+        if out_rel.endswith("_T2w.nii.gz"):
+            # the data set's only real T2w is the intensity reference: its robust range
+            tol = 0.02 * (t2_hi - t2_lo)
+            assert y[brain].min() >= t2_lo - tol and y[brain].max() <= t2_hi + tol
+            side = json.loads((out / out_rel.replace(".nii.gz", ".json")).read_text())
+            sc = side["IntensityScale"]
+            assert sc["Method"] == "dataset" and sc["NumberOfVolumes"] == 1
+            assert sc["Offset"] == pytest.approx((t2_lo + t2_hi) / 2, rel=0.02)
+            assert sc["Scale"] == pytest.approx((t2_hi - t2_lo) / 2, rel=0.02)
+        else:  # T1w: the median scale of the three real T1w volumes
+            ranges = [brain_range(p) for p in sorted(raw.rglob("*_T1w.nii.gz"))]
+            med_lo = np.median([r[0] for r in ranges])
+            med_hi = np.median([r[1] for r in ranges])
+            tol = 0.05 * (med_hi - med_lo)
+            assert y[brain].min() >= med_lo - tol and y[brain].max() <= med_hi + tol
+
+
+def test_sidecars_and_dataset_description(completed, run_dir):
+    raw, out, *_ = completed
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "mrsynth" and desc["GeneratedBy"][0]["Version"]
+    assert desc["SourceDatasets"][0]["URL"] == "../.."
+    assert desc["DatasetLinks"]["raw"] == "../.."
+    assert (out / "../..").resolve() == raw.resolve()
+    for src_rel, out_rel in EXPECTED:
+        side = json.loads((out / out_rel.replace(".nii.gz", ".json")).read_text())
+        assert side["Sources"] == [f"bids:raw:{src_rel}"]
+        assert side["SynthesisModel"] == MODEL
+        assert side["CheckpointSHA256"] == sha256(
+            run_dir / "checkpoints" / side["Checkpoint"] / "weights.safetensors")
+        assert side["Command"].startswith("mrsynth complete ")
+        assert "--validate" in side["Command"]
+        assert side["MrsynthVersion"]
+        assert side["TargetContrast"] == out_rel.split("_")[-1].split(".")[0]
+        assert side["Validation"] is ("Validation" in out_rel)
+
+
+def test_pybids_indexes_the_derivative(completed):
+    bids = pytest.importorskip("bids")
+    raw, out, *_ = completed
+    layout = bids.BIDSLayout(raw, derivatives=out)
+    for desc, suffix in ((MODEL, "T2w"), (f"{MODEL}Validation", "T2w"),
+                         (f"{MODEL}Validation", "T1w")):
+        got = {Path(f).resolve() for f in layout.get(
+            scope="derivatives", desc=desc, suffix=suffix, extension=".nii.gz",
+            return_type="filename")}
+        want = {(out / o).resolve() for _, o in EXPECTED
+                if f"desc-{desc}_{suffix}." in o}
+        assert got == want and want
+    ses = layout.get(scope="derivatives", subject="bratscase", session="01", desc=MODEL,
+                     suffix="T2w", extension=".nii.gz")
+    assert len(ses) == 1
+    # the sidecar is the file's metadata
+    meta = ses[0].get_metadata()
+    assert meta["SynthesisModel"] == MODEL and meta["TargetContrast"] == "T2w"
+
+
+def test_validation_metrics_match_a_recomputation(completed):
+    raw, out, *_ = completed
+    rows = (out / "validation.tsv").read_text().splitlines()
+    head = rows[0].split("\t")
+    table = [dict(zip(head, r.split("\t"), strict=True)) for r in rows[1:]]
+    assert {(r["subject"], r["direction"]) for r in table} == {
+        ("sub-met00110", "T1w2T2w"), ("sub-met00110", "T2w2T1w")}
+    for r in table:
+        target = r["direction"][-3:]
+        syn = np.asarray(nib.load(out / r["output"]).dataobj, dtype=np.float64)
+        real = np.asarray(nib.load(raw / f"sub-met00110/anat/sub-met00110_{target}.nii.gz")
+                          .dataobj, dtype=np.float64)
+        m = (syn != 0) & (real != 0)  # skull-stripped data: brain = non-zero
+        s = (syn - syn[m].mean()) / syn[m].std()
+        q = (real - real[m].mean()) / real[m].std()
+        mae = np.abs(s[m] - q[m]).mean()
+        peak = q[m].max() - q[m].min()
+        psnr = 10 * np.log10(peak ** 2 / np.mean((s[m] - q[m]) ** 2))
+        assert float(r["mae"]) == pytest.approx(mae, rel=0.02)
+        assert float(r["psnr"]) == pytest.approx(psnr, rel=0.02)
+        assert 0 < float(r["ssim"]) < 1 and float(r["through_plane_mae"]) > 0
+        side = json.loads((out / r["output"].replace(".nii.gz", ".json")).read_text())
+        assert side["ValidationMetrics"]["mae"] == pytest.approx(float(r["mae"]))
+
+
+def test_qc_figures_and_page(completed):
+    from PIL import Image
+
+    raw, out, *_ = completed
+    page = (out / "qc.html").read_text()
+    pngs = sorted((out / "qc").glob("*.png"))
+    assert len(pngs) == len(EXPECTED)
+    for p in pngs:
+        assert f'src="qc/{p.name}"' in page
+        w, h = Image.open(p).size
+        assert w > 100 and h > 100
+    # validation figures have two more columns (real, error) than completion figures
+    val = Image.open(out / "qc" / f"sub-met00110_desc-{MODEL}Validation_T2w.png").size[0]
+    miss = Image.open(out / "qc" / f"sub-ms19_desc-{MODEL}_T2w.png").size[0]
+    assert val > 1.5 * miss
+
+
+def test_rerun_skips_and_another_checkpoint_is_refused_unless_overwrite(mini_bids, run_dir,
+                                                                        tmp_path):
+    raw = make_raw(mini_bids, tmp_path / "bids")
+    out = tmp_path / "deriv"
+    assert cli(raw, "--run", run_dir, "--out", out, "--device", "cpu", "--no-qc")[0] == 0
+    files = sorted(out.rglob("*.nii.gz"))
+    assert len(files) == 2
+    stamp = {p: (p.stat().st_mtime_ns, sha256(p)) for p in files}
+    rc, stdout, _ = cli(raw, "--run", run_dir, "--out", out, "--device", "cpu", "--no-qc")
+    assert rc == 0 and "skipped" in stdout
+    assert {p: (p.stat().st_mtime_ns, sha256(p)) for p in files} == stamp
+
+    other = perturbed_copy(run_dir, tmp_path / "other-run")
+    rc, _, err = cli(raw, "--run", other, "--out", out, "--device", "cpu", "--no-qc")
+    assert rc != 0 and "another checkpoint" in err and "--overwrite" in err
+    assert {p: (p.stat().st_mtime_ns, sha256(p)) for p in files} == stamp
+    rc, _, err = cli(raw, "--run", other, "--out", out, "--device", "cpu", "--no-qc",
+                     "--overwrite")
+    assert rc == 0, err
+    new_sha = sha256(other / "checkpoints" / "latest" / "weights.safetensors")
+    for p in files:
+        assert sha256(p) != stamp[p][1]
+        side = json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())
+        assert side["CheckpointSHA256"] == new_sha
+
+
+def perturbed_copy(run_dir: Path, dest: Path) -> Path:
+    """The run with slightly different weights (same model, contrasts and metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(run_dir, dest)
+    for w in (dest / "checkpoints").glob("*/weights.safetensors"):
+        with safe_open(str(w), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        tensors = {k: (v + 0.05 if v.is_floating_point() else v) for k, v in tensors.items()}
+        save_file(tensors, str(w), metadata=meta)
+        doc = json.loads((w.parent / "meta.json").read_text())
+        if "sha256" in doc:  # checkpoints that record their files' hashes
+            doc["sha256"]["weights.safetensors"] = sha256(w)
+            (w.parent / "meta.json").write_text(json.dumps(doc))
+    return dest
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(mini_bids, run_dir, tmp_path):
+    raw = make_raw(mini_bids, tmp_path / "bids")
+    before = tree_hash(raw, skip="")
+    rc, stdout, _ = cli(raw, "--run", run_dir, "--dry-run", "--validate", "--device", "cpu")
+    assert rc == 0
+    assert "dry run" in stdout
+    for sub in ("sub-ms19", "sub-bratscase_ses-01", "sub-met00110"):
+        assert sub in stdout
+    assert stdout.count("to write") == len(EXPECTED)
+    assert tree_hash(raw, skip="") == before and not (raw / "derivatives").exists()
