@@ -15,7 +15,8 @@ from mrsynth.data.prepared import load_prepared
 from mrsynth.models.base import model_names
 
 SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
-         "--downsample", "3", "--slice-step", "3", "--c2st-steps", "10", "--device", "cpu"]
+         "--downsample", "3", "--slice-step", "3", "--c2st-steps", "10", "--device", "cpu",
+         "--test-subjects", "sim-002", "--val-fraction", "0.5"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +44,11 @@ def test_demo_outputs_exist_and_parse(demo):
     assert len(models) == 6
     data = load_prepared(out / "data" / "prepared.npz")
     assert data.size == (36, 36) and len(set(data.subject.tolist())) == 3
-    assert (data.split == "test").any() and (data.split == "train").any()
+    # the given test subject, one validation subject, one training subject
+    assert data.settings["test_subjects"] == ["sim-002"]
+    assert set(data.subject[data.split == "test"].tolist()) == {"sim-002"}
+    assert len(data.settings["val_subjects"]) == 1 and len(data.settings["train_subjects"]) == 1
+    assert (data.split == "val").any() and (data.split == "train").any()
     for m in models:
         metrics = json.loads((out / "runs" / m / "metrics.json").read_text())
         assert metrics["status"] == "completed" and metrics["epochs_completed"] == 1
@@ -103,3 +108,21 @@ def test_demo_refuses_to_resume_with_other_data_settings(demo, capsys):
     err = capsys.readouterr().err
     assert "size 36 -> 40" in err and "another --out" in err
     assert (out / "data" / "prepared.npz").stat().st_mtime_ns == before
+
+
+def test_demo_test_subjects_on_a_bids_subset(mini_bids, tmp_path, capsys):
+    """--subjects keeps the given test subjects in the subset; unknown ones are refused."""
+    from mrsynth.demo import _subset_bids
+    from mrsynth.errors import ConfigError
+
+    view = _subset_bids(mini_bids, tmp_path / "subset", 2, ["sub-ms19"])
+    assert sorted(p.name for p in view.glob("sub-*")) == ["sub-bratscase", "sub-ms19"]
+    with pytest.raises(ConfigError, match="leaves no training subject"):
+        _subset_bids(mini_bids, tmp_path / "s2", 1 + 1, ["sub-ms19", "met00110"])
+    out = tmp_path / "demo-out"
+    args = ["demo", "--out", str(out), "--data", str(mini_bids), "--subjects", "2",
+            "--test-subjects", "sub-nobody", "--device", "cpu"]
+    assert main(args) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--test-subjects sub-nobody not found" in err and "Traceback" not in err
+    assert not (out / "data" / "prepared.npz").exists()

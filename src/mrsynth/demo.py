@@ -3,7 +3,9 @@
 Stages, each resumed rather than redone when its final output exists:
 
 1. **prepare** the built-in simulated set (or ``--data PATH``, a BIDS/HCP data
-   set) -> ``OUT/data/prepared.npz``;
+   set) -> ``OUT/data/prepared.npz``, with the test subjects drawn from ``--seed`` or
+   given (``--test-subjects``) and a validation split (``--val-fraction``) kept out of
+   training for the per-epoch learning curves and the best-epoch checkpoint;
 2. **train** all six models with the ``cpu-small`` preset -> ``OUT/runs/<model>/``
    (done when its ``metrics.json`` says ``completed``; an interrupted run resumes
    from its checkpoint);
@@ -37,6 +39,9 @@ from mrsynth.utils import atomic_write_json
 BUILTIN_GEOMETRY = {"size": 112, "downsample": 1}
 REAL_GEOMETRY = {"size": 128, "downsample": 2}
 DEFAULT_SUBJECTS = 10
+#: Share of the non-test subjects kept for validation (per-epoch scores, best checkpoint):
+#: one of five training subjects on the shared data set, two of eight on the built-in set.
+DEFAULT_VAL_FRACTION = 0.2
 #: Training iterations per epoch in the demo (the cpu-small preset's epochs are kept): six
 #: models x 10 epochs x 100 steps fit the 10-minute budget on a 2-core CPU (docs/evaluation.md).
 DEFAULT_STEPS_PER_EPOCH = 100
@@ -85,8 +90,9 @@ def _config(model: str, epochs: int | None, steps: int | None, device: str,
     return resolve_config(model, "cpu-small", over)
 
 
-def _subset_bids(src: Path, dest: Path, n: int) -> Path:
-    """A BIDS view of the first ``n`` subjects (symbolic links), for ``--subjects``."""
+def _subset_bids(src: Path, dest: Path, n: int, keep: Sequence[str] = ()) -> Path:
+    """A BIDS view of ``n`` subjects (symbolic links), for ``--subjects``: those named in
+    ``keep`` (the test subjects) and then the first others in name order."""
     subs = sorted(p for p in src.glob("sub-*") if p.is_dir())
     if not subs:
         raise ConfigError(
@@ -95,6 +101,19 @@ def _subset_bids(src: Path, dest: Path, n: int) -> Path:
         )
     if n < 2:
         raise ConfigError("--subjects must be at least 2 (one to train on, one to test).")
+    wanted = {k if k.startswith("sub-") else f"sub-{k}" for k in keep}
+    missing = sorted(wanted - {s.name for s in subs})
+    if missing:
+        raise ConfigError(
+            f"--test-subjects {', '.join(missing)} not found in {src}; subjects: "
+            f"{', '.join(s.name for s in subs)}."
+        )
+    if len(wanted) >= n:
+        raise ConfigError(
+            f"--subjects {n} leaves no training subject besides the {len(wanted)} test "
+            "subject(s); raise --subjects."
+        )
+    subs = [s for s in subs if s.name in wanted] + [s for s in subs if s.name not in wanted]
     dest.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name in ("dataset_description.json", "participants.tsv"):
@@ -139,6 +158,8 @@ def run_demo(
     c2st_steps: int = 200,
     seed: int = 0,
     threads: int | None = DEFAULT_THREADS,
+    test_subjects: Sequence[str] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the demo in ``out``; returns paths and stage timings.
@@ -154,7 +175,9 @@ def run_demo(
     try:
         return _run_demo(out, data=data, epochs=epochs, subjects=subjects, models=models,
                          size=size, downsample=downsample, slice_step=slice_step, steps=steps,
-                         device=device, c2st_steps=c2st_steps, seed=seed, console=console)
+                         device=device, c2st_steps=c2st_steps, seed=seed,
+                         test_subjects=test_subjects, val_fraction=val_fraction,
+                         console=console)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -173,6 +196,8 @@ def _run_demo(
     device: str,
     c2st_steps: int,
     seed: int,
+    test_subjects: Sequence[str] | None,
+    val_fraction: float,
     console: Console | None,
 ) -> dict[str, Any]:
     from mrsynth.data.prepare import prepare_dataset
@@ -196,9 +221,16 @@ def _run_demo(
         geo["size"] = size
     if downsample is not None:
         geo["downsample"] = downsample
-    _check_same_settings(root, {"data": str(data), "subjects": subjects, "size": geo["size"],
+    tests = sorted(test_subjects) if test_subjects else None
+    settings: dict[str, Any] = {"data": str(data), "subjects": subjects, "size": geo["size"],
                                 "downsample": geo["downsample"], "slice_step": slice_step,
-                                "seed": seed})
+                                "seed": seed}
+    # recorded only when used, so demo directories from before these options still resume
+    if tests:
+        settings["test_subjects"] = tests
+    if val_fraction:
+        settings["val_fraction"] = float(val_fraction)
+    _check_same_settings(root, settings)
     timings: dict[str, float] = {}
     n_stages = 4
     t_all = time.perf_counter()
@@ -218,11 +250,11 @@ def _run_demo(
             if not source.is_dir():
                 raise ConfigError(f"--data {data}: no such directory (a BIDS or HCP data set).")
             if subjects is not None:
-                source = _subset_bids(source, root / "data" / "subset", subjects)
+                source = _subset_bids(source, root / "data" / "subset", subjects, tests or ())
         prepare_dataset(
             source, prepared, contrasts=("T1w", "T2w"), size=(geo["size"], geo["size"]),
             downsample=geo["downsample"], slice_step=slice_step, seed=seed, progress=True,
-            **opts,
+            test_subjects=tests, val_fraction=val_fraction, **opts,
         )
     timings["prepare_s"] = _done(con, t0, f"prepared slices: {prepared}")
 
@@ -334,6 +366,13 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(DEFAULT_THREADS, "--threads", min=0,
                                     help="CPU threads for torch (0: one per core)."),
+        test_subjects: str | None = typer.Option(
+            None, "--test-subjects", help="Comma-separated test subjects (default: drawn from "
+            "--seed), e.g. sub-ms19,sub-fg6692."),
+        val_fraction: float = typer.Option(
+            DEFAULT_VAL_FRACTION, "--val-fraction", min=0.0, max=0.99,
+            help="Share of the non-test subjects kept out of training for validation "
+            "(learning curves, best epoch); 0: none."),
     ) -> None:
         """The whole study in one command: prepare, train all models, evaluate, report."""
         console = Console(stderr=True)
@@ -341,7 +380,10 @@ def register(app: typer.Typer) -> None:
             out, data=data, epochs=epochs, subjects=subjects,
             models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
             size=size, downsample=downsample, slice_step=slice_step, steps=steps or None,
-            device=device, c2st_steps=c2st_steps, seed=seed, threads=threads, console=console,
+            device=device, c2st_steps=c2st_steps, seed=seed, threads=threads,
+            test_subjects=[s.strip() for s in test_subjects.split(",") if s.strip()]
+            if test_subjects else None,
+            val_fraction=val_fraction, console=console,
         )
         out_console = Console() if sys.stdout.isatty() else Console(width=120)
         out_console.print(summary_table(res["eval"]))

@@ -216,6 +216,12 @@ def prepare_cmd(
     split_from: Path | None = typer.Option(
         None, "--split-from", help="Reuse the test subjects of an earlier prepared file (.npz), "
         "a JSON list or a text file."),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Fraction of the non-test subjects kept out of training as "
+        "a validation split (per-epoch scores, best checkpoint); 0: none."),
+    val_subjects: list[str] | None = typer.Option(
+        None, "--val-subjects", help="Subjects for the validation split (repeat or "
+        "comma-separate); overrides --val-fraction."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subject split (and the builtin set)."),
     layout: str | None = typer.Option(None, "--layout", help=_LAYOUT_HELP),
     unpaired: bool = typer.Option(
@@ -244,7 +250,8 @@ def prepare_cmd(
         path = prepare_dataset(
             source, out, contrasts=cs, size=size, slices=slices, slice_step=slice_step,
             downsample=downsample, test_fraction=test_fraction,
-            test_subjects=_split_list(test_subjects), split_from=split_from, seed=seed,
+            test_subjects=_split_list(test_subjects), split_from=split_from,
+            val_fraction=val_fraction, val_subjects=_split_list(val_subjects), seed=seed,
             layout=layout, unpaired=unpaired, strict=strict, resample=resample,
             overwrite=overwrite, n_subjects=n_subjects, resolution=resolution, compress=compress,
             progress=not quiet,
@@ -255,12 +262,15 @@ def prepare_cmd(
     d = load_prepared(path)
     n_train = int((d.split == "train").sum())
     n_test = int((d.split == "test").sum())
+    n_val = int((d.split == "val").sum())
     st = d.settings
+    val_txt = (f", {len(st['val_subjects'])} val ({', '.join(st['val_subjects'])})"
+               if st.get("val_subjects") else "")
     console.print(
-        f"Wrote {path}: {len(d)} slices ({n_train} train, {n_test} test) of "
+        f"Wrote {path}: {len(d)} slices ({n_train} train, {n_val} val, {n_test} test) of "
         f"{d.size[0]}x{d.size[1]}, contrasts {', '.join(d.contrasts)}, "
-        f"{len(st['train_subjects'])} train / {len(st['test_subjects'])} test subjects "
-        f"(test: {', '.join(st['test_subjects']) or 'none'}) in {elapsed:.1f} s.",
+        f"{len(st['train_subjects'])} train{val_txt} / {len(st['test_subjects'])} test "
+        f"subjects (test: {', '.join(st['test_subjects']) or 'none'}) in {elapsed:.1f} s.",
         highlight=False, soft_wrap=True,
     )
 

@@ -5,8 +5,10 @@ check the contrasts share one grid (or resample onto the first), build a joint
 brain mask, pick axial slices, block-average in-plane (``downsample``),
 normalise each volume to [-1, 1] with robust brain percentiles, set the
 background to -1, and crop/pad to ``size`` around the brain. The split is by
-participant, drawn from ``seed`` (or given), so no subject's slices are in both
-train and test. The result is written atomically with
+participant, drawn from ``seed`` (or given), so no subject's slices are in two of
+train, val and test. The validation split (``val_fraction`` / ``val_subjects``) is
+taken out of the subjects left after the test split, with its own random stream, so
+adding it never changes the test subjects. The result is written atomically with
 :meth:`mrsynth.data.prepared.PreparedData.save`.
 """
 
@@ -74,7 +76,7 @@ class _Chunk:
 # --------------------------------------------------------------------------- options
 def _check_options(
     contrasts: Sequence[str], size: Sequence[int], slice_step: int, downsample: int,
-    test_fraction: float,
+    test_fraction: float, val_fraction: float = 0.0,
 ) -> tuple[list[str], tuple[int, int]]:
     cs = [str(c) for c in contrasts]
     if not cs:
@@ -96,6 +98,8 @@ def _check_options(
         raise ConfigError(f"--downsample must be an integer >= 1, not {downsample}.")
     if not 0.0 <= float(test_fraction) < 1.0:
         raise ConfigError(f"--test-fraction must be in [0, 1), not {test_fraction}.")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), not {val_fraction}.")
     return cs, (h, w)
 
 
@@ -166,18 +170,7 @@ def _resolve_test(
             warn(f"Only {len(participants)} participant(s): every slice goes to the train split.",
                  warnings_out)
         return test, method
-    by_id = {r.id: r.participant for r in records}
-    test: set[str] = set()
-    unknown = []
-    for s in given:
-        if s in participants:
-            test.add(s)
-        elif s in by_id:
-            test.add(by_id[s])
-        elif f"sub-{s}" in participants:
-            test.add(f"sub-{s}")
-        else:
-            unknown.append(s)
+    test, unknown = _match_subjects(given, records, participants)
     if unknown:
         raise ConfigError(
             f"Test subject(s) {', '.join(unknown)} are not in {idx.source} (after dropping "
@@ -186,6 +179,68 @@ def _resolve_test(
     if set(participants) <= test and participants:
         warn("Every subject is in the test split; nothing is left to train on.", warnings_out)
     return test, method
+
+
+def _match_subjects(given: Sequence[str], records: list[SubjectRecord],
+                    participants: list[str]) -> tuple[set[str], list[str]]:
+    """Participants named by ``given`` (participant, record id or bare label); unknown names."""
+    by_id = {r.id: r.participant for r in records}
+    found: set[str] = set()
+    unknown = []
+    for s in given:
+        if s in participants:
+            found.add(s)
+        elif s in by_id:
+            found.add(by_id[s])
+        elif f"sub-{s}" in participants:
+            found.add(f"sub-{s}")
+        else:
+            unknown.append(s)
+    return found, unknown
+
+
+#: Offset of the validation split's random stream from ``seed`` (the test split uses ``seed``).
+VAL_SEED_OFFSET = 7919
+
+
+def _resolve_val(
+    idx: DatasetIndex, records: list[SubjectRecord], test: set[str],
+    val_subjects: Sequence[str] | None, val_fraction: float, seed: int, warnings_out: list[str],
+) -> tuple[set[str], str]:
+    """Validation participants, taken out of those not in the test split."""
+    if idx.layout == "folders":
+        pool = sorted({r.participant for r in records if r.split != "test"})
+    else:
+        pool = sorted({r.participant for r in records} - test)
+    if val_subjects:
+        val, unknown = _match_subjects([str(s) for s in val_subjects], records,
+                                       sorted({r.participant for r in records}))
+        if unknown:
+            raise ConfigError(
+                f"Validation subject(s) {', '.join(unknown)} are not in {idx.source} (after "
+                "dropping subjects without the requested contrasts). Subjects: "
+                f"{', '.join(sorted({r.participant for r in records}))}."
+            )
+        clash = sorted(val - set(pool))
+        if clash:
+            raise ConfigError(
+                f"Subject(s) {', '.join(clash)} are in the test split and cannot also be "
+                "validation subjects: the test split is never used for choices. Choose other "
+                "--val-subjects."
+            )
+        if pool and set(pool) <= val:
+            raise ConfigError(
+                f"--val-subjects takes every training subject ({', '.join(pool)}); leave at "
+                "least one subject to train on."
+            )
+        return val, "given"
+    if val_fraction <= 0:
+        return set(), "none"
+    if len(pool) < 2:
+        warn(f"Only {len(pool)} training participant(s): no validation split is kept "
+             f"(--val-fraction {val_fraction}).", warnings_out)
+        return set(), "none"
+    return set(split_participants(pool, val_fraction, seed + VAL_SEED_OFFSET)), "seed"
 
 
 # --------------------------------------------------------------------------- per subject
@@ -394,6 +449,8 @@ def prepare_dataset(
     test_fraction: float = 0.2,
     test_subjects: Sequence[str] | None = None,
     split_from: str | os.PathLike[str] | None = None,
+    val_fraction: float = 0.0,
+    val_subjects: Sequence[str] | None = None,
     seed: int = 0,
     layout: str | None = None,
     unpaired: bool = False,
@@ -413,7 +470,7 @@ def prepare_dataset(
     See ``docs/data.md`` for every option. Returns ``out``. Every input problem raises
     :class:`~mrsynth.errors.MrsynthError`; ``out`` is only ever replaced by a complete file.
     """
-    cs, hw = _check_options(contrasts, size, slice_step, downsample, test_fraction)
+    cs, hw = _check_options(contrasts, size, slice_step, downsample, test_fraction, val_fraction)
     spec = SliceSpec.parse(slices)
     out_path = check_can_write(out, overwrite)
     if out_path.is_dir():
@@ -476,6 +533,8 @@ def prepare_dataset(
     test, split_method = _resolve_test(
         idx, records, test_subjects, split_from, test_fraction, seed, warnings_out
     )
+    val, val_method = _resolve_val(idx, records, test, val_subjects, val_fraction, seed,
+                                   warnings_out)
 
     update, bar = _progress_callback(progress)
     chunks: list[tuple[SubjectRecord, _Chunk]] = []
@@ -504,13 +563,17 @@ def prepare_dataset(
             "brain fraction or choose other slices."
         )
 
-    # the folders layout fixes each image's split; otherwise it follows the participant
+    # the folders layout fixes each image's test split; otherwise it follows the participant
     splits = [rec.split or ("test" if rec.participant in test else "train") for rec, _ in chunks]
+    splits = ["val" if s == "train" and rec.participant in val else s
+              for (rec, _), s in zip(chunks, splits, strict=True)]
     data = _assemble(chunks, cs, splits)
     test_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
                         if s == "test"})
     train_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
                          if s == "train"})
+    val_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
+                       if s == "val"})
     if test and not test_list:
         warn("None of the test subjects produced slices; the test split is empty.", warnings_out)
     data.settings = {
@@ -533,6 +596,9 @@ def prepare_dataset(
         "split_method": split_method,
         "test_subjects": test_list,
         "train_subjects": train_list,
+        "val_fraction": float(val_fraction),
+        "val_method": val_method,
+        "val_subjects": val_list,
         "unpaired": bool(unpaired),
         "strict": bool(strict),
         "resample": bool(resample),

@@ -19,7 +19,9 @@ key                         shape / dtype   meaning
 ``slice_index``             (N,) i32        axial index in the canonical (RAS) volume
 ``crop``                    (N,2) i32       (row0, col0): ``slice[r,c] = canonical[r+row0, c+col0]``
                                             (negative means the slice was padded there)
-``split``                   (N,) str        ``train`` or ``test``
+``split``                   (N,) str        ``train``, ``val`` (validation: kept out of
+                                            training, for choices) or ``test``; files
+                                            written before ``val`` existed have none
 ``paired``                  (N,) bool       every requested contrast is available
 ==========================  ==============  ==============================================
 
@@ -128,7 +130,7 @@ class PreparedData:
         )
 
     def split_view(self, split: str) -> PreparedData:
-        """Slices of one split (``train`` or ``test``)."""
+        """Slices of one split (``train``, ``val`` or ``test``)."""
         sel = self.split == split
         if not sel.any():
             raise DataError(
@@ -136,6 +138,10 @@ class PreparedData:
                 f"(splits present: {sorted(set(self.split.tolist()))})."
             )
         return self.select(sel)
+
+    def has_split(self, split: str) -> bool:
+        """Whether any slice is in ``split`` (older files have no ``val`` slices)."""
+        return bool((self.split == split).any())
 
     def require_contrasts(self, *contrasts: str) -> None:
         missing = [c for c in contrasts if c not in self.images]

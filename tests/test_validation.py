@@ -1,0 +1,224 @@
+"""The validation split (``data prepare --val-fraction/--val-subjects``) and the per-epoch
+validation scores the trainer records (:mod:`mrsynth.eval.validation`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from mrsynth.cli import main
+from mrsynth.data.prepare import prepare_dataset
+from mrsynth.data.prepared import load_prepared
+from mrsynth.errors import ConfigError
+from mrsynth.eval.validation import (
+    SCORE_KEY,
+    best_epoch,
+    pick_validation_slices,
+    score_slices,
+    validate,
+)
+
+KW = {"size": (128, 128), "slice_step": 6}
+
+
+@pytest.fixture(scope="module")
+def with_val(mini_bids: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three real subjects: one test, one validation, one training."""
+    out = tmp_path_factory.mktemp("val") / "val.npz"
+    return prepare_dataset(mini_bids, out, test_subjects=["sub-ms19"], val_fraction=0.5,
+                           seed=0, **KW)
+
+
+# --------------------------------------------------------------------------- the split
+def test_val_split_is_kept_out_of_training_and_test(with_val: Path, mini_bids: Path,
+                                                    tmp_path: Path):
+    d = load_prepared(with_val)
+    st = d.settings
+    assert st["test_subjects"] == ["sub-ms19"]
+    assert len(st["val_subjects"]) == 1 and len(st["train_subjects"]) == 1
+    assert {*st["val_subjects"], *st["train_subjects"]} == {"sub-met00110", "sub-bratscase"}
+    assert st["val_method"] == "seed" and st["val_fraction"] == 0.5
+    for sub in set(d.subject.tolist()):  # one split per subject
+        splits = set(d.split[d.subject == sub].tolist())
+        want = ("test" if sub in st["test_subjects"] else
+                "val" if sub in st["val_subjects"] else "train")
+        assert splits == {want}, sub
+        assert d.subjects[sub]["split"] == want
+    assert d.has_split("val") and d.has_split("train") and d.has_split("test")
+    # reproducible, and taking a validation split never changes the test split
+    again = load_prepared(prepare_dataset(mini_bids, tmp_path / "again.npz",
+                                          test_subjects=["sub-ms19"], val_fraction=0.5, **KW))
+    np.testing.assert_array_equal(again.split, d.split)
+    no_val = load_prepared(prepare_dataset(mini_bids, tmp_path / "noval.npz", test_fraction=0.34,
+                                           seed=5, **KW))
+    with_v = load_prepared(prepare_dataset(mini_bids, tmp_path / "v.npz", test_fraction=0.34,
+                                           val_fraction=0.5, seed=5, **KW))
+    assert no_val.settings["test_subjects"] == with_v.settings["test_subjects"]
+    assert not no_val.has_split("val") and no_val.settings["val_subjects"] == []
+    np.testing.assert_array_equal(no_val.split == "test", with_v.split == "test")
+
+
+def test_val_subjects_given_on_the_command_line(mini_bids: Path, tmp_path: Path, capsys):
+    out = tmp_path / "given.npz"
+    rc = main(["data", "prepare", str(mini_bids), "--out", str(out), "--size", "128", "128",
+               "--slice-step", "6", "--test-subjects", "sub-ms19", "--val-subjects",
+               "bratscase"])
+    assert rc == 0
+    text = " ".join(capsys.readouterr().out.split())
+    d = load_prepared(out)
+    assert d.settings["val_subjects"] == ["sub-bratscase"]
+    assert d.settings["val_method"] == "given"
+    assert set(d.subject[d.split == "val"].tolist()) == {"sub-bratscase"}
+    n_val = int((d.split == "val").sum())
+    assert n_val > 0 and f"{n_val} val" in text and "val (sub-bratscase)" in text
+
+
+@pytest.mark.parametrize(("val", "message"), [
+    (["sub-ms19"], "in the test split"),
+    (["sub-nobody"], "Validation subject(s) sub-nobody are not in"),
+    (["sub-met00110", "sub-bratscase"], "leave at least one subject to train on"),
+])
+def test_bad_val_subjects_are_refused(mini_bids: Path, tmp_path: Path, val, message):
+    with pytest.raises(ConfigError) as err:
+        prepare_dataset(mini_bids, tmp_path / "bad.npz", test_subjects=["sub-ms19"],
+                        val_subjects=val, **KW)
+    assert message in str(err.value)
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_bad_val_fraction_is_refused(mini_bids: Path, tmp_path: Path, capsys):
+    rc = main(["data", "prepare", str(mini_bids), "--out", str(tmp_path / "x.npz"),
+               "--val-fraction", "1.5"])
+    text = " ".join(capsys.readouterr().err.split())
+    assert rc != 0 and "--val-fraction must be in [0, 1)" in text and "Traceback" not in text
+
+
+def test_file_without_a_val_split_still_loads(with_val: Path, tmp_path: Path):
+    """Files written before the validation split existed: no ``val`` slices, no settings."""
+    d = load_prepared(with_val)
+    d.split = np.where(d.split == "val", "train", d.split)
+    for key in ("val_fraction", "val_method", "val_subjects"):
+        d.settings.pop(key)
+    old = load_prepared(d.save(tmp_path / "old.npz"))
+    assert not old.has_split("val")
+    assert pick_validation_slices(old, ("T1w", "T2w"), 4) is None
+
+
+# --------------------------------------------------------------------------- the scores
+def test_pick_validation_slices(with_val: Path):
+    d = load_prepared(with_val)
+    val = pick_validation_slices(d, ("T1w", "T2w"), 4)
+    assert val is not None and len(val) == 4
+    assert (d.split[val.rows] == "val").all() and d.paired[val.rows].all()
+    assert val.subjects == d.settings["val_subjects"]
+    np.testing.assert_array_equal(val.A, d.images["T1w"][val.rows])
+    np.testing.assert_array_equal(val.mask, d.mask[val.rows])
+    rows = np.flatnonzero(d.split == "val")
+    assert val.rows[0] == rows[0] and val.rows[-1] == rows[-1]  # spread over the split
+    assert len(pick_validation_slices(d, ("T1w", "T2w"), 10_000)) == rows.size
+    assert pick_validation_slices(d, ("T1w", "T2w"), 0) is None
+
+
+def _independent_scores(real: np.ndarray, syn: np.ndarray, mask: np.ndarray) -> tuple[float,
+                                                                                       float]:
+    maes, ssims = [], []
+    for r, s, m in zip(real.astype(np.float64), syn.astype(np.float64), mask, strict=True):
+        rz = (r - r[m].mean()) / r[m].std()
+        sz = (s - s[m].mean()) / s[m].std()
+        maes.append(np.abs(rz - sz)[m].mean())
+        peak = rz[m].max() - rz[m].min()
+        _, smap = structural_similarity(rz, sz, data_range=peak, full=True)
+        ssims.append(smap[m].mean())
+    return float(np.mean(maes)), float(np.mean(ssims))
+
+
+def test_scores_match_an_independent_computation(with_val: Path):
+    d = load_prepared(with_val)
+    val = pick_validation_slices(d, ("T1w", "T2w"), 3)
+    rng = np.random.default_rng(0)
+    syn = (val.B + rng.normal(0, 0.2, val.B.shape)).astype(np.float32)
+    got = score_slices(val.B, syn, val.mask)
+    want_mae, want_ssim = _independent_scores(val.B, syn, val.mask)
+    assert got["mae"] == pytest.approx(want_mae, rel=1e-9)
+    assert got["ssim"] == pytest.approx(want_ssim, rel=1e-9)
+    assert 0 < got["mae"] < 1 and 0 < got["ssim"] < 1
+
+
+def test_validate_translates_both_directions(with_val: Path):
+    import torch
+
+    d = load_prepared(with_val)
+    val = pick_validation_slices(d, ("T1w", "T2w"), 3)
+    calls = []
+
+    def oracle(x: torch.Tensor, direction: str) -> torch.Tensor:
+        calls.append((direction, tuple(x.shape)))
+        return torch.from_numpy(val.B if direction == "A2B" else val.A)[:, None]
+
+    perfect = validate(oracle, val)
+    assert calls == [("A2B", (3, 1, 128, 128)), ("B2A", (3, 1, 128, 128))]
+    for label in ("T1w2T2w", "T2w2T1w"):
+        assert perfect[label]["mae"] == 0.0 and perfect[label]["ssim"] == pytest.approx(1.0)
+    assert perfect[SCORE_KEY] == 0.0
+
+    ident = validate(lambda x, direction: x, val)
+    mae_ab, _ = _independent_scores(val.B, val.A, val.mask)
+    mae_ba, _ = _independent_scores(val.A, val.B, val.mask)
+    assert ident["T1w2T2w"]["mae"] == pytest.approx(mae_ab, abs=1e-6)
+    assert ident[SCORE_KEY] == pytest.approx((mae_ab + mae_ba) / 2, abs=1e-6)
+
+
+def test_best_epoch_is_the_argmin():
+    eps = [{"epoch": 1, "validation": {SCORE_KEY: 0.9}},
+           {"epoch": 2, "validation": {SCORE_KEY: 0.7}},
+           {"epoch": 3, "validation": {SCORE_KEY: math.nan}},
+           {"epoch": 4},
+           {"epoch": 5, "validation": {SCORE_KEY: 0.7}},
+           {"epoch": 6, "validation": {SCORE_KEY: 0.8}}]
+    assert best_epoch(eps) == 2
+    assert best_epoch([{"epoch": 1}, {"epoch": 2, "validation": None}]) is None
+    assert best_epoch(json.loads(json.dumps(eps))[::-1]) == 2
+
+
+# --------------------------------------------------------------------------- learning curves
+def _metrics_doc(scores: list[float], best: int) -> dict:
+    eps = [{"epoch": i + 1, "validation": {"T1w2T2w": {"mae": s, "ssim": 1 - s},
+                                           "T2w2T1w": {"mae": s / 2, "ssim": 1 - s / 2},
+                                           SCORE_KEY: 0.75 * s}}
+           for i, s in enumerate(scores)]
+    base = {"baseline_intensity": {"T1w2T2w": {"mae": 0.6, "ssim": 0.5},
+                                    "T2w2T1w": {"mae": 0.4, "ssim": 0.6}, SCORE_KEY: 0.5}}
+    return {"epochs": eps, "validation": {"baselines": base, "best_epoch": best}}
+
+
+def test_learning_curves_figure_draws_the_recorded_scores(tmp_path: Path):
+    from mrsynth.eval.curves import learning_curves_figure, learning_curves_html
+
+    runs = [("a", _metrics_doc([0.9, 0.5, 0.7], 2)), ("b", _metrics_doc([0.8, 0.6], 2)),
+            ("old", {"epochs": [{"epoch": 1, "losses": {}}]})]
+    fig = learning_curves_figure(runs)
+    axes = fig.axes
+    assert len(axes) == 4  # (MAE, SSIM) x (two directions)
+    mae_ab = axes[0]
+    assert mae_ab.get_title() == "T1w2T2w"
+    lines = {ln.get_label(): ln for ln in mae_ab.get_lines()}
+    np.testing.assert_allclose(lines["a"].get_ydata(), [0.9, 0.5, 0.7])
+    np.testing.assert_allclose(lines["b"].get_xdata(), [1, 2])
+    np.testing.assert_allclose(lines["baseline_intensity"].get_ydata(), [0.6, 0.6])
+    stars = [ln for ln in mae_ab.get_lines() if ln.get_marker() == "*"]
+    assert sorted(float(s.get_ydata()[0]) for s in stars) == [0.5, 0.6]
+    assert learning_curves_figure([("old", runs[2][1])]) is None
+
+    for name, doc in runs:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(doc))
+    entries = [{"label": n, "run_dir": str(tmp_path / n)} for n, _ in runs]
+    page = learning_curves_html(entries)
+    assert "data:image/png;base64," in page and "a: epoch 2" in page
+    none = learning_curves_html([{"label": "gone", "run_dir": str(tmp_path / "nope")}])
+    assert "--val-fraction" in none and "<img" not in none
