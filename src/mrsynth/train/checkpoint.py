@@ -6,7 +6,14 @@ Layout of one checkpoint directory (``RUN_DIR/checkpoints/latest``, ``.../epoch_
                           (model name, contrasts, epoch, iteration)
     state.pt              optimisers, schedulers, grad scaler, image pools, all RNG states,
                           epoch / step-in-epoch / iteration (torch.save, loads weights_only)
-    meta.json             written last: a checkpoint without it is incomplete
+    meta.json             written last: a checkpoint without it is incomplete; holds the
+                          sha256 of the two files above (``sha256``)
+
+Loading verifies a checkpoint before using it: the files' sha256 against ``meta.json`` and
+every weight finite (training never writes non-finite weights). A damaged checkpoint is a
+:class:`CheckpointError` naming the file and the run's previous kept checkpoint. Checkpoints
+written before the hashes existed load with the finite check alone and a
+:class:`CheckpointWarning`.
 
 A checkpoint is written into a temporary directory beside its destination and renamed into
 place; the previous one is moved aside first and deleted only after the rename, so a crash at
@@ -17,10 +24,12 @@ to the moved-aside one).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +43,21 @@ STATE = "state.pt"
 META = "meta.json"
 FORMAT = "mrsynth-checkpoint-1"
 LATEST = "latest"
+
+
+class CheckpointError(RunError):
+    """A checkpoint whose files changed after training wrote them (bit rot, a bad copy, an
+    edit): a hash mismatch, non-finite weights or unreadable files."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that can only be checked partly (written before hashes were stored)."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (a paper-size checkpoint is hundreds of MB)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,7 +109,10 @@ def save_checkpoint(
             },
         )
         torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+        hashes = {f: sha256_file(tmp / f) for f in (WEIGHTS, STATE)}
+        (tmp / META).write_text(
+            json.dumps({"format": FORMAT, **meta, "sha256": hashes}, indent=2) + "\n"
+        )
         for f in (WEIGHTS, STATE, META):
             _fsync_file(tmp / f)
         _fsync_dir(tmp)
@@ -146,39 +173,142 @@ def find_checkpoint(run_dir: Path, which: str | int = LATEST) -> Path:
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
-        return json.loads((ckpt / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"Cannot read checkpoint metadata {ckpt / META}: {exc}.") from exc
+        meta = json.loads((ckpt / META).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise damaged(ckpt, META, f"cannot be read ({exc})") from exc
+    return meta
+
+
+def _epoch_of(ckpt: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        return int(json.loads((ckpt / META).read_text())["epoch"])
+    return None
+
+
+def kept_checkpoints(root: Path) -> list[tuple[str, int]]:
+    """``(name, epoch)`` of the complete checkpoints in ``root`` other than ``latest``,
+    oldest first (the ``epoch_NNNN`` copies ``train.keep_every_epochs`` keeps)."""
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            epoch = _epoch_of(p) if is_complete(p) else None
+            if p.name != LATEST and not p.name.startswith(".") and epoch is not None:
+                found.append((p.name, epoch))
+    return sorted(found, key=lambda t: (t[1], t[0]))
+
+
+def damaged(ckpt: Path, file: str, problem: str, lead: str | None = None) -> CheckpointError:
+    """The error for a damaged checkpoint file: which file, what is wrong (``problem``, or
+    ``lead`` as the whole first sentence), and which of the run's kept checkpoints to fall
+    back to (the newest one not after the damaged one)."""
+    ckpt = Path(ckpt)
+    epoch = _epoch_of(ckpt)
+    kept = [(n, e) for n, e in kept_checkpoints(ckpt.parent) if n != ckpt.name]
+    msg = lead or (f"Checkpoint file {ckpt / file} is damaged: {problem}. It changed after "
+                   "training wrote it (a disk or copy error, or an edit).")
+    before = [(n, e) for n, e in kept if epoch is None or e <= epoch]
+    if not kept:
+        return CheckpointError(
+            f"{msg} The run keeps no other checkpoint (train.keep_every_epochs); train it "
+            "again, or restore the run directory from a backup."
+        )
+    listing = ", ".join(f"{n} (epoch {e})" for n, e in kept)
+    if not before:
+        return CheckpointError(
+            f"{msg} Kept checkpoints: {listing}; none is older than the damaged one. Train "
+            "the run again or restore it from a backup."
+        )
+    name, e = before[-1]
+    prev = ckpt.parent / name
+    if ckpt.name in (LATEST, f".old-{LATEST}"):
+        how = (f"To continue from it, replace the damaged checkpoint with a copy of it "
+               f"(`rm -r {ckpt} && cp -r {prev} {ckpt.parent / LATEST}`) and run the "
+               f"command again (`mrsynth train --out {ckpt.parent.parent} --resume` then "
+               f"continues training after epoch {e}).")
+    else:
+        how = f"Load that one instead (`load_run(RUN_DIR, checkpoint={e})`)."
+    return CheckpointError(
+        f"{msg} Kept checkpoints: {listing}. The previous kept one is {name} (epoch {e}). "
+        f"{how}"
+    )
+
+
+def _stored_hash(ckpt: Path, file: str) -> str | None:
+    hashes = read_meta(ckpt).get("sha256")
+    if hashes is None:
+        return None
+    if not isinstance(hashes, dict) or not isinstance(hashes.get(file), str):
+        raise damaged(ckpt, META, f"its sha256 entry for {file} is missing or malformed")
+    return hashes[file]
+
+
+def _verify_hash(ckpt: Path, file: str, actual: str) -> bool:
+    """Compare a file's sha256 with meta.json's; False when meta.json has none (an older
+    checkpoint)."""
+    expected = _stored_hash(ckpt, file)
+    if expected is None:
+        return False
+    if actual != expected:
+        raise damaged(
+            ckpt, file, f"its sha256 is {actual[:16]}..., not the {expected[:16]}... "
+            f"recorded in {META} when it was written"
+        )
+    return True
 
 
 def load_weights(ckpt: Path, device: torch.device | str = "cpu") -> tuple[dict, dict[str, str]]:
-    """The weights and safetensors metadata of a checkpoint; unreadable files are RunError."""
+    """The verified weights and safetensors metadata of a checkpoint.
+
+    Unreadable files, a sha256 that differs from meta.json's and non-finite weights are a
+    :class:`CheckpointError`; a checkpoint without stored hashes gets the finite check and a
+    :class:`CheckpointWarning`.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = ckpt / WEIGHTS
     try:
+        actual = sha256_file(path)  # first: the read also warms the page cache for safe_open
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise RunError(
+        raise damaged(ckpt, WEIGHTS, "", lead=(
             f"Cannot read the weights {path}: {exc}. The checkpoint is damaged or not an "
-            "mrsynth checkpoint; use another checkpoint of the run or train again."
-        ) from exc
+            "mrsynth checkpoint."
+        )) from exc
     if meta.get("format") != FORMAT:
         raise RunError(f"{path} is not an mrsynth checkpoint (format {meta.get('format')!r}).")
+    # the specific problem first: training never writes non-finite weights
+    floats = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
+    if floats and not torch.stack([torch.isfinite(t).all() for _, t in floats]).all().item():
+        bad = [k for k, t in floats if not torch.isfinite(t).all()]
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise damaged(ckpt, WEIGHTS, f"non-finite (NaN or infinite) values in {shown}")
+    if not _verify_hash(ckpt, WEIGHTS, actual):
+        warnings.warn(
+            f"Checkpoint {ckpt} has no stored sha256 (written by an older mrsynth): only "
+            "checking that its weights are finite. A later save of the run stores them.",
+            CheckpointWarning, stacklevel=2,
+        )
     return tensors, meta
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
+    """The training state, after checking its sha256 against meta.json's (when stored)."""
     path = ckpt / STATE
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise damaged(ckpt, STATE, f"cannot be read ({exc})") from exc
+    _verify_hash(ckpt, STATE, actual)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike
-        raise RunError(
-            f"Cannot read the training state {path}: {exc}. The checkpoint is damaged; resume "
-            "from another checkpoint of the run or train again."
-        ) from exc
+        raise damaged(ckpt, STATE, "", lead=(
+            f"Cannot read the training state {path}: {exc}. The checkpoint is damaged."
+        )) from exc
 
 
 def check_identity(
