@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from mrsynth.cli import main
+from mrsynth.data.volumes import brain_mask
 from mrsynth.errors import ConfigError, DataError, OutputExistsError
 from mrsynth.study import db as sdb
 from mrsynth.study.create import create_study, parse_synthetic
@@ -133,8 +134,11 @@ def test_create_single_is_balanced_disjoint_and_identically_rendered(study_input
         src = Path(im["source"])
         assert src.parent == (real_dir if im["kind"] == "real" else syn[im["model"]])
         assert parse_name(src.name) == (im["subject"], im["slice"], im["contrast"])
-        # Every PNG is the one rendering path applied to the source file (RAS arrays turned).
-        expected = to_display(np.load(src), size=64, window_method="robust", rotate=1)
+        # Every PNG is the one rendering path applied to the source file (RAS arrays turned),
+        # masked with the head mask of the real slice of the same name.
+        twin_mask = brain_mask(np.load(real_dir / src.name))
+        expected = to_display(np.load(src), size=64, window_method="robust", rotate=1,
+                              mask=twin_mask)
         assert np.array_equal(_decode(im["png"]), expected)
         assert im["sha256"] == hashlib.sha256(im["png"]).hexdigest()
     # Blinding at the byte level: identical length and chunk layout for every image.
@@ -247,7 +251,7 @@ def test_create_from_prepared_file_uses_test_split(study_inputs, tmp_path):
         assert im["subject"] == "ms19" and "#row=" in im["source"]
         row = int(im["source"].split("#row=")[1])
         expected = to_display(data.images[im["contrast"]][row], size=64, window_method="fixed",
-                              rotate=1)
+                              rotate=1, mask=data.mask[row])
         assert np.array_equal(_decode(im["png"]), expected)
 
 
@@ -359,3 +363,47 @@ def test_study_from_prepare_dataset_and_evaluate_style_slices(prepared_small, tm
     )
     assert scored == {(k, c): 8 for k in ("real", "synthetic") for c in ("T1w", "T2w")}
     assert len({len(im["png"]) for im in images}) == 1
+
+
+# --------------------------------------------------------------------------- blinding (item 11)
+def test_threshold_accuracy_by_hand():
+    from mrsynth.study.blinding import threshold_accuracy
+
+    assert threshold_accuracy([0, 0, 0], [1, 2, 3]) == (1.0, 0.0)
+    assert threshold_accuracy([5, 6, 7], [1, 2, 3]) == (1.0, 3.0)  # either direction
+    assert threshold_accuracy([1, 2], [1, 2])[0] == 0.5
+    # 3 of 4 real below 2.5, all synthetic above: (3/4 + 1) / 2
+    assert threshold_accuracy([1, 2, 3, 2], [3, 4, 5])[0] == pytest.approx(0.875)
+
+
+def test_grey_background_is_masked_away_and_detected(study_inputs, tmp_path):
+    """A model that leaves grey corners (like UNIT) is told apart by "corner above 0" unless
+    every image is rendered with the real slice's mask; `study create` checks for it."""
+    from mrsynth.study.blinding import separability_warnings
+
+    real_dir, syn = study_inputs
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    rng = np.random.default_rng(3)
+    for f in sorted(syn["blur"].glob("*.npy")):
+        x = np.load(f)
+        head = brain_mask(np.load(real_dir / f.name))
+        grey = -1 + rng.uniform(0.03, 0.23) + rng.normal(0, 0.01, x.shape)  # 4-29 of 255
+        np.save(unit / f.name, np.where(head, x, grey).astype(np.float32))
+    settings = sdb.StudySettings(n_real=12, n_synthetic=12, display_size=64, window="fixed")
+    made = create_study(real_dir, {"unit": unit}, tmp_path / "s.db", settings)
+    images = _images(made.path)
+    # Without the mask the corners give the model away, and the check says so.
+    raw = {kind: [to_display(np.load(im["source"]), size=64, window_method="fixed", rotate=1)
+                  for im in images if im["kind"] == kind] for kind in ("real", "synthetic")}
+    assert all(d[:6, :6].min() > 0 for d in raw["synthetic"])
+    assert all(d[:6, :6].max() == 0 for d in raw["real"])
+    warned = separability_warnings(raw["real"], {"unit": raw["synthetic"]})
+    assert any("unit" in w and "corner_level" in w for w in warned)
+    # Rendered for the study: identical (black) corners, nothing separates the sets.
+    k = 6
+    for im in images:
+        d = _decode(im["png"])
+        for corner in (d[:k, :k], d[:k, -k:], d[-k:, :k], d[-k:, -k:]):
+            assert (corner == 0).all(), (im["kind"], im["source"])
+    assert not any(w.startswith("Blinding") for w in made.warnings)

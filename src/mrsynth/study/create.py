@@ -18,9 +18,10 @@ import numpy as np
 from mrsynth import __version__
 from mrsynth.errors import ConfigError, DataError
 from mrsynth.study import db as sdb
-from mrsynth.study.render import render_png
+from mrsynth.study.blinding import separability_warnings
+from mrsynth.study.render import encode_png, to_display
 from mrsynth.study.sampling import Item, sample_items
-from mrsynth.study.sources import ARRAY_FORMATS, ImageRef, load_pixels, scan_source
+from mrsynth.study.sources import ARRAY_FORMATS, ImageRef, load_masks, load_pixels, scan_source
 from mrsynth.utils import atomic_path, check_can_write, environment_info
 
 
@@ -109,7 +110,22 @@ def create_study(
         key=lambda r: (r.kind, r.model or "", r.contrast, r.source),
     )
     pixels = load_pixels(refs)
+    masks = _display_masks(refs, real_refs, pixels)
+    displays = {
+        r: to_display(
+            pixels[r],
+            size=settings.display_size,
+            window_method=settings.window,
+            rotate=_rotation(r, settings.rotate),
+            mask=masks[r],
+        )
+        for r in refs
+    }
     warnings = list(sample.warnings) + _blinding_warnings(refs, pixels)
+    warnings += separability_warnings(
+        [d for r, d in displays.items() if r.kind == "real"],
+        {m: [d for r, d in displays.items() if r.model == m] for m in settings.models},
+    )
     admin_token = sdb.new_token()
     rng = np.random.default_rng([settings.seed, 1])
     with atomic_path(out) as tmp:
@@ -135,12 +151,7 @@ def create_study(
                 image_ids: dict[ImageRef, int] = {}
                 for i in rng.permutation(len(refs)):
                     r = refs[int(i)]
-                    png = render_png(
-                        pixels[r],
-                        size=settings.display_size,
-                        window_method=settings.window,
-                        rotate=_rotation(r, settings.rotate),
-                    )
+                    png = encode_png(displays[r])
                     h, w = pixels[r].shape
                     cur = conn.execute(
                         "INSERT INTO images(kind, model, contrast, subject, slice, source, "
@@ -180,6 +191,37 @@ def create_study(
         n_practice=sum(it.practice for it in sample.items),
         warnings=warnings,
     )
+
+
+def _display_masks(
+    refs: list[ImageRef], real_refs: list[ImageRef], pixels: dict[ImageRef, np.ndarray]
+) -> dict[ImageRef, np.ndarray]:
+    """The mask each image is rendered with: the head mask of the *real* slice of the same
+    subject and slice (same contrast if there is one), so that a real image and its
+    synthetic twin get the same black background whatever the model did outside the head.
+    A synthetic image without a real twin of its size gets the same rule applied to itself.
+    """
+    by_key = {r.key: r for r in real_refs if r.key is not None}
+    by_slice = {r.key[:2]: r for r in real_refs if r.key is not None}
+    twin: dict[ImageRef, ImageRef] = {}
+    for r in refs:
+        if r.kind == "real":
+            twin[r] = r
+        elif r.key is not None:
+            t = by_key.get(r.key) or by_slice.get(r.key[:2])
+            if t is not None:
+                twin[r] = t
+    extra = load_pixels({t for t in twin.values() if t not in pixels})
+    twin_pixels = {**pixels, **extra}
+    real_masks = load_masks(set(twin.values()), twin_pixels)
+    own = load_masks([r for r in refs if r not in twin], pixels)  # brain_mask rule
+    out = {}
+    for r in refs:
+        m = real_masks.get(twin[r]) if r in twin else None
+        if m is None or m.shape != pixels[r].shape:
+            m = own[r] if r in own else load_masks([r], pixels)[r]
+        out[r] = m
+    return out
 
 
 def _blinding_warnings(refs: list[ImageRef], pixels: dict[ImageRef, np.ndarray]) -> list[str]:

@@ -6,19 +6,23 @@ differ between them.
 
 1. Orientation: ``rotate`` quarter turns (arrays in RAS ``[x, y]`` layout get one,
    so anterior is up).
-2. Windowing, per image:
+2. Masking: with a ``mask`` (``study create`` passes the head mask of the *real*
+   slice of the same subject and slice, for the real and the synthetic image alike)
+   everything outside it is black, and the window below is computed inside it. A
+   model's background (UNIT's grey corners, noise) then cannot tell its images apart.
+3. Windowing, per image:
 
-   * ``robust`` (default): foreground = pixels above ``min + 2 %`` of the range
-     ``min .. 99.5th percentile``; the 0.5th and 99.5th percentiles of the
-     foreground map to black and white (clipped). It works for any intensity
-     units (normalised, scanner units, 8/16-bit pictures).
+   * ``robust`` (default): foreground = the mask, or without one the pixels above
+     ``min + 2 %`` of the range ``min .. 99.5th percentile``; the 0.5th and 99.5th
+     percentiles of the foreground map to black and white (clipped). It works for any
+     intensity units (normalised, scanner units, 8/16-bit pictures).
    * ``fixed``: the normalised range [-1, 1] maps to black..white; only for
      inputs in mrsynth's normalised units (prepared files, ``evaluate`` output).
 
-3. Geometry: centred zero (black) padding to a square, then a Lanczos resize to
+4. Geometry: centred zero (black) padding to a square, then a Lanczos resize to
    ``size x size`` on the windowed float image, clipped to [0, 1] and rounded to
    8 bits.
-4. Encoding: 8-bit grey-scale PNG with only the IHDR, IDAT and IEND chunks (no text,
+5. Encoding: 8-bit grey-scale PNG with only the IHDR, IDAT and IEND chunks (no text,
    time, gamma or resolution chunks), stored without compression so that every
    image of a study has exactly the same byte length: a compressed size would tell
    smooth images from noisy ones.
@@ -35,16 +39,32 @@ from PIL import Image
 WINDOWS = ("robust", "fixed")
 
 
-def window(x: np.ndarray, method: str = "robust") -> np.ndarray:
-    """Map intensities to [0, 1] (see the module docstring)."""
+def window(x: np.ndarray, method: str = "robust", mask: np.ndarray | None = None) -> np.ndarray:
+    """Map intensities to [0, 1], black outside ``mask`` (see the module docstring)."""
     a = np.asarray(x, dtype=np.float64)
     finite = np.isfinite(a)
     if not finite.all():
         a = np.where(finite, a, np.min(a[finite]) if finite.any() else 0.0)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != a.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from image shape {a.shape}")
+        if mask.sum() < 16:  # nothing to show: treat as unmasked rather than all black
+            mask = None
+    w = _window(a, method, mask)
+    return w if mask is None else np.where(mask, w, 0.0)
+
+
+def _window(a: np.ndarray, method: str, mask: np.ndarray | None) -> np.ndarray:
     if method == "fixed":
         return np.clip((a + 1.0) / 2.0, 0.0, 1.0)
     if method != "robust":
         raise ValueError(f"unknown window {method!r}")
+    if mask is not None:
+        lo, hi = np.percentile(a[mask], [0.5, 99.5])
+        if hi <= lo:
+            hi = lo + max(abs(lo), 1.0) * 1e-6
+        return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
     lo0 = float(a.min())
     top = float(np.percentile(a, 99.5))
     if top <= lo0:
@@ -61,11 +81,17 @@ def window(x: np.ndarray, method: str = "robust") -> np.ndarray:
 
 
 def to_display(
-    x: np.ndarray, *, size: int, window_method: str = "robust", rotate: int = 0
+    x: np.ndarray,
+    *,
+    size: int,
+    window_method: str = "robust",
+    rotate: int = 0,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Windowed, padded and resized ``uint8`` image of shape ``(size, size)``."""
+    """Masked, windowed, padded and resized ``uint8`` image of shape ``(size, size)``."""
     a = np.rot90(np.asarray(x, dtype=np.float64), k=rotate % 4)
-    w = window(a, window_method)
+    m = None if mask is None else np.rot90(np.asarray(mask, dtype=bool), k=rotate % 4)
+    w = window(a, window_method, m)
     h, wd = w.shape
     side = max(h, wd)
     canvas = np.zeros((side, side), dtype=np.float32)
@@ -88,10 +114,17 @@ def encode_png(u8: np.ndarray) -> bytes:
 
 
 def render_png(
-    x: np.ndarray, *, size: int, window_method: str = "robust", rotate: int = 0
+    x: np.ndarray,
+    *,
+    size: int,
+    window_method: str = "robust",
+    rotate: int = 0,
+    mask: np.ndarray | None = None,
 ) -> bytes:
     """The one rendering path for every image of a study."""
-    return encode_png(to_display(x, size=size, window_method=window_method, rotate=rotate))
+    return encode_png(
+        to_display(x, size=size, window_method=window_method, rotate=rotate, mask=mask)
+    )
 
 
 def png_chunks(data: bytes) -> list[tuple[str, int]]:

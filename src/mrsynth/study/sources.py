@@ -231,6 +231,27 @@ def load_pixels(refs: Iterable[ImageRef]) -> dict[ImageRef, np.ndarray]:
     return out
 
 
+def load_masks(
+    refs: Iterable[ImageRef], pixels: dict[ImageRef, np.ndarray]
+) -> dict[ImageRef, np.ndarray]:
+    """Head masks of real images: a prepared file's stored mask, else ``brain_mask`` of the
+    pixels (the exact background of skull-stripped data, or Otsu's threshold)."""
+    from mrsynth.data.volumes import brain_mask
+
+    out: dict[ImageRef, np.ndarray] = {}
+    prepared: dict[Path, np.ndarray] = {}
+    for r in refs:
+        if r.fmt == "prepared":
+            if r.path not in prepared:
+                from mrsynth.data.prepared import load_prepared
+
+                prepared[r.path] = load_prepared(r.path).mask
+            out[r] = np.asarray(prepared[r.path][r.index], dtype=bool)
+        else:
+            out[r] = brain_mask(pixels[r])
+    return out
+
+
 def _read_2d(path: Path, fmt: str) -> np.ndarray:
     try:
         if fmt == "npy":
