@@ -12,6 +12,7 @@ import pytest
 from helpers import one_torch_thread
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
+from mrsynth.eval.baselines import BASELINES
 from mrsynth.models.base import model_names
 
 SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
@@ -59,12 +60,12 @@ def test_demo_outputs_exist_and_parse(demo):
     with open(out / "eval" / "summary.csv", newline="") as fh:
         summary = list(csv.DictReader(fh))
     assert {(s["model"], s["direction"]) for s in summary} == {
-        (m, d) for m in models for d in ("T1w2T2w", "T2w2T1w")}
+        (m, d) for m in (*models, *BASELINES) for d in ("T1w2T2w", "T2w2T1w")}
     assert all(np.isfinite(float(s["mean"])) for s in summary if s["metric"] != "psnr")
     html = (out / "report.html").read_text()
     for m in models:
         for d in ("T1w2T2w", "T2w2T1w"):
-            assert f"<td>{m}</td><td>{d}</td>" in html
+            assert f"<td>{m}</td><td>model</td><td>{d}</td>" in html
     timings = json.loads((out / "demo.json").read_text())["invocations"][0]["timings_s"]
     assert set(timings) >= {"prepare_s", "train_s", "evaluate_s", "report_s", "total_s"}
     # the command prints the report's path and the summary table

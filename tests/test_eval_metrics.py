@@ -207,5 +207,6 @@ def test_markdown_table_escapes_and_formats():
     summ = S.summarize(_rows({"m|x": np.array([1.0, 2.0, 3.0])}))
     header, body = S.summary_table(summ, "image")
     md = S.markdown_table(header, body)
-    assert md.splitlines()[0].startswith("| model | direction | MAE")
+    assert md.splitlines()[0].startswith("| model | kind | direction | MAE")
+    assert md.splitlines()[2].startswith("| m\\|x | model | ")  # rows without kind: models
     assert "m\\|x" in md and "2.000 ± 1.000, median 2.000" in md

@@ -17,10 +17,13 @@ from scipy import stats as st
 from helpers import one_torch_thread
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
+from mrsynth.eval.baselines import BASELINES
 from mrsynth.eval.metrics import METRICS, image_metrics
 from test_eval_fixtures import tiny_run
 
 MODELS = ("cyclegan", "simple")
+#: Every evaluation scores the baselines beside the runs.
+ALL = MODELS + BASELINES
 DIRECTIONS = ("T1w2T2w", "T2w2T1w")
 
 
@@ -55,8 +58,10 @@ def test_per_image_metrics_match_an_independent_recomputation(evaluation, prepar
     test = data.split_view("test")
     n_test = len(test)
     rows = _csv(evaluation / "per_image.csv")
-    assert len(rows) == n_test * len(MODELS) * len(DIRECTIONS) * 2  # two regions
-    assert {r["model"] for r in rows} == set(MODELS)
+    assert len(rows) == n_test * len(ALL) * len(DIRECTIONS) * 2  # two regions
+    assert {r["model"] for r in rows} == set(ALL)
+    assert {(r["model"], r["kind"]) for r in rows} == {
+        *((m, "model") for m in MODELS), *((b, "baseline") for b in BASELINES)}
     assert {r["direction"] for r in rows} == set(DIRECTIONS)
     assert {r["region"] for r in rows} == {"image", "brain"}
     assert {r["subject"] for r in rows} == set(test.subject.tolist())
@@ -92,7 +97,7 @@ def test_synthetic_slices_are_the_runs_translations(evaluation, runs, prepared_s
         got = np.load(evaluation / "synthetic" / "cyclegan" / name)
         np.testing.assert_allclose(got, want[i], atol=1e-6)
     n = len(test)
-    for m in MODELS:
+    for m in ALL:
         files = sorted((evaluation / "synthetic" / m).glob("*.npy"))
         assert len(files) == 2 * n  # both contrasts for every test slice
 
@@ -100,7 +105,7 @@ def test_synthetic_slices_are_the_runs_translations(evaluation, runs, prepared_s
 def test_summary_and_wilcoxon_agree_with_the_per_image_rows(evaluation):
     rows = _csv(evaluation / "per_image.csv")
     summary = _csv(evaluation / "summary.csv")
-    assert len(summary) == len(MODELS) * len(DIRECTIONS) * 2 * len(METRICS)
+    assert len(summary) == len(ALL) * len(DIRECTIONS) * 2 * len(METRICS)
     for s in summary:
         vals = np.array([float(r[s["metric"]]) for r in rows if r["model"] == s["model"]
                          and r["direction"] == s["direction"] and r["region"] == s["region"]])
@@ -125,14 +130,17 @@ def test_summary_and_wilcoxon_agree_with_the_per_image_rows(evaluation):
 def test_timing_c2st_figures_and_manifest(evaluation, runs):
     timing = _csv(evaluation / "timing.csv")
     assert {(t["model"], t["direction"]) for t in timing} == {
-        (m, d) for m in MODELS for d in DIRECTIONS}
+        (m, d) for m in ALL for d in DIRECTIONS}
     for t in timing:
+        if t["kind"] == "baseline":
+            assert t["train_s_per_epoch"] == "" and float(t["inference_ms_per_slice"]) > 0
+            continue
         walls = [e["wall_s"] for e in json.loads((runs[t["model"]] / "metrics.json").read_text())
                  ["epochs"]]
         assert float(t["train_s_per_epoch"]) == pytest.approx(np.mean(walls))
         assert float(t["inference_ms_per_slice"]) > 0
     c2st = _csv(evaluation / "c2st.csv")
-    assert len(c2st) == len(MODELS) * len(DIRECTIONS)
+    assert len(c2st) == len(ALL) * len(DIRECTIONS)
     for c in c2st:
         assert 0.0 <= float(c["ci_low"]) <= float(c["accuracy"]) <= float(c["ci_high"]) <= 1.0
         assert int(c["n_test"]) > 0 and c["human_accuracy"] == ""  # no --study given
@@ -184,7 +192,7 @@ def test_report_is_self_contained_and_names_every_model_and_direction(evaluation
     # every model appears with both directions in the summary table rows
     for m in MODELS:
         for d in DIRECTIONS:
-            assert f"<td>{m}</td><td>{d}</td>" in html
+            assert f"<td>{m}</td><td>model</td><td>{d}</td>" in html
     assert "script" not in p.tags and not p.hrefs  # nothing to fetch, nothing to run
     assert len(p.srcs) >= 3 and all(s.startswith("data:image/png;base64,") for s in p.srcs)
     from PIL import Image
@@ -307,3 +315,101 @@ def test_checkpoint_of_another_contrast_pair_is_refused(runs, prepared_small, tm
     err = capsys.readouterr().err.replace("\n", "")
     assert "T1w" in err and "T2w" in err and "contrast" in err.lower()
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- baselines
+def test_baselines_are_the_documented_predictions(evaluation, prepared_small):
+    """The saved baseline slices, recomputed independently from the prepared file."""
+    data = load_prepared(prepared_small)
+    test = data.split_view("test")
+    train = (data.split == "train") & data.paired
+    edges = np.linspace(-1, 1, 129)
+    for src, tgt in (("T1w", "T2w"), ("T2w", "T1w")):
+        # independent table: np.digitize bins, np.median per bin, np.interp for empty bins
+        x = data.images[src][train][data.mask[train]].astype(np.float64)
+        y = data.images[tgt][train][data.mask[train]].astype(np.float64)
+        b = np.clip(np.digitize(x, edges) - 1, 0, 127)
+        med = {i: np.median(y[b == i]) for i in np.unique(b)}
+        centres = (edges[:-1] + edges[1:]) / 2
+        full = np.array(sorted(med))
+        table = np.interp(centres, centres[full], [med[i] for i in full])
+        for i in range(0, len(test), max(1, len(test) // 10)):
+            name = f"{test.subject[i]}_slice-{int(test.slice_index[i]):03d}_{tgt}.npy"
+            m = test.mask[i]
+            lut = np.load(evaluation / "synthetic" / "baseline_intensity" / name)
+            want = np.where(m, table[np.clip(np.digitize(test.images[src][i], edges) - 1, 0,
+                                             127)], -1.0)
+            np.testing.assert_allclose(lut, want, atol=1e-6)
+            ident = np.load(evaluation / "synthetic" / "baseline_identity" / name)
+            np.testing.assert_array_equal(ident, test.images[src][i])
+            mean = np.load(evaluation / "synthetic" / "baseline_mean" / name)
+            assert np.all(mean[~m] == -1) and np.allclose(mean[m], test.images[tgt][i][m].mean(),
+                                                          atol=1e-5)
+    # baseline_mean's in-brain MAE is the mean |z| of the real slice inside the brain
+    rows = [r for r in _csv(evaluation / "per_image.csv")
+            if r["model"] == "baseline_mean" and r["region"] == "brain"]
+    by_key = {(str(s), int(k)): i for i, (s, k) in enumerate(zip(test.subject, test.slice_index,
+                                                                   strict=True))}
+    for r in rows[:: max(1, len(rows) // 10)]:
+        i = by_key[(r["subject"], int(r["slice"]))]
+        v = test.images[r["target"]][i][test.mask[i]].astype(np.float64)
+        assert float(r["mae"]) == pytest.approx(np.abs((v - v.mean()) / v.std()).mean(),
+                                                rel=1e-9)
+
+
+def test_baselines_are_in_every_output_and_marked(evaluation, tmp_path):
+    summary = _csv(evaluation / "summary.csv")
+    assert {(s["model"], s["kind"]) for s in summary} >= {(b, "baseline") for b in BASELINES}
+    tests = _csv(evaluation / "wilcoxon.csv")
+    pairs = {frozenset((t["model_a"], t["model_b"])) for t in tests}
+    assert {frozenset(p) for p in
+            [(a, b) for i, a in enumerate(ALL) for b in ALL[i + 1:]]} == pairs
+    assert all((t["kind_a"] == "baseline") == t["model_a"].startswith("baseline_")
+               for t in tests)
+    for name in ("c2st", "timing"):
+        assert {(r["model"], r["kind"]) for r in _csv(evaluation / f"{name}.csv")} == {
+            *((m, "model") for m in MODELS), *((b, "baseline") for b in BASELINES)}
+    md = (evaluation / "summary.md").read_text()
+    assert md.index("## Verdict") < md.index("## Region")
+    for b in BASELINES:
+        assert f"| {b} | baseline |" in md
+    man = json.loads((evaluation / "eval.json").read_text())
+    assert [(m["label"], m["kind"]) for m in man["models"]] == [
+        *((m, "model") for m in MODELS), *((b, "baseline") for b in BASELINES)]
+    lut = man["baselines"]["intensity_lut"]
+    assert set(lut) == set(DIRECTIONS) and all(len(t["table"]) == 128 for t in lut.values())
+    out = tmp_path / "report.html"
+    assert main(["report", "--eval", str(evaluation), "--out", str(out)]) == 0
+    html = out.read_text()
+    assert html.index("Verdict") < html.index("<h2>Summary</h2>")
+    assert html.index("<h2>Summary</h2>") < html.index("Findings versus the study")
+    for b in BASELINES:
+        assert f"<td>{b}</td><td>baseline</td>" in html  # summary tables
+        assert f"<span class='base'>{b} (baseline)</span>" in html  # Wilcoxon table
+    # findings: no study model but cyclegan and simple -> the pairwise claims are evaluated
+    claims = {r["claim"]: r["status"] for r in _csv(evaluation / "findings.csv")}
+    assert set(claims) == {"generators_s_best", "simple_worst", "cyclegan_unit_equal",
+                           "t1_better_than_t2"}
+    assert claims["generators_s_best"] == "not evaluated"
+    assert claims["cyclegan_unit_equal"] == "not evaluated"  # only one of the trio
+    assert claims["simple_worst"] != "not evaluated"
+
+
+def test_verdict_is_the_one_sided_test_against_the_lookup_table(evaluation):
+    rows = _csv(evaluation / "per_image.csv")
+    verdict = _csv(evaluation / "verdict.csv")
+    assert {(v["model"], v["direction"]) for v in verdict} == {
+        (m, d) for m in MODELS for d in DIRECTIONS}
+    for v in verdict:
+        def mae(model, v=v):
+            return {(r["subject"], r["slice"]): float(r["mae"]) for r in rows
+                    if r["model"] == model and r["direction"] == v["direction"]
+                    and r["region"] == "brain"}
+        a, b = mae(v["model"]), mae("baseline_intensity")
+        keys = sorted(a)
+        x, y = np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
+        p = st.wilcoxon(x, y, alternative="less").pvalue
+        assert float(v["p_value"]) == pytest.approx(p, rel=1e-9)
+        assert float(v["model_mean"]) == pytest.approx(x.mean())
+        assert float(v["baseline_mean"]) == pytest.approx(y.mean())
+        assert (v["beats"] == "True") == (float(v["p_holm"]) < 0.05)

@@ -55,6 +55,18 @@ def _classifier() -> Any:
     )
 
 
+def split_pairs(n: int, *, seed: int = 0, train_fraction: float = 0.5
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint training and test slice indices (seeded permutation of ``range(n)``).
+
+    A slice's real and synthetic image go to the same half, and each half keeps at
+    least two slices (``n >= 4``).
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    n_tr = min(max(2, int(round(n * train_fraction))), n - 2)
+    return perm[:n_tr], perm[n_tr:]
+
+
 def c2st(
     real: np.ndarray,
     synthetic: np.ndarray,
@@ -83,10 +95,7 @@ def c2st(
     if n < 4:
         nan = float("nan")
         return C2STResult(nan, nan, nan, nan, 0, 0, steps, seed)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    n_tr = min(max(2, int(round(n * train_fraction))), n - 2)
-    tr, te = perm[:n_tr], perm[n_tr:]
+    tr, te = split_pairs(n, seed=seed, train_fraction=train_fraction)
 
     def stack(idx: np.ndarray) -> tuple[Any, Any]:
         x = np.concatenate([real[idx], synthetic[idx]])[:, None]

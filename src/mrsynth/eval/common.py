@@ -8,11 +8,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mrsynth.data.prepared import COMPATIBILITY_KEYS, PreparedData
 from mrsynth.errors import ConfigError, RunError
 from mrsynth.utils import atomic_path
+
+if TYPE_CHECKING:
+    from mrsynth.train.runs import LoadedRun
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def parse_direction(text: str, contrasts: Sequence[str], run_dir: Path | str = "
     )
 
 
-def load_run_checked(run_dir: str | Path, device: str = "cpu") -> Any:
+def load_run_checked(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     """``mrsynth.train.runs.load_run`` with a clear error for a path that is not a run."""
     from mrsynth.train.runs import load_run
 
@@ -66,7 +69,7 @@ def _canon(v: Any) -> Any:
     )
 
 
-def check_compatible(run: Any, run_dir: Path | str, data: PreparedData) -> None:
+def check_compatible(run: LoadedRun, run_dir: Path | str, data: PreparedData) -> None:
     """Refuse data prepared differently (size, normalisation, orientation) from the run's."""
     settings = dict(run.data_settings or {})
     want = {k: settings.get(k) for k in COMPATIBILITY_KEYS}

@@ -5,11 +5,17 @@ scores it against the real slice (:mod:`mrsynth.eval.metrics`, in both regions:
 whole image and brain mask), and writes into ``EVAL_DIR``:
 
 ==============================  ====================================================
-``per_image.csv``               subject, slice, model, direction, source, target,
+``per_image.csv``               subject, slice, model, kind, direction, source, target,
                                 region, mae, psnr, mi, nmi, ssim
 ``summary.csv`` / ``summary.md`` mean ± std, median, 95 % bootstrap CI per model,
-                                direction, region and metric
+                                direction, region and metric (``summary.md`` opens
+                                with the verdict)
 ``wilcoxon.csv``                paired Wilcoxon signed-rank tests between models
+``verdict.csv``                 per trained model and direction: does it beat
+                                ``baseline_intensity`` inside the brain (one-sided
+                                Wilcoxon on per-slice MAE, Holm over models)
+``findings.csv``                the study's claims, reproduced or not
+                                (:mod:`mrsynth.eval.findings`)
 ``timing.csv``                  training s/epoch (from each run) and inference ms/slice
 ``c2st.csv``                    classifier two-sample test accuracy per model/direction
 ``figure1[-brain].png/.pdf``    Figure 1 (primary region; the other region too)
@@ -17,9 +23,16 @@ whole image and brain mask), and writes into ``EVAL_DIR``:
 ``synthetic/<model>/``          ``<subject>_slice-<k:03d>_<contrast>.npy``: every synthetic
                                 test slice, float32, normalised units (the perceptual
                                 study reads these)
-``eval.json``                   manifest: runs and their configs, data settings,
-                                definitions, environment
+``eval.json``                   manifest: runs and their configs, baselines (with the
+                                fitted lookup tables), data settings, definitions,
+                                environment
 ==============================  ====================================================
+
+Beside the runs (``kind`` = ``model``), every output holds the three baselines
+of :mod:`mrsynth.eval.baselines` (``kind`` = ``baseline``): ``baseline_identity``,
+``baseline_intensity`` (fitted on the prepared file's training split only; left
+out, with a note in ``eval.json``, when that split has no paired slices) and
+``baseline_mean``.
 
 The whole directory is built in a temporary sibling and renamed into place at
 the end, so a failed or interrupted evaluation leaves nothing behind and a
@@ -36,13 +49,14 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mrsynth.data.naming import format_slice_name
 from mrsynth.data.prepared import PreparedData, load_prepared
 from mrsynth.errors import ConfigError, DataError
+from mrsynth.eval import baselines as bl
 from mrsynth.eval import stats
 from mrsynth.eval.c2st import c2st
 from mrsynth.eval.common import (
@@ -54,20 +68,28 @@ from mrsynth.eval.common import (
     write_csv,
 )
 from mrsynth.eval.figures import figure1, figure2
+from mrsynth.eval.findings import FINDINGS_FIELDS, findings, findings_rows
 from mrsynth.eval.metrics import DEFAULT_BINS, METRICS, REGIONS, image_metrics
+from mrsynth.eval.stats import BASELINE, MODEL
 from mrsynth.utils import atomic_write_json, atomic_write_text, check_can_write, environment_info
 
-PER_IMAGE_FIELDS = ("subject", "slice", "model", "direction", "source", "target", "region",
-                    *METRICS)
-SUMMARY_FIELDS = ("region", "model", "direction", "metric", "n", "n_excluded", "mean", "std",
-                  "median", "ci_low", "ci_high")
-WILCOXON_FIELDS = ("region", "direction", "metric", "model_a", "model_b", "n", "median_diff",
-                   "statistic", "p_value", "p_holm")
-TIMING_FIELDS = ("model", "direction", "train_s_per_epoch", "epochs", "train_device",
+if TYPE_CHECKING:
+    from mrsynth.train.runs import LoadedRun
+
+PER_IMAGE_FIELDS = ("subject", "slice", "model", "kind", "direction", "source", "target",
+                    "region", *METRICS)
+SUMMARY_FIELDS = ("region", "model", "kind", "direction", "metric", "n", "n_excluded", "mean",
+                  "std", "median", "ci_low", "ci_high")
+WILCOXON_FIELDS = ("region", "direction", "metric", "model_a", "model_b", "kind_a", "kind_b",
+                   "n", "median_diff", "statistic", "p_value", "p_holm")
+VERDICT_FIELDS = ("direction", "model", "baseline", "region", "metric", "n", "model_mean",
+                  "baseline_mean", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
+                  "beats")
+TIMING_FIELDS = ("model", "kind", "direction", "train_s_per_epoch", "epochs", "train_device",
                  "inference_ms_per_slice", "n_slices", "inference_device", "batch_size")
 HUMAN_KEYS = ("accuracy", "ci_low", "ci_high", "n")
-C2ST_FIELDS = ("model", "direction", "accuracy", "ci_low", "ci_high", "p_value", "n_train",
-               "n_test", "steps", "seed", *(f"human_{k}" for k in HUMAN_KEYS))
+C2ST_FIELDS = ("model", "kind", "direction", "accuracy", "ci_low", "ci_high", "p_value",
+               "n_train", "n_test", "steps", "seed", *(f"human_{k}" for k in HUMAN_KEYS))
 
 METRIC_DEFINITIONS = {
     "mae": "mean |syn_z - real_z| over the region (standard deviations)",
@@ -89,25 +111,18 @@ def _noop(_: str) -> None:
 
 
 def train_timing(metrics: dict[str, Any] | None) -> tuple[float, int | None, str]:
-    """Training seconds per epoch, epochs and device from a run's ``metrics.json``.
+    """Mean training seconds per epoch, epochs and device from a run's ``metrics.json``.
 
-    Prefers per-epoch wall times (``epochs: [{"wall_s": ...}]``) and falls back
-    to summary fields, so runs written by older trainers still report something.
+    The trainer writes ``device`` and one ``{"wall_s": ...}`` per finished epoch;
+    a run without finished epochs gives NaN and no epoch count.
     """
     m = metrics or {}
-    device = str(m.get("device") or m.get("environment", {}).get("device") or "n/a")
-    per_epoch = m.get("epochs") if isinstance(m.get("epochs"), list) else None
-    if per_epoch:
-        walls = [float(e.get("wall_s", e.get("seconds", e.get("time_s", np.nan))))
-                 for e in per_epoch if isinstance(e, dict)]
-        walls = [w for w in walls if np.isfinite(w)]
-        if walls:
-            return float(np.mean(walls)), len(per_epoch), device
-    for key in ("s_per_epoch", "seconds_per_epoch", "mean_epoch_s", "epoch_s"):
-        if key in m:
-            n = m.get("epochs_done", m.get("n_epochs"))
-            return float(m[key]), int(n) if isinstance(n, int | float) else None, device
-    return float("nan"), None, device
+    device = str(m.get("device") or "n/a")
+    walls = [float(e["wall_s"]) for e in m.get("epochs") or []
+             if isinstance(e, dict) and "wall_s" in e]
+    if not walls:
+        return float("nan"), None, device
+    return float(np.mean(walls)), len(walls), device
 
 
 def _paired_test(data: PreparedData, contrasts: Sequence[str]) -> PreparedData:
@@ -126,7 +141,7 @@ def _paired_test(data: PreparedData, contrasts: Sequence[str]) -> PreparedData:
 
 
 def _translate_all(
-    run: Any, x: np.ndarray, direction: str, batch_size: int, device: str
+    run: LoadedRun, x: np.ndarray, direction: str, batch_size: int, device: str
 ) -> tuple[np.ndarray, float]:
     """Synthetic slices (N,H,W) float32 and inference ms/slice (warm-up batch excluded)."""
     import torch
@@ -201,9 +216,13 @@ def evaluate(
     seed: int = 0,
     study: str | Path | None = None,
     overwrite: bool = False,
+    stochastic: bool = False,
     log: Log = _noop,
 ) -> Path:
-    """Evaluate runs on ``data_path``'s test split; return ``out_dir`` (see module docstring)."""
+    """Evaluate runs on ``data_path``'s test split; return ``out_dir`` (see module docstring).
+
+    ``stochastic`` keeps latent noise and dropout on at inference (UNIT, as the study's Keras
+    port did), drawn from ``seed``; the runs' entries in ``eval.json`` record it."""
     if region not in REGIONS:
         raise ConfigError(f"Unknown mask/region {region!r}; use one of {', '.join(REGIONS)}.")
     if not run_dirs:
@@ -213,12 +232,13 @@ def evaluate(
     data = load_prepared(data_path)
 
     # ---- validate every run before any work or output
-    runs: list[tuple[str, Path, Any]] = []
+    runs: list[tuple[str, Path, LoadedRun]] = []
     labels: set[str] = set()
     pair: tuple[str, str] | None = None
     for rd in run_dirs:
         rd = Path(rd)
         run = load_run_checked(rd, device)
+        run.stochastic = stochastic
         check_compatible(run, rd, data)
         contrasts = tuple(run.contrasts)
         if pair is None:
@@ -229,23 +249,28 @@ def evaluate(
                 f"translates {pair[0]} <-> {pair[1]}; evaluate runs of one contrast pair together."
             )
         label = safe_name(run.model_name)
-        if label in labels:
+        if label in labels or label in bl.BASELINES:
             label = safe_name(f"{run.model_name}-{rd.name}")
         if label in labels:
             raise ConfigError(f"Run {rd} is given twice; list each run directory once.")
         labels.add(label)
         runs.append((label, rd, run))
     assert pair is not None
+    if stochastic:  # reproducible samples for a given --seed
+        import torch
+
+        torch.manual_seed(seed)
     human = human_accuracy(Path(study) if study else None)
     test = _paired_test(data, pair)
     dirs = directions(pair)
     log(f"{len(test)} paired test slices from {len(set(test.subject.tolist()))} subjects")
+    luts = {d.label: bl.fit_on_training_split(data, d.source, d.target) for d in dirs}
 
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
-        manifest = _evaluate_into(work, runs, data, test, dirs, pair, region=region, bins=bins,
+        manifest = _evaluate_into(work, runs, luts, test, dirs, pair, region=region, bins=bins,
                                   batch_size=batch_size, device=device, c2st_steps=c2st_steps,
                                   seed=seed, human=human, study=study, log=log)
         manifest["data"] = {"path": str(Path(data_path).resolve()), "settings": data.settings}
@@ -276,10 +301,45 @@ def _replace_dir(new: Path, dest: Path) -> None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _baseline_predictions(
+    luts: dict[str, bl.IntensityLUT | None], test: PreparedData, d: Direction
+) -> dict[str, np.ndarray]:
+    """Each baseline's synthetic test slices for direction ``d`` (intensity: if fitted)."""
+    src = test.images[d.source]
+    out = {bl.BASELINE_IDENTITY: bl.predict_identity(src)}
+    if all(lut is not None for lut in luts.values()):
+        out[bl.BASELINE_INTENSITY] = luts[d.label].predict(src, test.mask)  # type: ignore[union-attr]
+    out[bl.BASELINE_MEAN] = bl.predict_mean(test.images[d.target], test.mask)
+    return out
+
+
+def _baseline_info(luts: dict[str, bl.IntensityLUT | None]) -> dict[str, Any]:
+    """The manifest's record of the baselines: definitions and the fitted tables."""
+    fitted = all(lut is not None for lut in luts.values())
+    return {
+        "definitions": {
+            bl.BASELINE_IDENTITY: "the source slice as the prediction",
+            bl.BASELINE_INTENSITY: (
+                f"per-bin median of the normalised target inside the training split's brain "
+                f"masks, {bl.LUT_BINS} equal bins of the normalised source over [-1, 1], "
+                "empty bins interpolated from their neighbours, -1 outside the brain"),
+            bl.BASELINE_MEAN: "the real target slice's brain mean inside the brain, -1 outside",
+        },
+        "intensity_lut": {
+            k: {"bins": lut.bins, "range": [-1.0, 1.0], "table": lut.table.tolist(),
+                "train_voxels_per_bin": lut.counts.tolist()}
+            for k, lut in luts.items() if lut is not None
+        },
+        "note": "" if fitted else (
+            f"{bl.BASELINE_INTENSITY} left out: the prepared file has no paired training "
+            "slices with brain voxels to fit it on"),
+    }
+
+
 def _evaluate_into(
     work: Path,
-    runs: list[tuple[str, Path, Any]],
-    data: PreparedData,
+    runs: list[tuple[str, Path, LoadedRun]],
+    luts: dict[str, bl.IntensityLUT | None],
     test: PreparedData,
     dirs: list[Direction],
     pair: tuple[str, str],
@@ -299,57 +359,83 @@ def _evaluate_into(
     c2st_rows: list[dict[str, Any]] = []
     fig2_row = _figure2_pick(test)
     fig2_syn: dict[str, dict[str, np.ndarray]] = {}
+    kinds: dict[str, str] = {}
+
+    def score(label: str, kind: str, d: Direction, syn: np.ndarray, time_row: dict[str, Any]
+              ) -> None:
+        """Save, score, time and C2ST one model's (or baseline's) slices of one direction."""
+        tgt = test.images[d.target]
+        syn_dir = work / "synthetic" / label
+        syn_dir.mkdir(parents=True, exist_ok=True)
+        kinds[label] = kind
+        fig2_syn.setdefault(label, {})[d.target] = syn[fig2_row]
+        for i in range(len(test)):
+            subj, k = str(test.subject[i]), int(test.slice_index[i])
+            np.save(syn_dir / format_slice_name(subj, k, d.target), syn[i])
+            for reg in REGIONS:
+                m = image_metrics(tgt[i], syn[i], test.mask[i] if reg == "brain" else None,
+                                  bins=bins)
+                rows.append({"subject": subj, "slice": k, "model": label, "kind": kind,
+                             "direction": d.label, "source": d.source, "target": d.target,
+                             "region": reg, **m})
+        timing.append({"model": label, "kind": kind, "direction": d.label, **time_row,
+                       "n_slices": len(test)})
+        log(f"{label}: C2ST {d.label}")
+        res = c2st(tgt, syn, seed=seed, steps=c2st_steps)
+        h = human.get((label, d.target), {})
+        c2st_rows.append({"model": label, "kind": kind, "direction": d.label, **res.as_dict(),
+                          **{f"human_{k}": h.get(k, "") for k in HUMAN_KEYS}})
+
     run_info = []
     for label, rd, run in runs:
         s_epoch, n_epochs, train_dev = train_timing(run.metrics)
-        syn_dir = work / "synthetic" / label
-        syn_dir.mkdir(parents=True, exist_ok=True)
-        fig2_syn[label] = {}
         for d in dirs:
-            src = test.images[d.source]
-            tgt = test.images[d.target]
             log(f"{label}: translating {len(test)} slices {d.label}")
-            syn, ms = _translate_all(run, src, d.internal, batch_size, device)
-            if syn.shape != tgt.shape:
+            syn, ms = _translate_all(run, test.images[d.source], d.internal, batch_size, device)
+            if syn.shape != test.images[d.target].shape:
                 raise DataError(
                     f"Run {rd} produced images of shape {syn.shape[1:]} for {d.label}, "
-                    f"expected {tgt.shape[1:]} (the prepared data's size)."
+                    f"expected {test.images[d.target].shape[1:]} (the prepared data's size)."
                 )
-            fig2_syn[label][d.target] = syn[fig2_row]
-            for i in range(len(test)):
-                subj, k = str(test.subject[i]), int(test.slice_index[i])
-                np.save(syn_dir / format_slice_name(subj, k, d.target), syn[i])
-                for reg in REGIONS:
-                    m = image_metrics(tgt[i], syn[i], test.mask[i] if reg == "brain" else None,
-                                      bins=bins)
-                    rows.append({"subject": subj, "slice": k, "model": label,
-                                 "direction": d.label, "source": d.source, "target": d.target,
-                                 "region": reg, **m})
-            timing.append({"model": label, "direction": d.label, "train_s_per_epoch": s_epoch,
-                           "epochs": n_epochs if n_epochs is not None else "",
-                           "train_device": train_dev, "inference_ms_per_slice": ms,
-                           "n_slices": len(test), "inference_device": device,
-                           "batch_size": batch_size})
-            log(f"{label}: C2ST {d.label}")
-            res = c2st(tgt, syn, seed=seed, steps=c2st_steps)
-            h = human.get((label, d.target), {})
-            c2st_rows.append({"model": label, "direction": d.label, **res.as_dict(),
-                              **{f"human_{k}": h.get(k, "") for k in HUMAN_KEYS}})
+            score(label, MODEL, d, syn, {
+                "train_s_per_epoch": s_epoch, "epochs": n_epochs if n_epochs is not None else "",
+                "train_device": train_dev, "inference_ms_per_slice": ms,
+                "inference_device": device, "batch_size": batch_size})
         run_info.append({"label": label, "model": run.model_name, "run_dir": str(rd.resolve()),
                          "contrasts": list(run.contrasts), "config": run.config,
-                         "metrics": run.metrics})
+                         "metrics": run.metrics, "stochastic": run.stochastic})
+    for d in dirs:
+        t0 = time.perf_counter()
+        preds = _baseline_predictions(luts, test, d)
+        ms = (time.perf_counter() - t0) * 1000.0 / len(test) / len(preds)
+        for name, syn in preds.items():
+            log(f"{name}: scoring {d.label}")
+            score(name, BASELINE, d, syn, {
+                "train_s_per_epoch": "", "epochs": "", "train_device": "",
+                "inference_ms_per_slice": ms, "inference_device": "cpu (numpy)",
+                "batch_size": ""})
 
     log("statistics and figures")
-    order = [label for label, _, _ in runs]
+    order = list(kinds)  # runs in the order given, then the baselines
     summary = stats.summarize(rows, seed=seed)
     tests = stats.paired_wilcoxon(rows)
+    dir_labels = [d.label for d in dirs]
+    verdict = stats.verdict(rows, dir_labels, seed=seed)
+    found = findings(rows, {r["label"]: r["model"] for r in run_info}, pair, region=region,
+                     seed=seed)
     write_csv(work / "per_image.csv", rows, PER_IMAGE_FIELDS)
     write_csv(work / "summary.csv", summary, SUMMARY_FIELDS)
     write_csv(work / "wilcoxon.csv", tests, WILCOXON_FIELDS)
+    write_csv(work / "verdict.csv", verdict, VERDICT_FIELDS)
+    write_csv(work / "findings.csv", findings_rows(found), FINDINGS_FIELDS)
     write_csv(work / "timing.csv", timing, TIMING_FIELDS)
     write_csv(work / "c2st.csv", c2st_rows, C2ST_FIELDS)
-    md = [f"# Evaluation summary\n\n{len(test)} paired test slices; metrics on per-image "
-          "z-scored images (mean ± std, median [95 % bootstrap CI]).\n"]
+    verdict_text = stats.verdict_lines(verdict, dir_labels)
+    md = ["# Evaluation summary\n\n## Verdict\n\n"
+          + "".join(f"- {line}\n" for line in verdict_text)
+          + f"\n{len(test)} paired test slices; metrics on per-image "
+          "z-scored images (mean ± std, median [95 % bootstrap CI]). Baselines: "
+          + ", ".join(m for m in order if kinds[m] == BASELINE) + ".\n"]
     for reg in [region] + [r for r in REGIONS if r != region]:
         name = "whole image" if reg == "image" else "brain mask"
         md.append(f"\n## Region: {name}{' (primary)' if reg == region else ''}\n\n")
@@ -358,14 +444,16 @@ def _evaluate_into(
 
     a, b = pair
     fig_dirs = {f"{b}2{a}": f"synthetic {a}", f"{a}2{b}": f"synthetic {b}"}
-    figure1(summary, region, fig_dirs, work / "figure1", c2st=c2st_rows, models=order)
+    base = [m for m in order if kinds[m] == BASELINE]
+    figure1(summary, region, fig_dirs, work / "figure1", c2st=c2st_rows, models=order,
+            baselines=base)
     for reg in REGIONS:
         if reg != region:
             figure1(summary, reg, fig_dirs, work / f"figure1-{reg}", c2st=c2st_rows,
-                    models=order)
+                    models=order, baselines=base)
     subj, k = str(test.subject[fig2_row]), int(test.slice_index[fig2_row])
     figure2({c: test.images[c][fig2_row] for c in pair}, fig2_syn, test.mask[fig2_row], pair,
-            work / "figure2", title=f"Figure 2: {subj}, axial slice {k}")
+            work / "figure2", title=f"Figure 2: {subj}, axial slice {k}", baselines=base)
     return {
         "format": "mrsynth-eval",
         "version": 1,
@@ -378,6 +466,9 @@ def _evaluate_into(
         "directions": {d.label: {"internal": d.internal, "source": d.source, "target": d.target}
                        for d in dirs},
         "runs": run_info,
+        "models": [{"label": m, "kind": kinds[m]} for m in order],
+        "baselines": _baseline_info(luts),
+        "verdict": verdict_text,
         "n_test_slices": len(test),
         "test_subjects": sorted(set(test.subject.tolist())),
         "figure2": {"subject": subj, "slice": k},

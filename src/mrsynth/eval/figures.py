@@ -2,6 +2,8 @@
 
 * **Figure 1**: MAE, PSNR and MI (mean with 95 % bootstrap CI) per model,
   one bar per direction, plus the C2ST realism accuracy when available.
+  Baselines (:mod:`mrsynth.eval.baselines`) are drawn hatched in pale colours
+  behind a dotted separator, with italic names, so they cannot pass for models.
 * **Figure 2**: one test subject and slice. Top row: the real images of both
   contrasts. One row per model below: its synthetic image and the relative
   absolute error map ``|syn - real| / max(|real|, eps)`` (z-scored inside the
@@ -61,22 +63,28 @@ def figure1(
     metrics: Sequence[str] = ("mae", "psnr", "mi"),
     c2st: Sequence[Mapping[str, Any]] | None = None,
     models: Sequence[str] | None = None,
+    baselines: Sequence[str] = (),
 ) -> list[Path]:
     """Bars of mean and 95 % CI per model; ``directions`` maps direction -> its label.
 
     The direction order in ``directions`` is the bar order (synthetic A first); models
-    appear in ``models`` order (default: sorted).
+    appear in ``models`` order (default: sorted), the names in ``baselines`` last and
+    styled as baselines.
     """
     plt = _plt()
     rows = [s for s in summary if s["region"] == region]
     present = {s["model"] for s in rows}
     models = [m for m in models if m in present] if models else sorted(present)
+    models = ([m for m in models if m not in baselines]
+              + [m for m in models if m in baselines])
+    is_base = np.asarray([m in baselines for m in models], dtype=bool)
     dirs = list(directions)
     panels = list(metrics) + (["c2st"] if c2st else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     width = 0.8 / max(1, len(dirs))
     x = np.arange(len(models))
     colours = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
+    pale = ["#B7C7E0", "#F0CBB0", "#BBDCC3", "#E6B9BA"]
     for ax, metric in zip(axes[0], panels, strict=True):
         for j, d in enumerate(dirs):
             if metric == "c2st":
@@ -93,8 +101,15 @@ def figure1(
             mean_a = np.asarray(mean, dtype=float)
             err = np.vstack([mean_a - np.asarray(lo, float), np.asarray(hi, float) - mean_a])
             err = np.where(np.isfinite(err), np.maximum(err, 0), 0)
-            ax.bar(x + (j - (len(dirs) - 1) / 2) * width, np.nan_to_num(mean_a), width,
-                   yerr=err, capsize=3, label=directions[d], color=colours[j % len(colours)])
+            pos = x + (j - (len(dirs) - 1) / 2) * width
+            for sel, style in ((~is_base, {"color": colours[j % len(colours)],
+                                           "label": directions[d]}),
+                               (is_base, {"color": pale[j % len(pale)], "hatch": "//",
+                                          "edgecolor": "#555555", "linewidth": 0.6,
+                                          "label": f"{directions[d]} (baseline)"})):
+                if sel.any():
+                    ax.bar(pos[sel], np.nan_to_num(mean_a[sel]), width, yerr=err[:, sel],
+                           capsize=3, **style)
         if metric == "c2st":
             ax.axhline(0.5, color="k", ls="--", lw=0.8)
             ax.set_ylim(0, 1.05)
@@ -102,6 +117,12 @@ def figure1(
         else:
             ax.set_title(METRIC_LABELS.get(metric, metric))
         ax.set_xticks(x, models, rotation=30, ha="right")
+        for tick, base in zip(ax.get_xticklabels(), is_base, strict=True):
+            if base:
+                tick.set_fontstyle("italic")
+                tick.set_color("#555555")
+        if is_base.any() and not is_base.all():
+            ax.axvline(int(np.argmax(is_base)) - 0.5, color="#888888", ls=":", lw=1)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     where = "whole image" if region == "image" else "brain mask"
@@ -119,12 +140,18 @@ def figure2(
     *,
     title: str = "",
     eps: float = RELATIVE_ERROR_EPS,
+    baselines: Sequence[str] = (),
 ) -> list[Path]:
-    """``real[contrast]`` and ``synthetic[model][contrast]`` are one slice (H, W)."""
+    """``real[contrast]`` and ``synthetic[model][contrast]`` are one slice (H, W).
+
+    Rows follow ``synthetic``'s order with the names in ``baselines`` last, titled
+    "(baseline)" in grey.
+    """
     from mrsynth.data.slicing import to_display
 
     plt = _plt()
-    models = list(synthetic)
+    models = ([m for m in synthetic if m not in baselines]
+              + [m for m in synthetic if m in baselines])
     a, b = contrasts
     real = {c: to_display(v) for c, v in real.items()}
     synthetic = {m: {c: to_display(v) for c, v in d.items()} for m, d in synthetic.items()}
@@ -156,7 +183,10 @@ def figure2(
                 axes[i, col + 1].set_visible(False)
                 continue
             axes[i, col].imshow(syn, **grey)
-            axes[i, col].set_title(f"{m}: synthetic {c}", fontsize=8)
+            base = m in baselines
+            axes[i, col].set_title(f"{m}{' (baseline)' if base else ''}: synthetic {c}",
+                                   fontsize=8, color="#555555" if base else "black",
+                                   fontstyle="italic" if base else "normal")
             rel = relative_error_map(real[c], syn, mask, eps=eps)
             err_im = axes[i, col + 1].imshow(rel, cmap=cmap, vmin=0.0, vmax=REL_ERROR_VMAX,
                                              interpolation="nearest")

@@ -4,6 +4,12 @@ Everything is inside the file: figures are base64-embedded PNGs, styles are
 inline, no scripts or web fonts, so it opens offline and can be mailed or
 archived as is. It is built only from what ``mrsynth evaluate`` wrote
 (``eval.json`` and the CSV/PNG files), so it can be rebuilt any time.
+
+It opens with the verdict (which trained models beat ``baseline_intensity``
+inside the brain, from ``verdict.csv``), then the summary tables, figures,
+realism, paired tests, the study's claims (``findings.csv``), timing and
+provenance. Baselines are listed with ``kind`` = ``baseline`` and shown in
+grey italics.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from mrsynth.errors import DataError
+from mrsynth.eval.findings import findings_from_rows
 from mrsynth.eval.metrics import METRIC_LABELS, METRICS, RELATIVE_ERROR_EPS
-from mrsynth.eval.stats import fmt, fmt_p, summary_table
+from mrsynth.eval.stats import BASELINE, fmt, fmt_p, summary_table, verdict_lines
 from mrsynth.utils import atomic_write_text
 
 _CSS = """
@@ -32,6 +39,8 @@ th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
 img{max-width:100%;height:auto;border:1px solid #eee}
 pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.8em;max-height:30em}
 .sig{font-weight:bold}.note{color:#555;font-size:.9em}
+.base{color:#666;font-style:italic}.verdict{background:#f3f7ff;border:1px solid #b8c8e8;
+padding:.6em 1em}.ok{color:#17622a;font-weight:bold}.bad{color:#9a1c1c;font-weight:bold}
 """
 
 
@@ -75,6 +84,67 @@ def _human(c: dict[str, str]) -> str:
             f" ({c.get('human_n', '')})")
 
 
+def _optional_csv(path: Path) -> list[dict[str, str]] | None:
+    """A CSV that evaluations written before it existed lack (None then)."""
+    return read_csv(path) if path.is_file() else None
+
+
+def _name(label: str, kinds: dict[str, str]) -> str:
+    """A model label as HTML, baselines marked."""
+    if kinds.get(label) == BASELINE:
+        return f"<span class='base'>{html.escape(label)} (baseline)</span>"
+    return html.escape(label)
+
+
+def _verdict_html(verdict: list[dict[str, str]] | None, directions: list[str]) -> str:
+    if verdict is None:
+        return ("<div class='verdict'><p>No verdict: this evaluation predates the baselines "
+                "(no verdict.csv). Run <code>mrsynth evaluate</code> again.</p></div>")
+    lines = verdict_lines(verdict, directions)
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return (
+        "<div class='verdict'><p><b>Verdict.</b> Which trained models have a lower in-brain "
+        "MAE than <i>baseline_intensity</i> (a per-pixel lookup table from source to target "
+        "intensity fitted on the training split): one-sided Wilcoxon signed-rank test on "
+        "per-slice MAE inside the brain mask, Holm-corrected over the models of a direction, "
+        "beating = p_holm &lt; 0.05. A model that does not beat it has not shown that it "
+        f"learned more than an intensity mapping.</p><ul>{items}</ul></div>"
+    )
+
+
+def _findings_html(rows: list[dict[str, str]] | None) -> str:
+    if rows is None:
+        return "<p class='note'>Not available (no findings.csv): run evaluate again.</p>"
+    parts = [
+        "<p class='note'>Each claim of the study, tested on this evaluation's test slices "
+        "(primary region) with paired comparisons: mean paired difference (first − second) "
+        "with its 95 % bootstrap CI and a Wilcoxon signed-rank p-value, Holm-corrected over "
+        "the comparisons of the claim. Directional claims: one-sided; a comparison supports "
+        "the claim when p_holm &lt; 0.05 in the claimed direction and contradicts it when the "
+        "opposite direction is significant. The equality claim: two-sided; no significant "
+        "difference counts as support (not proof of equality: read the CIs). Reproduced = "
+        "every comparison supports it; not reproduced = at least one contradicts it.</p>"
+    ]
+    for f in findings_from_rows(rows):
+        status = f["status"]
+        cls = "ok" if status == "reproduced" else "bad" if status == "not reproduced" else ""
+        parts.append(
+            f"<h3>{html.escape(f['claim_text'])}: <span class='{cls}'>{html.escape(status)}"
+            f"</span></h3><p class='note'>{html.escape(f['note'])}</p>"
+        )
+        if f["comparisons"]:
+            parts.append(_table(
+                ["direction", "metric", "first", "second", "n", "mean diff", "95 % CI", "test",
+                 "p", "p_holm", "outcome"],
+                [[c["direction"], METRIC_LABELS.get(c["metric"], c["metric"]), c["first"],
+                  c["second"], c["n"], fmt(_f(c["mean_diff"]), 4),
+                  f"[{fmt(_f(c['ci_low']), 4)}, {fmt(_f(c['ci_high']), 4)}]", c["test"],
+                  fmt_p(_f(c["p_value"])), fmt_p(_f(c["p_holm"])), c["outcome"]]
+                 for c in f["comparisons"]],
+            ))
+    return "".join(parts)
+
+
 def build_report(eval_dir: str | Path, out: str | Path) -> Path:
     """Write the HTML report for ``eval_dir`` to ``out`` (atomically); return ``out``."""
     ev = Path(eval_dir)
@@ -93,6 +163,8 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         wilcoxon = read_csv(ev / "wilcoxon.csv")
         timing = read_csv(ev / "timing.csv")
         c2st = read_csv(ev / "c2st.csv")
+        verdict = _optional_csv(ev / "verdict.csv")
+        found = _optional_csv(ev / "findings.csv")
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(
             f"Cannot read the evaluation in {ev}: {exc}. Run `mrsynth evaluate` again "
@@ -102,18 +174,22 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
     primary = man.get("primary_region", "image")
     regions = man.get("regions", [primary])
     dir_info = man.get("directions", {})
+    models = man.get("models") or [{"label": r["label"], "kind": "model"} for r in man["runs"]]
+    kinds = {m["label"]: m["kind"] for m in models}
+    order = [m["label"] for m in models]
     parts: list[str] = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>mrsynth evaluation report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>mrsynth evaluation report</h1>",
-        "<p>Models: " + ", ".join(html.escape(r["label"]) for r in man["runs"]) + ". "
+        "<p>Models: " + ", ".join(_name(m, kinds) for m in order) + ". "
         "Directions: " + ", ".join(html.escape(d) for d in dir_info) + ". "
         f"Test images: {man.get('n_test_slices', 'n/a')} slices of "
         f"{len(man.get('test_subjects', []))} subjects "
         f"({html.escape(', '.join(man.get('test_subjects', [])))}). "
         f"Created {html.escape(str(man.get('created', '')))}.</p>",
         f"<p class='note'>Data: {html.escape(str(man.get('data', {}).get('path', '')))}</p>",
+        _verdict_html(verdict, list(dir_info)),
     ]
 
     # ---------------------------------------------------------------- summary tables
@@ -123,12 +199,14 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         "mean]. Metrics on per-image z-scored images; "
         f"MI in nats with {man.get('bins', 256)} bins; PSNR peak = data range (max − min) of the "
         "z-scored real image; SSIM with the same data range. NMI is scikit-image's normalised "
-        "mutual information (1 to 2).</p>"
+        "mutual information (1 to 2). Baselines: baseline_identity = the source image; "
+        "baseline_intensity = per-bin median target intensity of the training brains; "
+        "baseline_mean = the real brain's mean inside the brain (its in-brain MAE is the "
+        "mean |z| of the real image).</p>"
     )
     for region in [primary] + [r for r in regions if r != primary]:
         label = "whole image" if region == "image" else "inside the brain mask"
-        header, body = summary_table(summary, region,
-                                     models=[r["label"] for r in man["runs"]])
+        header, body = summary_table(summary, region, models=order)
         parts.append(f"<h3>Region: {label}{' (primary)' if region == primary else ''}</h3>")
         parts.append(_table(header, body))
 
@@ -147,6 +225,9 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         "transparent outside the brain; colour scale capped at 1 (100 %).</p>"
     )
     parts.append(_img(ev / "figure2.png", "Figure 2"))
+    from mrsynth.eval.curves import learning_curves_html  # each run's validation curve
+
+    parts.append(learning_curves_html(man["runs"]))
 
     # ---------------------------------------------------------------- realism
     parts.append("<h2>Realism: classifier two-sample test</h2>")
@@ -157,9 +238,9 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         "study's accuracy (`mrsynth study results`) when a study was given.</p>"
     )
     parts.append(_table(
-        ["model", "direction", "C2ST accuracy", "95 % CI", "p", "n test",
+        ["model", "kind", "direction", "C2ST accuracy", "95 % CI", "p", "n test",
          "human accuracy [95 % CI] (n)"],
-        [[c["model"], c["direction"], fmt(_f(c["accuracy"])),
+        [[c["model"], c.get("kind", ""), c["direction"], fmt(_f(c["accuracy"])),
           f"[{fmt(_f(c['ci_low']))}, {fmt(_f(c['ci_high']))}]", fmt_p(_f(c["p_value"])),
           c["n_test"], _human(c)] for c in c2st],
     ))
@@ -179,7 +260,8 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         cells = [w["direction"], METRIC_LABELS.get(w["metric"], w["metric"]), w["model_a"],
                  w["model_b"], w["n"], fmt(_f(w["median_diff"]), 4), fmt_p(_f(w["p_value"])),
                  fmt_p(_f(w["p_holm"]))]
-        cells = [html.escape(str(c)) for c in cells]
+        cells = [_name(c, kinds) if i in (2, 3) else html.escape(str(c))
+                 for i, c in enumerate(cells)]
         if sig:
             cells = [f"<span class='sig'>{c}</span>" for c in cells]
         rows.append(cells)
@@ -187,12 +269,17 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
                          "p_holm"], rows, raw=True))
     parts.append("<p class='note'>All regions: wilcoxon.csv in the evaluation directory.</p>")
 
+    # ---------------------------------------------------------------- the study's claims
+    parts.append("<h2>Findings versus the study</h2>")
+    parts.append(_findings_html(found))
+
     # ---------------------------------------------------------------- timing
     parts.append("<h2>Timing</h2>")
     parts.append(_table(
-        ["model", "direction", "train s/epoch", "epochs", "train device", "inference ms/slice",
-         "inference device", "batch size"],
-        [[t["model"], t["direction"], fmt(_f(t["train_s_per_epoch"]), 2), t["epochs"],
+        ["model", "kind", "direction", "train s/epoch", "epochs", "train device",
+         "inference ms/slice", "inference device", "batch size"],
+        [[t["model"], t.get("kind", ""), t["direction"], fmt(_f(t["train_s_per_epoch"]), 2),
+          t["epochs"],
           t["train_device"], fmt(_f(t["inference_ms_per_slice"]), 2), t["inference_device"],
           t["batch_size"]] for t in timing],
     ))

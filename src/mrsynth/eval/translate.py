@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -78,6 +78,9 @@ from mrsynth.data.volumes import (
 from mrsynth.errors import ConfigError, DataError
 from mrsynth.eval.common import Direction, load_run_checked, parse_direction
 from mrsynth.utils import atomic_path, check_can_write
+
+if TYPE_CHECKING:
+    from mrsynth.train.runs import LoadedRun
 
 Log = Callable[[str], None]
 
@@ -114,7 +117,7 @@ class Geometry:
                    (float(pct[0]), float(pct[1])))
 
 
-def _translate_slices(run: Any, x: np.ndarray, d: Direction, batch_size: int,
+def _translate_slices(run: LoadedRun, x: np.ndarray, d: Direction, batch_size: int,
                       device: str) -> np.ndarray:
     import torch
 
@@ -157,7 +160,7 @@ def _fill_value(data: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- volumes
 def translate_array_volume(
-    data: np.ndarray, run: Any, d: Direction, geo: Geometry, *, batch_size: int = 32,
+    data: np.ndarray, run: LoadedRun, d: Direction, geo: Geometry, *, batch_size: int = 32,
     device: str = "cpu", name: str = "volume",
 ) -> tuple[np.ndarray, int]:
     """Translate a canonical (X, Y, Z) volume; returns (volume in input units, slices done)."""
@@ -201,7 +204,7 @@ def _output_header(img: Any, model: str, d: Direction) -> Any:
 
 
 def translate_volume(
-    src: Path, dest: Path, run: Any, d: Direction, geo: Geometry, *, batch_size: int,
+    src: Path, dest: Path, run: LoadedRun, d: Direction, geo: Geometry, *, batch_size: int,
     device: str,
 ) -> int:
     """NIfTI in, NIfTI out (atomically); returns the number of translated slices."""
@@ -224,7 +227,7 @@ def translate_volume(
 
 # --------------------------------------------------------------------------- 2-D images
 def translate_image(
-    src: Path, dest: Path, run: Any, d: Direction, geo: Geometry, *, batch_size: int,
+    src: Path, dest: Path, run: LoadedRun, d: Direction, geo: Geometry, *, batch_size: int,
     device: str,
 ) -> int:
     """A 2-D image, prepared as ``data prepare`` prepares 2-D folders (image centred)."""
