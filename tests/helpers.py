@@ -50,6 +50,26 @@ def norm_cancelled_biases(model: nn.Module) -> set[str]:
     return out
 
 
+# ---------------------------------------------------------------------- the models under test
+#: The one per-model table of the model tests: ``--set`` overrides that shrink a model to a
+#: tiny network on the same code path. The tests parametrise over the registry
+#: (``model_names()``); a model without an entry (a new model file) is tested at its
+#: ``cpu-small`` preset, so it is covered without touching the tests.
+TINY_ARCH: dict[str, dict[str, Any]] = {
+    "cyclegan": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
+    "cyclegan_s": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
+    "pix2pix": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
+    "generators_s": {"arch.ngf": 4, "arch.n_blocks": 1},
+    "unit": {"arch.nef": 4, "arch.ndf": 4},
+    "simple": {"arch.hidden": 16},
+}
+
+
+def tiny_arch(model: str) -> dict[str, Any]:
+    """The overrides of :data:`TINY_ARCH` for ``model`` ({} for a model not listed)."""
+    return dict(TINY_ARCH.get(model, {}))
+
+
 # ---------------------------------------------------------------------- fast-path comparisons
 #: Tiny networks of the three benchmarked models, for comparing speed options with eager.
 TINY: dict[str, dict[str, Any]] = {

@@ -1,24 +1,40 @@
-"""The six models: construction, shapes at the paper preset, pinned sizes, registry, CLI."""
+"""The models: registry, construction, shapes at the paper preset, pinned sizes, options, CLI.
+
+Tests that every model must pass are parametrised over the registry (``model_names()``), with
+the one per-model override table ``helpers.TINY_ARCH``: a new model file is tested without
+touching this file. Hand-counted sizes and the study's specifics are named per model.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from torch import nn
 
+from helpers import tiny_arch
 from mrsynth.cli import main
 from mrsynth.errors import ConfigError
 from mrsynth.models import build_model, get_model_class, model_names
 from mrsynth.models.base import StepContext
 from mrsynth.models.blocks import ImagePool, count_conv_layers, count_parameters
 from mrsynth.train.commands import model_table
-from mrsynth.train.config import resolve_config
+from mrsynth.train.config import resolve_config, upgrade_config, valid_keys
 
-MODELS = ["cyclegan", "cyclegan_s", "unit", "generators_s", "simple", "pix2pix"]
+MODELS = model_names()
+#: The study's five models and pix2pix, in the study's order (the registry lists them first).
+STUDY_ORDER = ["cyclegan", "cyclegan_s", "unit", "generators_s", "simple", "pix2pix"]
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def tiny(model: str, **extra) -> nn.Module:
+    """``model`` at ``cpu-small`` shrunk by the override table, seeded."""
+    torch.manual_seed(0)
+    return build_model(resolve_config(model, "cpu-small", {**tiny_arch(model), **extra}))
 
 
 # --------------------------------------------------------------------- hand formulas
@@ -57,38 +73,56 @@ def unit_parts() -> dict[str, int]:
             "translator A2B": enc + 2 * res(256) + dec}
 
 
-def expected_parameters(model: str) -> dict[str, int]:
-    g, d = resnet_generator(), patchgan()
-    if model in ("cyclegan", "cyclegan_s"):
-        return {"G_A2B": g, "G_B2A": g, "D_A": d, "D_B": d}
-    if model == "generators_s":
-        return {"G_A2B": g, "G_B2A": g}
-    if model == "pix2pix":
-        return {"G_A2B": g, "G_B2A": g, "D_A2B": patchgan(2), "D_B2A": patchgan(2)}
-    if model == "simple":
-        s = conv(1, 256, 1) + conv(256, 1, 5)
-        return {"G_A2B": s, "G_B2A": s}
-    return unit_parts()
+#: Parameter counts at the paper preset, counted by hand (per network).
+HAND_COUNTS = {
+    "cyclegan": lambda: {"G_A2B": resnet_generator(), "G_B2A": resnet_generator(),
+                         "D_A": patchgan(), "D_B": patchgan()},
+    "cyclegan_s": lambda: HAND_COUNTS["cyclegan"](),
+    "generators_s": lambda: {"G_A2B": resnet_generator(), "G_B2A": resnet_generator()},
+    "pix2pix": lambda: {"G_A2B": resnet_generator(), "G_B2A": resnet_generator(),
+                        "D_A2B": patchgan(2), "D_B2A": patchgan(2)},
+    # 1x1 conv 1->256, 1x1 conv 256->1 (the default output kernel, as in the study's code)
+    "simple": lambda: {"G_A2B": conv(1, 256, 1) + conv(256, 1, 1),
+                       "G_B2A": conv(1, 256, 1) + conv(256, 1, 1)},
+    "unit": unit_parts,
+}
 
 
 @pytest.fixture(scope="module")
-def paper_models() -> dict[str, torch.nn.Module]:
+def paper_models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     return {m: build_model(resolve_config(m, "paper")).eval() for m in MODELS}
 
 
-def test_registry_lists_the_six_models_in_the_study_order() -> None:
-    assert model_names() == MODELS
+# --------------------------------------------------------------------- registry
+def test_registry_lists_the_study_models_in_the_study_order() -> None:
+    assert set(STUDY_ORDER) <= set(MODELS)
+    assert [m for m in MODELS if m in STUDY_ORDER] == STUDY_ORDER
     with pytest.raises(ConfigError, match="Available models: cyclegan, cyclegan_s"):
         get_model_class("cyclegann")
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_every_model_declares_itself_and_its_settings(model: str) -> None:
+    cls = get_model_class(model)
+    assert cls.name == model and cls.summary
+    for preset in ("paper", "cpu-small"):
+        keys = valid_keys(model, preset)
+        assert "arch.init" in keys  # every model offers arch.init=glorot|normal
+        assert any(k.startswith("loss.") for k in keys)
+        assert any(k.startswith("optim.") for k in keys)
+    m = tiny(model)
+    nets = m.networks()
+    assert nets and all(count_parameters(n) > 0 for n in nets.values())
+    assert set(m.build_optimizers()) >= {"G"}
+
+
+@pytest.mark.parametrize("model", sorted(HAND_COUNTS))
 def test_parameter_counts_match_hand_formulas(model: str, paper_models) -> None:
     nets = paper_models[model].networks()
     got = {name: count_parameters(net) for name, net in nets.items()}
     print(model, got)
-    assert got == expected_parameters(model)
+    assert got == HAND_COUNTS[model]()
 
 
 def test_pinned_sizes_and_generator_depth(paper_models) -> None:
@@ -106,6 +140,10 @@ def test_pinned_sizes_and_generator_depth(paper_models) -> None:
     assert count_conv_layers(paper_models["unit"].generator("A2B")) == 22
 
 
+def ends_in_tanh(net: nn.Module) -> bool:
+    return isinstance(list(net.modules())[-1], nn.Tanh)
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("size", [(256, 256), (304, 256)])
 @torch.inference_mode()
@@ -113,11 +151,13 @@ def test_forward_shapes_at_paper_preset(model: str, size: tuple[int, int], paper
     m = paper_models[model]
     x = torch.rand(1, 1, *size) * 2 - 1
     direction = "A2B" if size == (256, 256) else "B2A"
-    y = m.generator(direction)(x)
+    gen = m.generator(direction)
+    y = gen(x)
     assert y.shape == (1, 1, *size)
     assert torch.isfinite(y).all()
-    if model != "simple":  # tanh output
+    if ends_in_tanh(gen):
         assert y.abs().max() <= 1
+    assert ends_in_tanh(gen) == (model != "simple") or model not in STUDY_ORDER
     if model in ("cyclegan", "cyclegan_s") and size == (304, 256):
         # 70x70 PatchGAN with Keras 'same' padding: 304x256 -> 38x32 patch scores.
         assert m.D_A(x).shape == (1, 1, 38, 32)
@@ -127,32 +167,106 @@ def test_forward_shapes_at_paper_preset(model: str, size: tuple[int, int], paper
         assert [o.shape[-2:] for o in m.D_A(x)] == [(19, 16), (10, 8), (5, 4)]
 
 
-def test_generators_accept_sizes_that_are_not_multiples_of_four() -> None:
-    cfg = resolve_config("cyclegan", "cpu-small", {"arch.ngf": 4, "arch.n_blocks": 1})
-    g = build_model(cfg).eval().generator("A2B")
-    ucfg = resolve_config("unit", "cpu-small", {"arch.nef": 4})
-    u = build_model(ucfg).eval().generator("B2A")
+@pytest.mark.parametrize("model", MODELS)
+def test_generators_accept_sizes_that_are_not_multiples_of_four(model: str) -> None:
+    m = tiny(model).eval()
     x = torch.rand(2, 1, 37, 50) * 2 - 1
     with torch.no_grad():
-        assert g(x).shape == x.shape
-        assert u(x).shape == x.shape
+        for d in ("A2B", "B2A"):
+            assert m.generator(d)(x).shape == x.shape
 
 
-
-@pytest.mark.parametrize("model", ["cyclegan", "unit", "generators_s", "pix2pix"])
+@pytest.mark.parametrize("model", MODELS)
 def test_training_steps_accept_sizes_that_are_not_multiples_of_four(model: str) -> None:
     """A prepared --size like 30x42 must train, not only translate (UNIT pads internally)."""
-    torch.manual_seed(0)
-    small_d = {} if model == "generators_s" else {"arch.ndf": 4}
-    m = build_model(resolve_config(model, "cpu-small", small_d))
+    m = tiny(model)
     opts = m.build_optimizers()
     batch = {"A": torch.rand(1, 1, 30, 42) * 2 - 1, "B": torch.rand(1, 1, 30, 42) * 2 - 1}
     losses = m.train_step(batch, StepContext(opts))
     assert losses and all(torch.isfinite(v).all() for v in losses.values())
+    assert all(not v.requires_grad for v in losses.values())
 
-def test_unit_translation_is_deterministic_in_eval_and_noisy_in_training() -> None:
+
+# --------------------------------------------------------------------- CycleGAN discriminators
+def receptive_field(d: nn.Module, size: tuple[int, int], at: tuple[int, int]) -> tuple[int, int]:
+    """Height and width of the input pixels one output score depends on (gradient support)."""
+    x = torch.randn(1, 1, *size, dtype=torch.float64, requires_grad=True)
+    d(x)[0, 0, at[0], at[1]].backward()
+    rows = torch.nonzero(x.grad[0, 0].abs().sum(1)).flatten()
+    cols = torch.nonzero(x.grad[0, 0].abs().sum(0)).flatten()
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+@pytest.mark.parametrize("model", ["cyclegan", "cyclegan_s"])
+def test_study2018_discriminator_receptive_field_shape_and_sigmoid(model: str) -> None:
+    """The study's June-2018 discriminator: strides 2,2,2,2 (94 px), 19x16 sigmoid scores.
+
+    Instance norm makes every score depend on the whole image through its statistics, so the
+    architectural receptive field is measured without normalisation.
+    """
     torch.manual_seed(0)
-    m = build_model(resolve_config("unit", "cpu-small", {"arch.nef": 4, "arch.ndf": 4}))
+    cfg = resolve_config(model, "paper", ["arch.discriminator=study2018", "arch.norm=none"])
+    d18 = build_model(cfg).D_A.double()
+    torch.manual_seed(0)
+    dpg = build_model(resolve_config(model, "paper", ["arch.norm=none"])).D_A.double()
+    # Scores in the middle of the map see a window that padding does not cut.
+    assert receptive_field(d18, (304, 256), (9, 8)) == (94, 94)
+    assert receptive_field(dpg, (304, 256), (19, 16)) == (70, 70)
+
+    torch.manual_seed(0)
+    d = build_model(resolve_config(model, "paper", ["arch.discriminator=study2018"])).D_A
+    with torch.no_grad():
+        x = torch.rand(2, 1, 304, 256) * 2 - 1
+        s = d(x)
+    assert s.shape == (2, 1, 19, 16)
+    assert ((s > 0) & (s < 1)).all()  # the sigmoid the 2018 code put before its MSE
+    assert count_conv_layers(d) == 5
+
+
+def test_discriminator_setting_is_checked() -> None:
+    assert resolve_config("cyclegan")["arch"]["discriminator"] == "patchgan"  # the default
+    with pytest.raises(ConfigError, match="arch.discriminator must be one of patchgan"):
+        resolve_config("cyclegan", "paper", ["arch.discriminator=study2019"])
+    with pytest.raises(ConfigError, match="needs loss.gan_mode=lsgan"):
+        resolve_config("cyclegan_s", "paper",
+                       ["arch.discriminator=study2018", "loss.gan_mode=vanilla"])
+    # pix2pix's discriminator judges pairs with BCE on logits: the option is not offered.
+    assert "arch.discriminator" not in valid_keys("pix2pix")
+
+
+# --------------------------------------------------------------------- Simple
+def test_simple_is_a_per_pixel_map_by_default_and_5x5_on_request() -> None:
+    """Changing one input pixel changes only that output pixel (1x1), or a 5x5 block (5x5)."""
+    x = torch.rand(1, 1, 24, 24) * 2 - 1
+    x2 = x.clone()
+    x2[0, 0, 10, 13] += 0.5
+    support = {}
+    for k in (1, 5):
+        m = tiny("simple", **{"arch.out_kernel": k}).eval()
+        net = m.generator("A2B")
+        with torch.no_grad():
+            changed = (net(x2) - net(x)).abs()[0, 0] > 0
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        support[k] = (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max()))
+    assert support[1] == (10, 10, 13, 13)
+    assert support[5] == (8, 12, 11, 15)
+    assert resolve_config("simple")["arch"]["out_kernel"] == 1
+    with pytest.raises(ConfigError, match="arch.out_kernel must be an odd integer"):
+        resolve_config("simple", "paper", ["arch.out_kernel=4"])
+
+
+def test_simple_runs_stored_with_the_old_kernel_setting_still_load() -> None:
+    """Runs written before ``arch.out_kernel`` stored ``arch.kernel`` (5 by default then)."""
+    old = resolve_config("simple", "cpu-small")
+    old["arch"] = {"hidden": 256, "kernel": 5}  # no out_kernel, no init
+    cfg = upgrade_config(old)
+    assert cfg["arch"] == {"hidden": 256, "out_kernel": 5, "init": "normal"}
+    assert count_parameters(build_model(cfg).G_A2B) == conv(1, 256, 1) + conv(256, 1, 5)
+
+
+# --------------------------------------------------------------------- UNIT inference
+def test_unit_translation_is_deterministic_in_eval_and_noisy_in_training() -> None:
+    m = tiny("unit")
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     with torch.no_grad():
         m.eval()
@@ -166,15 +280,109 @@ def test_unit_translation_is_deterministic_in_eval_and_noisy_in_training() -> No
     assert not torch.equal(c, d)
 
 
-def test_init_is_normal_002() -> None:
+def test_unit_stochastic_inference_samples_and_leaves_the_model_deterministic() -> None:
+    m = tiny("unit").eval()
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        det = [m.translate(x, "A2B") for _ in range(2)]
+        sto = [m.translate(x, "A2B", stochastic=True) for _ in range(2)]
+        after = m.translate(x, "A2B")
+    assert torch.equal(det[0], det[1])
+    assert not torch.equal(sto[0], sto[1])
+    assert not torch.equal(sto[0], det[0])
+    assert torch.equal(after, det[0])  # dropout switched back off
+    assert all(not mod.training for mod in m.modules())
+    # With no noise and no dropout there is nothing to sample: stochastic == deterministic.
+    q = tiny("unit", **{"arch.noise_std": 0.0, "arch.dropout": 0.0}).eval()
+    with torch.no_grad():
+        assert torch.equal(q.translate(x, "B2A", stochastic=True), q.translate(x, "B2A"))
+    # Only the noise: samples still differ.
+    n = tiny("unit", **{"arch.dropout": 0.0}).eval()
+    with torch.no_grad():
+        assert not torch.equal(n.translate(x, "B2A", stochastic=True),
+                               n.translate(x, "B2A", stochastic=True))
+    assert get_model_class("unit").stochastic_inference
+    assert not get_model_class("cyclegan").stochastic_inference
+
+
+def test_stochastic_translate_and_evaluate_through_a_trained_run(
+    tmp_path_factory, prepared_small, tmp_path
+) -> None:
+    """``LoadedRun.translate`` and ``mrsynth evaluate --stochastic`` on a tiny trained UNIT."""
+    import numpy as np
+
+    from mrsynth.data.prepared import load_prepared
+    from mrsynth.train.runs import load_run
+    from test_eval_fixtures import tiny_run
+
+    rd = tiny_run(tmp_path_factory, prepared_small, "unit")
+    run = load_run(rd)
+    data = load_prepared(prepared_small)
+    x = torch.from_numpy(data.images["T1w"][np.flatnonzero(data.split == "test")[:2]])[:, None]
+    assert torch.equal(run.translate(x, "A2B"), run.translate(x, "A2B"))
+    assert not torch.equal(run.translate(x, "A2B", stochastic=True),
+                           run.translate(x, "A2B", stochastic=True))
+    run.stochastic = True  # what translate/evaluate --stochastic set
+    assert not torch.equal(run.translate(x, "A2B"), run.translate(x, "A2B"))
+
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["evaluate", "--runs", str(rd), "--data", str(prepared_small), "--out",
+                     str(out), "--device", "cpu", "--c2st-steps", "2", "--stochastic"]) == 0
+        manifest = json.loads((out / "eval.json").read_text())
+        assert [r["stochastic"] for r in manifest["runs"]] == [True]
+        outs.append(sorted((out / "synthetic" / "unit").glob("*.npy")))
+    # Stochastic, but the samples are drawn from --seed: the same seed gives the same images.
+    assert outs[0] and all(np.array_equal(np.load(p), np.load(q))
+                           for p, q in zip(*outs, strict=True))
+
+
+# --------------------------------------------------------------------- weight init
+def conv_layers(m: nn.Module) -> list[nn.Module]:
+    return [c for c in m.modules() if isinstance(c, nn.Conv2d | nn.ConvTranspose2d)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_glorot_init_is_keras_glorot_uniform(model: str) -> None:
+    """U(+-sqrt(6 / (fan_in + fan_out))) per layer, fan = channels x kernel area (Keras)."""
     torch.manual_seed(0)
-    m = build_model(resolve_config("cyclegan", "paper"))
-    w = torch.cat([blk.weight.flatten() for blk in m.G_A2B.modules()
-                   if isinstance(blk, torch.nn.Conv2d)])
+    m = build_model(resolve_config(model, "cpu-small", ["arch.init=glorot"]))
+    scaled = []
+    for c in conv_layers(m):
+        w = c.weight.detach().double()
+        area = w.shape[2] * w.shape[3]
+        fan_sum = (w.shape[0] + w.shape[1]) * area  # symmetric: same for transposed convs
+        bound = math.sqrt(6.0 / fan_sum)
+        assert w.abs().max() <= bound
+        scaled.append((w / bound).flatten())
+        assert c.bias is None or not c.bias.any()
+    for n in m.modules():
+        if isinstance(n, nn.InstanceNorm2d | nn.BatchNorm2d) and n.affine:
+            assert torch.equal(n.weight, torch.ones_like(n.weight)) and not n.bias.any()
+    # Every layer scaled by its bound is U(-1, 1): variance 1/3 (here >= 1,000 samples).
+    u = torch.cat(scaled)
+    assert u.numel() >= 1000
+    assert u.var().item() == pytest.approx(1 / 3, rel=0.1)
+
+
+def test_glorot_init_variance_on_a_large_layer_and_normal_std() -> None:
+    torch.manual_seed(0)
+    g = build_model(resolve_config("cyclegan", "paper", ["arch.init=glorot"]))
+    w = g.G_A2B.model[10].body[0].weight.detach().double()  # a 128->128 3x3 residual conv
+    assert w.shape == (128, 128, 3, 3)
+    assert w.var().item() == pytest.approx(2.0 / (2 * 128 * 9), rel=0.02)
+
+    torch.manual_seed(0)
+    m = build_model(resolve_config("cyclegan", "paper"))  # default: N(0, 0.02)
+    w = torch.cat([c.weight.flatten() for c in conv_layers(m.G_A2B)])
     assert abs(w.mean().item()) < 1e-3
     assert w.std().item() == pytest.approx(0.02, rel=0.02)
+    with pytest.raises(ConfigError, match="arch.init must be one of normal, glorot"):
+        resolve_config("unit", "paper", ["arch.init=he"])
 
 
+# --------------------------------------------------------------------- pool, CLI
 def test_image_pool_fills_then_swaps_half_the_time() -> None:
     pool = ImagePool(4, seed=0)
     first = [torch.full((1, 1, 2, 2), float(i)) for i in range(4)]
@@ -199,8 +407,9 @@ def test_models_cli_lists_parameters_and_conv_layers(capsys) -> None:
     assert list(rows) == MODELS
     assert rows["cyclegan"]["networks"]["G_A2B"] == {"parameters": 2_849_537, "conv_layers": 24}
     assert rows["simple"]["paired"] and not rows["unit"]["paired"]
+    assert all(rows[m]["paired"] == get_model_class(m).needs_paired for m in MODELS)
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "2,849,537" in out and "cyclegan_s" in out
+    assert "2,849,537" in out and all(m in out for m in MODELS)
     small = {r["model"]: r for r in model_table("cpu-small")}
     assert small["cyclegan"]["networks"]["G_A2B"]["parameters"] == resnet_generator(16, 3)

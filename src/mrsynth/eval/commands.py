@@ -28,6 +28,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
+STOCHASTIC_HELP = ("Keep latent noise and dropout on at inference (UNIT), as the study's Keras "
+                   "code did: outputs vary between calls. Default: deterministic.")
+
+
 def _log(msg: str) -> None:
     console.print(f"[dim]·[/dim] {msg}", highlight=False)
 
@@ -43,12 +47,14 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per batch."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+        stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
     ) -> None:
         """Translate NIfTI volumes (every axial slice) or 2-D images with a trained run."""
         from mrsynth.eval.translate import translate_path
 
         res = translate_path(run, direction, input, output, device=resolve_device(device),
-                             batch_size=batch_size, overwrite=overwrite, log=_log)
+                             batch_size=batch_size, overwrite=overwrite, stochastic=stochastic,
+                             log=_log)
         rate = res["slices"] / res["seconds"] if res["seconds"] > 0 else float("inf")
         typer.echo(
             f"Translated {res['files']} file(s), {res['slices']} slices in "
@@ -93,6 +99,7 @@ def register(app: typer.Typer) -> None:
             None, "--study", help="Perceptual study file (`mrsynth study create`): its readers' "
             "accuracy is reported beside the C2ST score (model names = model labels)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing EVAL_DIR."),
+        stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
     ) -> None:
         """Score runs on the test split: metrics, statistics, timing, C2ST, figures."""
         from mrsynth.eval.evaluate import evaluate, summary_markdown
@@ -102,7 +109,7 @@ def register(app: typer.Typer) -> None:
         ev = evaluate(all_runs, data, out, region=region, bins=bins,
                       batch_size=batch_size, device=resolve_device(device),
                       c2st_steps=c2st_steps, seed=seed, study=study, overwrite=overwrite,
-                      log=_log)
+                      stochastic=stochastic, log=_log)
         typer.echo(summary_markdown(ev))
         typer.echo(f"Evaluation written to {ev}")
 

@@ -347,13 +347,21 @@ def translate_path(
     device: str = "cpu",
     batch_size: int = 32,
     overwrite: bool = False,
+    stochastic: bool = False,
     log: Log = _noop,
 ) -> dict[str, Any]:
-    """Translate a file or folder; returns counts and timing (slices, files, seconds)."""
+    """Translate a file or folder; returns counts and timing (slices, files, seconds).
+
+    ``stochastic`` keeps latent noise and dropout on (UNIT, as the study's Keras port did):
+    each call then writes a different sample."""
     src, dest = Path(src), Path(dest)
     if not src.exists():
         raise DataError(f"Input {src} does not exist.")
     run = load_run_checked(run_dir, device)
+    run.stochastic = stochastic
+    if stochastic and not run.model.stochastic_inference:
+        log(f"{run.model_name} has no noise or dropout at inference; --stochastic changes "
+            "nothing")
     d = parse_direction(direction, run.contrasts, run_dir)
     geo = Geometry.from_settings(run.data_settings or {}, run_dir)
     if src.is_dir():

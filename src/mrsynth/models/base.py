@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrsynth.errors import ConfigError
-from mrsynth.models.blocks import init_weights
+from mrsynth.models.blocks import INITS, init_weights
 
 #: Translation directions: A -> B (e.g. T1w -> T2w) and back.
 DIRECTIONS = ("A2B", "B2A")
@@ -89,6 +89,8 @@ class TranslationModel(nn.Module):
     summary: ClassVar[str] = ""
     #: Position in listings (the study's order first).
     order: ClassVar[int] = 100
+    #: True when inference can sample (latent noise, dropout): ``--stochastic`` matters.
+    stochastic_inference: ClassVar[bool] = False
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
@@ -103,8 +105,12 @@ class TranslationModel(nn.Module):
         """Sections ``arch``, ``loss``, ``optim`` and ``train`` (overrides) for a preset."""
         raise NotImplementedError
 
-    def generator(self, direction: str) -> nn.Module:
-        """The network mapping (N,1,H,W) in one direction (``A2B`` or ``B2A``)."""
+    def generator(self, direction: str, stochastic: bool = False) -> nn.Module:
+        """The network mapping (N,1,H,W) in one direction (``A2B`` or ``B2A``).
+
+        ``stochastic=True`` keeps the training-time randomness (latent noise, dropout) on at
+        inference, as the study's Keras code did; models without any ignore it.
+        """
         raise NotImplementedError
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -115,6 +121,24 @@ class TranslationModel(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ optional hooks
+    @classmethod
+    def config_problems(cls, cfg: dict[str, Any]) -> list[str]:
+        """What is wrong with the values of this model's settings (``arch``, ``loss``...).
+
+        :func:`mrsynth.train.config.validate_config` reports these with its own problems,
+        so a bad ``--set`` is refused before any data is read. Overrides extend the list.
+        """
+        init = cfg["arch"].get("init", "normal")
+        if init not in INITS:
+            return [f"arch.init must be one of {', '.join(INITS)}"]
+        return []
+
+    @classmethod
+    def upgrade_stored_config(cls, stored: dict[str, Any]) -> dict[str, Any]:
+        """A run config written by an older version with renamed settings renamed (the
+        trainer then adds settings introduced since with their defaults)."""
+        return stored
+
     def aux_state_dict(self) -> dict[str, Any]:
         """Training state that is not weights (image pools), for checkpoints."""
         return {}
@@ -128,9 +152,9 @@ class TranslationModel(nn.Module):
         return dict(self.named_children())
 
     @torch.no_grad()
-    def translate(self, x: Tensor, direction: str) -> Tensor:
+    def translate(self, x: Tensor, direction: str, stochastic: bool = False) -> Tensor:
         check_direction(direction)
-        return self.generator(direction)(x)
+        return self.generator(direction, stochastic)(x)
 
     def adam(self, params: Iterator[nn.Parameter] | list[nn.Parameter]) -> torch.optim.Adam:
         """Adam from the ``optim`` section; fused kernels on CUDA (one launch per step)."""
@@ -155,7 +179,8 @@ class GeneratorPairModel(TranslationModel):
     G_A2B: nn.Module
     G_B2A: nn.Module
 
-    def generator(self, direction: str) -> nn.Module:
+    def generator(self, direction: str, stochastic: bool = False) -> nn.Module:
+        del stochastic  # these generators have no noise and no dropout
         return self.G_A2B if check_direction(direction) == "A2B" else self.G_B2A
 
     def generator_parameters(self) -> list[nn.Parameter]:
@@ -176,7 +201,7 @@ class PairedL1Model(GeneratorPairModel):
         super().__init__(config)
         self.G_A2B = self.make_generator()
         self.G_B2A = self.make_generator()
-        init_weights(self)
+        init_weights(self, self.arch["init"])
 
     def make_generator(self) -> nn.Module:
         raise NotImplementedError

@@ -30,15 +30,34 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r} (instance, batch, none)")
 
 
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """Normal(0, std) conv weights, zero biases, norm scales N(1, std): the study's init."""
+#: ``arch.init``: how every model's weights start (see :func:`init_weights`).
+INITS = ("normal", "glorot")
+
+
+def init_weights(module: nn.Module, kind: str = "normal", std: float = 0.02) -> None:
+    """Initialise conv weights, zero their biases and set the norm affines.
+
+    ``normal``: N(0, std) weights and norm scales N(1, std), the init of the CycleGAN and
+    pix2pix reference code (Zhu et al.), not of the study. ``glorot``: Glorot (Xavier)
+    uniform weights, U(+-sqrt(6 / (fan_in + fan_out))), and norm scales 1: Keras' defaults,
+    which is what the study's Keras code ran with (its UNIT file's N(0, 0.02) was applied
+    to layers already built, so most likely never took effect). See docs/models.md.
+    """
+    if kind not in INITS:
+        raise ValueError(f"unknown init {kind!r} ({', '.join(INITS)})")
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
-            nn.init.normal_(m.weight, 0.0, std)
+            if kind == "glorot":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, 0.0, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.InstanceNorm2d | nn.BatchNorm2d) and m.affine:
-            nn.init.normal_(m.weight, 1.0, std)
+            if kind == "glorot":
+                nn.init.ones_(m.weight)
+            else:
+                nn.init.normal_(m.weight, 1.0, std)
             nn.init.zeros_(m.bias)
 
 
@@ -155,15 +174,29 @@ class SamePad(nn.Module):
         return F.pad(x, self.pad)
 
 
-class PatchDiscriminator(nn.Module):
-    """70x70 PatchGAN: C64(no norm)-C128-C256-C512, 4x4 kernels, LeakyReLU 0.2.
+#: ``arch.discriminator`` of the CycleGAN family: today's PatchGAN or the study's 2018 one.
+DISCRIMINATORS = ("patchgan", "study2018")
 
-    Strides 2,2,2,1 and a final 4x4 stride-1 conv to one channel, no sigmoid (the losses
-    take logits or LSGAN scores). ``n_layers`` is the number of stride-2 layers.
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: C64(no norm)-C128-C256-C512, 4x4 kernels, LeakyReLU 0.2, then a 4x4 conv to 1.
+
+    ``n_layers`` is the number of stride-2 layers before the C512 layer. ``last_stride`` is
+    the C512 layer's stride: 1 gives the 70x70 PatchGAN (strides 2,2,2,1; 38x32 scores on
+    304x256), 2 the discriminator of the study's code at the paper's time (June 2018: strides
+    2,2,2,2, receptive field 94, 19x16 scores). Stride-1 layers pad like Keras ``'same'``.
+    ``sigmoid`` squashes the scores into (0, 1) as that 2018 code did before its
+    least-squares loss; without it the output is a logit or an LSGAN score.
     """
 
     def __init__(
-        self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3, norm: str = "instance"
+        self,
+        in_channels: int = 1,
+        ndf: int = 64,
+        n_layers: int = 3,
+        norm: str = "instance",
+        last_stride: int = 1,
+        sigmoid: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [
@@ -177,15 +210,33 @@ class PatchDiscriminator(nn.Module):
                        nn.LeakyReLU(0.2, inplace=True)]
             ch = nxt
         nxt = ndf * min(2**n_layers, 8)
+        if last_stride == 1:
+            layers += [SamePad(4), nn.Conv2d(ch, nxt, 4)]
+        elif last_stride == 2:
+            layers += [nn.Conv2d(ch, nxt, 4, stride=2, padding=1)]
+        else:
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
         layers += [
-            SamePad(4), nn.Conv2d(ch, nxt, 4), norm_layer(norm, nxt),
+            norm_layer(norm, nxt),
             nn.LeakyReLU(0.2, inplace=True),
             SamePad(4), nn.Conv2d(nxt, 1, 4),
         ]
+        if sigmoid:
+            layers.append(nn.Sigmoid())
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+
+def make_discriminator(kind: str, in_channels: int, ndf: int, n_layers: int,
+                       norm: str) -> PatchDiscriminator:
+    """The discriminator named by ``arch.discriminator`` (see :data:`DISCRIMINATORS`)."""
+    if kind == "patchgan":
+        return PatchDiscriminator(in_channels, ndf, n_layers, norm)
+    if kind == "study2018":
+        return PatchDiscriminator(in_channels, ndf, n_layers, norm, last_stride=2, sigmoid=True)
+    raise ValueError(f"unknown discriminator {kind!r} ({', '.join(DISCRIMINATORS)})")
 
 
 class ImagePool:

@@ -2,6 +2,9 @@
 
 Two ResNet generators (A->B, B->A) and two 70x70 PatchGAN discriminators, LSGAN losses,
 cycle-consistency L1 with weight 10 each way, discriminator loss halved, image pools of 50.
+``arch.discriminator=study2018`` swaps in the discriminator of the study's code at the
+paper's time (receptive field 94, sigmoid before the least-squares loss); docs/models.md
+says why the 70x70 PatchGAN stays the default.
 
 One deliberate difference from the study's Keras loop: the generators are updated first and
 the discriminators then see the same (detached) synthetic images, so each iteration runs
@@ -24,12 +27,21 @@ from mrsynth.models.base import (
     register_model,
     set_requires_grad,
 )
-from mrsynth.models.blocks import ImagePool, PatchDiscriminator, ResnetGenerator, init_weights
+from mrsynth.models.blocks import (
+    DISCRIMINATORS,
+    ImagePool,
+    PatchDiscriminator,
+    ResnetGenerator,
+    init_weights,
+    make_discriminator,
+)
 
 #: Architecture and optimiser settings shared by the ResNet-generator models.
 RESNET_ARCH = {
-    "paper": {"ngf": 32, "n_blocks": 9, "ndf": 64, "d_layers": 3, "norm": "instance"},
-    "cpu-small": {"ngf": 16, "n_blocks": 3, "ndf": 16, "d_layers": 3, "norm": "instance"},
+    "paper": {"ngf": 32, "n_blocks": 9, "ndf": 64, "d_layers": 3, "norm": "instance",
+              "init": "normal"},
+    "cpu-small": {"ngf": 16, "n_blocks": 3, "ndf": 16, "d_layers": 3, "norm": "instance",
+                  "init": "normal"},
 }
 GAN_OPTIM = {"lr": 2e-4, "beta1": 0.5, "beta2": 0.999, "weight_decay": 0.0}
 #: 200 epochs, linear decay to zero over the second half (from epoch 101, the study).
@@ -64,10 +76,13 @@ class ResnetGanPair(GeneratorPairModel):
         a = self.arch
         self.G_A2B = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
         self.G_B2A = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        # Only the CycleGAN family has the setting (pix2pix's BCE needs logits, no sigmoid).
+        kind = a.get("discriminator", "patchgan")
         for name in self.discriminator_names:
-            d = PatchDiscriminator(self.discriminator_channels, a["ndf"], a["d_layers"], a["norm"])
+            d = make_discriminator(kind, self.discriminator_channels, a["ndf"], a["d_layers"],
+                                   a["norm"])
             self.add_module(name, d)
-        init_weights(self)
+        init_weights(self, a["init"])
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         nets = [self.get_submodule(name) for name in self.discriminator_names]
@@ -100,7 +115,20 @@ class CycleGAN(ResnetGanPair):
             "supervised": cls.supervised_default,
             "pool_size": 50,
         }
-        return resnet_preset(preset, loss)
+        cfg = resnet_preset(preset, loss)
+        cfg["arch"]["discriminator"] = "patchgan"
+        return cfg
+
+    @classmethod
+    def config_problems(cls, cfg: dict[str, Any]) -> list[str]:
+        problems = super().config_problems(cfg)
+        kind, mode = cfg["arch"]["discriminator"], cfg["loss"]["gan_mode"]
+        if kind not in DISCRIMINATORS:
+            problems.append(f"arch.discriminator must be one of {', '.join(DISCRIMINATORS)}")
+        elif kind == "study2018" and mode != "lsgan":
+            problems.append("arch.discriminator=study2018 ends in a sigmoid and so needs "
+                            "loss.gan_mode=lsgan (the study's least-squares loss)")
+        return problems
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)

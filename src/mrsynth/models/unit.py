@@ -13,14 +13,18 @@ Departures from the study's Keras port, on purpose:
 
 * Instance norm (learnable affine) where the port used batch norm in training mode at all
   times, which made its outputs depend on the batch and vary between runs.
-* Inference is deterministic: no latent noise and no dropout in ``eval()`` mode (the port
-  kept both on at test time). Dropout 0.5 in the residual blocks stays on while training.
+* Inference is deterministic by default: no latent noise and no dropout in ``eval()`` mode.
+  The port kept both on at test time; ``generator(direction, stochastic=True)`` (``mrsynth
+  translate/evaluate --stochastic``) does the same, so every call draws a new output.
+  Dropout 0.5 in the residual blocks stays on while training.
 * The discriminators output logits and use ``BCEWithLogits`` (numerically the port's sigmoid
   + BCE, but stable under mixed precision).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -113,26 +117,55 @@ class MultiScaleDiscriminator(nn.Module):
         return outs
 
 
+@contextlib.contextmanager
+def dropout_on(module: nn.Module) -> Iterator[None]:
+    """Dropout layers of ``module`` in training mode for the block, then as they were.
+
+    Only the dropout layers change (norm layers keep their mode), and the modes are restored,
+    so translators sharing these modules are unaffected after the call.
+    """
+    drops = [m for m in module.modules() if isinstance(m, nn.Dropout)]
+    modes = [m.training for m in drops]
+    for m in drops:
+        m.train(True)
+    try:
+        yield
+    finally:
+        for m, mode in zip(drops, modes, strict=True):
+            m.train(mode)
+
+
 class UnitTranslator(nn.Module):
     """Encoder of the source domain -> shared blocks -> decoder of the target domain.
 
     Built on demand around the model's own modules (it shares their parameters), so it can be
-    exported or run on its own. In eval mode no noise is added: translation is deterministic.
+    exported or run on its own. Deterministic unless ``stochastic``: then Gaussian noise of
+    ``noise_std`` is added to the latent code and dropout is on, as in training and as the
+    study's Keras port translated (whatever the module's train/eval mode).
     """
 
     def __init__(
-        self, encoder: nn.Module, shared_enc: nn.Module, shared_dec: nn.Module, decoder: nn.Module
+        self, encoder: nn.Module, shared_enc: nn.Module, shared_dec: nn.Module, decoder: nn.Module,
+        noise_std: float = 0.0, stochastic: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.shared_enc = shared_enc
         self.shared_dec = shared_dec
         self.decoder = decoder
+        self.noise_std = float(noise_std)
+        self.stochastic = bool(stochastic)
 
     def forward(self, x: Tensor) -> Tensor:
         x, h, w = pad_to_multiple(x, 4)
-        mu = self.shared_enc(self.encoder(x))
-        return self.decoder(self.shared_dec(mu))[..., :h, :w]
+        if not self.stochastic:
+            mu = self.shared_enc(self.encoder(x))
+            return self.decoder(self.shared_dec(mu))[..., :h, :w]
+        with dropout_on(self):
+            z = self.shared_enc(self.encoder(x))
+            if self.noise_std > 0:
+                z = z + self.noise_std * torch.randn_like(z)
+            return self.decoder(self.shared_dec(z))[..., :h, :w]
 
 
 @register_model
@@ -143,14 +176,17 @@ class UNIT(TranslationModel):
     needs_paired = False
     summary = "UNIT, unpaired: shared latent (VAE-GAN), GAN x10, KL x0.1, L1 x100 (the study)"
     order = 30
+    stochastic_inference = True
 
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
         arch = {
             "paper": {"nef": 64, "enc_blocks": 3, "dec_blocks": 3, "ndf": 64, "d_layers": 4,
-                      "d_scales": 3, "norm": "instance", "dropout": 0.5, "noise_std": 1.0},
+                      "d_scales": 3, "norm": "instance", "dropout": 0.5, "noise_std": 1.0,
+                      "init": "normal"},
             "cpu-small": {"nef": 16, "enc_blocks": 1, "dec_blocks": 1, "ndf": 16, "d_layers": 3,
-                          "d_scales": 3, "norm": "instance", "dropout": 0.5, "noise_std": 1.0},
+                          "d_scales": 3, "norm": "instance", "dropout": 0.5, "noise_std": 1.0,
+                          "init": "normal"},
         }[preset]
         train = {
             "paper": {"epochs": 100, "lr_decay": "none"},
@@ -175,12 +211,15 @@ class UNIT(TranslationModel):
         self.dec_B = UnitDecoder(nef, a["dec_blocks"], norm, drop)
         self.D_A = MultiScaleDiscriminator(a["ndf"], a["d_layers"], a["d_scales"])
         self.D_B = MultiScaleDiscriminator(a["ndf"], a["d_layers"], a["d_scales"])
-        init_weights(self)
+        init_weights(self, a["init"])
 
-    def generator(self, direction: str) -> nn.Module:
+    def generator(self, direction: str, stochastic: bool = False) -> nn.Module:
+        std = float(self.arch["noise_std"])
         if check_direction(direction) == "A2B":
-            return UnitTranslator(self.enc_A, self.enc_shared, self.dec_shared, self.dec_B)
-        return UnitTranslator(self.enc_B, self.enc_shared, self.dec_shared, self.dec_A)
+            return UnitTranslator(self.enc_A, self.enc_shared, self.dec_shared, self.dec_B,
+                                  std, stochastic)
+        return UnitTranslator(self.enc_B, self.enc_shared, self.dec_shared, self.dec_A,
+                              std, stochastic)
 
     def networks(self) -> dict[str, nn.Module]:
         """The parts, preceded by the whole A->B translator (what inference runs)."""

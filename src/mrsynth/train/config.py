@@ -247,6 +247,9 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     size = d["image_size"]
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 16):
         problems.append("data.image_size must be an integer >= 16 (or null)")
+    from mrsynth.models.base import get_model_class
+
+    problems += get_model_class(cfg["model"]).config_problems(cfg)  # arch/loss values
     if problems:
         raise ConfigError("Invalid training settings: " + "; ".join(problems) + ".")
     return cfg
@@ -272,7 +275,10 @@ def upgrade_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     (so runs of older versions still load and resume), then validated."""
     if not isinstance(stored, Mapping) or "model" not in stored:
         raise ConfigError("The stored config has no 'model'.")
+    from mrsynth.models.base import get_model_class
+
     base = default_config(stored["model"], stored.get("preset") or "paper")
+    stored = get_model_class(stored["model"]).upgrade_stored_config(dict(stored))
     return validate_config(_merge(base, stored))
 
 

@@ -3,7 +3,9 @@
 >>> run = load_run("runs/cyclegan")                  # doctest: +SKIP
 >>> fake_t2 = run.translate(t1_slices, "T1w2T2w")    # (N,1,H,W) normalised, at data size
 
-``translate`` is deterministic (eval mode, no noise, no dropout, no grad) and works at the
+``translate`` is deterministic (eval mode, no noise, no dropout, no grad) unless the run's
+``stochastic`` attribute (or argument) is set, which keeps a model's latent noise and dropout
+on as the study's Keras UNIT did (``translate/evaluate --stochastic``). It works at the
 prepared data's size: when the run trained at a smaller internal size (``data.image_size``,
 e.g. the ``cpu-small`` preset) it downsamples the input and upsamples the output itself.
 ``generator(direction)`` is the raw network (any size; trained at the internal size).
@@ -68,7 +70,9 @@ class LoadedRun:
         self.checkpoint_meta = checkpoint_meta
         self.epoch: int = int(checkpoint_meta.get("epoch", 0))
         self.device = device
-        self._generators: dict[str, nn.Module] = {}
+        #: Default of ``translate(stochastic=...)``: keep latent noise/dropout on at inference.
+        self.stochastic = False
+        self._generators: dict[tuple[str, bool], nn.Module] = {}
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -87,17 +91,21 @@ class LoadedRun:
     def direction(self, name: str) -> str:
         return parse_direction(name, self.contrasts)
 
-    def generator(self, direction: str) -> nn.Module:
-        """The network for ``A2B``/``B2A`` (or ``T1w2T2w``...), eval mode, on the run's device."""
-        d = self.direction(direction)
-        if d not in self._generators:
-            self._generators[d] = self.model.generator(d).eval()
-        return self._generators[d]
+    def generator(self, direction: str, stochastic: bool = False) -> nn.Module:
+        """The network for ``A2B``/``B2A`` (or ``T1w2T2w``...), eval mode, on the run's device
+        (``stochastic``: with the model's inference noise and dropout on, if it has any)."""
+        key = (self.direction(direction), bool(stochastic))
+        if key not in self._generators:
+            self._generators[key] = self.model.generator(*key).eval()
+        return self._generators[key]
 
     @torch.no_grad()
-    def translate(self, x: Tensor | np.ndarray, direction: str, batch_size: int = 16) -> Tensor:
+    def translate(self, x: Tensor | np.ndarray, direction: str, batch_size: int = 16,
+                  stochastic: bool | None = None) -> Tensor:
         """Translate normalised slices (N,1,H,W) (or (N,H,W)); returns float32 on the CPU,
-        same shape. Resamples to the run's internal size and back when needed."""
+        same shape. Resamples to the run's internal size and back when needed.
+        ``stochastic`` (default: the run's ``stochastic`` attribute) samples a new output
+        each call for models with inference noise (UNIT)."""
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
         squeeze = t.ndim == 3
         if squeeze:
@@ -106,7 +114,7 @@ class LoadedRun:
             raise ConfigError(
                 f"translate() takes slices shaped (N,1,H,W) or (N,H,W), got {tuple(t.shape)}."
             )
-        gen = self.generator(direction)
+        gen = self.generator(direction, self.stochastic if stochastic is None else stochastic)
         size = tuple(t.shape[-2:])
         inner = internal_size(size, self.image_size)  # type: ignore[arg-type]
         outs = []
