@@ -407,3 +407,34 @@ def test_grey_background_is_masked_away_and_detected(study_inputs, tmp_path):
         for corner in (d[:k, :k], d[:k, -k:], d[-k:, :k], d[-k:, -k:]):
             assert (corner == 0).all(), (im["kind"], im["source"])
     assert not any(w.startswith("Blinding") for w in made.warnings)
+
+
+def test_cli_prints_user_strings_verbatim(study_inputs, tmp_path, capsys):
+    """Rich markup in reader names, model names and paths is printed as text (item 12)."""
+    real_dir, syn = study_inputs
+    odd = tmp_path / "odd [bold]dir"
+    odd.mkdir()
+    out = odd / "s.db"
+    assert main(["study", "create", "--real", str(real_dir), "--synthetic",
+                 f"net[v2]={syn['blur']}", "--n-real", "4", "--n-synthetic", "4",
+                 "--display-size", "32", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "net[v2]" in text and "odd [bold]dir" in text.replace("\n", "")
+    links = {}
+    for name in ("Dr Lee [resident]", "Bad [/] close", "[red]x"):
+        assert main(["study", "add-reader", str(out), name]) == 0
+        printed = capsys.readouterr().out
+        assert f"Private link for {name} (shown once)" in printed
+        links[name] = printed.strip().splitlines()[-1].rsplit("/", 1)[1]
+    from fastapi.testclient import TestClient
+
+    from mrsynth.study.app import create_app
+
+    client = TestClient(create_app(out))
+    for token in links.values():
+        s = client.post(f"/api/r/{token}/start").json()
+        client.post(f"/api/r/{token}/answer", json={"trial": s["trial"]["id"], "label": "real"})
+    assert main(["study", "results", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in links:
+        assert name in text

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mrsynth.errors import ConfigError
@@ -106,26 +107,27 @@ def create(
         title=title,
     )
     made = create_study(real, parse_synthetic(synthetic), out, settings, overwrite=overwrite)
-    t = Table(title=f"Study {made.path}")
+    t = Table(title=f"Study {escape(str(made.path))}")
     t.add_column("images")
     t.add_column("model")
     t.add_column("contrast")
     t.add_column("count", justify="right")
     for (kind, model, c), n in made.counts.items():
-        t.add_row("pairs" if settings.mode == "2afc" else kind, model or "", c, str(n))
+        kind_text = "pairs" if settings.mode == "2afc" else kind
+        t.add_row(kind_text, escape(model or ""), escape(c), str(n))
     console.print(t)
     if made.n_practice:
         console.print(f"Plus {made.n_practice} practice trials (with feedback, not scored).")
     for w in made.warnings:
-        console.print(f"[yellow]Warning:[/yellow] {w}", soft_wrap=True)
+        console.print(f"[yellow]Warning:[/yellow] {escape(w)}", soft_wrap=True, highlight=False)
     console.print(
         "\n[bold]Admin token[/bold] (shown only this once; keep it to see results on the admin "
-        f"page):\n  {made.admin_token}\n",
+        f"page):\n  {escape(made.admin_token)}\n",
         soft_wrap=True,
     )
     console.print(
-        f"Next: `mrsynth study add-reader {made.path} NAME` for each reader, then "
-        f"`mrsynth study serve {made.path}`.",
+        f"Next: `mrsynth study add-reader {escape(str(made.path))} NAME` for each reader, then "
+        f"`mrsynth study serve {escape(str(made.path))}`.",
         soft_wrap=True,
     )
 
@@ -151,7 +153,7 @@ def add_reader(
         token = sdb.reset_reader_token(conn, name) if new_link else sdb.add_reader(conn, name)
     finally:
         conn.close()
-    console.print(f"Private link for {name} (shown once):", highlight=False)
+    console.print(f"Private link for {escape(name)} (shown once):", highlight=False)
     typer.echo(f"{base_url.rstrip('/')}/r/{token}")
 
 
@@ -175,12 +177,15 @@ def serve(
     app = create_app(study)
     if not _is_loopback(host):
         console.print(
-            f"[yellow]Warning:[/yellow] listening on {host}: other machines can reach the study. "
-            "Serve it behind HTTPS (a reverse proxy) so reader and admin tokens are not sent in "
-            "clear text.",
+            f"[yellow]Warning:[/yellow] listening on {escape(host)}: other machines can reach the "
+            "study. Serve it behind HTTPS (a reverse proxy) so reader and admin tokens are not "
+            "sent in clear text.",
             soft_wrap=True,
         )
-    console.print(f"Serving {study} at http://{host}:{port}/  (admin page: /admin)")
+    console.print(
+        f"Serving {escape(str(study))} at http://{escape(host)}:{port}/  (admin page: /admin)",
+        highlight=False,
+    )
     uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=log_level, workers=1)
 
 
@@ -271,14 +276,15 @@ def results(
         conn.close()
     st = summary["settings"]
     progress = Table(title="Readers")
-    for col in ("reader", "answered", "practice", "finished"):
+    for col in ("reader", "answered", "practice", "finished", "reloaded"):
         progress.add_column(col)
     for r in summary["readers"]:
         progress.add_row(
-            r["name"],
+            escape(r["name"]),
             f"{r['answered']} / {r['total']}",
             f"{r['practice_answered']} / {r['practice_total']}",
             "yes" if r["finished"] else "no",
+            str(r["reloaded"]),
         )
     console.print(progress)
     if not summary["rows"]:
@@ -306,10 +312,10 @@ def results(
             )
         for r in summary["rows"]:
             t.add_row(
-                r["reader"],
+                escape(r["reader"]),
                 r["scope"],
-                r["model"],
-                r["contrast"],
+                escape(r["model"]),
+                escape(r["contrast"]),
                 str(r["n"]),
                 _fmt_frac(
                     r["synthetic_as_real"],
@@ -341,13 +347,13 @@ def results(
         )
     if csv_out is not None:
         atomic_write_text(csv_out, summary_csv(summary["rows"]))
-        console.print(f"Wrote {csv_out}")
+        console.print(f"Wrote {escape(str(csv_out))}", highlight=False)
     if answers_csv_out is not None:
         atomic_write_text(answers_csv_out, answers_csv(rows_all))
-        console.print(f"Wrote {answers_csv_out}")
+        console.print(f"Wrote {escape(str(answers_csv_out))}", highlight=False)
     if figure_out is not None:
         if not summary["rows"]:
             raise ConfigError("No scored answers yet: there is nothing to plot (--figure).")
         with atomic_path(figure_out, suffix=".png") as tmp:
             figure(summary, str(tmp))
-        console.print(f"Wrote {figure_out}")
+        console.print(f"Wrote {escape(str(figure_out))}", highlight=False)

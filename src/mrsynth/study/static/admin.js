@@ -54,9 +54,9 @@
       " \u00b7 exposure: " + (st.exposure_ms ? st.exposure_ms + " ms" : "unlimited") +
       " \u00b7 contrasts: " + st.contrasts.join(", ") + " \u00b7 models: " + st.models.join(", ") +
       " \u00b7 " + s.n_answers + " scored answers";
-    table($("readers"), ["Reader", "Answered", "Practice", "Started", "Finished"],
+    table($("readers"), ["Reader", "Answered", "Practice", "Started", "Finished", "Reloaded trials"],
       s.readers.map((r) => [r.name, r.answered + " / " + r.total, r.practice_answered + " / " + r.practice_total,
-        r.started ? "yes" : "no", r.finished ? "yes" : "no"]));
+        r.started ? "yes" : "no", r.finished ? "yes" : "no", String(r.reloaded)]));
     table($("stats"), ["Reader", "Scope", "Model", "Contrast", "n", "Synthetic \u2192 real", "Real \u2192 synthetic",
       "Accuracy", "d\u2032", "AUC", "Median RT (s)"],
       s.rows.map((r) => [r.reader, r.scope, r.model, r.contrast, String(r.n),
