@@ -39,15 +39,15 @@ def directions(contrasts: Sequence[str]) -> list[Direction]:
 
 
 def parse_direction(text: str, contrasts: Sequence[str], run_dir: Path | str = "") -> Direction:
-    """Map ``T1w2T2w`` (or ``A2B``/``B2A``) onto a run's direction; error names the options."""
-    for d in directions(contrasts):
-        if text in (d.label, d.internal):
-            return d
-    opts = " or ".join(d.label for d in directions(contrasts))
-    raise ConfigError(
-        f"Direction {text!r} does not match the run {run_dir} (contrasts "
-        f"{contrasts[0]} and {contrasts[1]}). Use {opts}."
-    )
+    """A run's direction for ``T1w2T2w``, ``t1w->t2w``, ``A2B``... by the one rule of
+    :func:`mrsynth.models.directions.parse_direction`; the error also names the run."""
+    from mrsynth.models.directions import parse_direction as internal
+
+    try:
+        name = internal(text, contrasts)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} Run directory: {run_dir}." if run_dir else str(exc)) from exc
+    return directions(contrasts)[0 if name == "A2B" else 1]
 
 
 def load_run_checked(run_dir: str | Path, device: str = "cpu") -> LoadedRun:

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from mrsynth.errors import ConfigError
 from mrsynth.models.blocks import INITS, init_weights
 
-#: Translation directions: A -> B (e.g. T1w -> T2w) and back.
-DIRECTIONS = ("A2B", "B2A")
+# the direction names and the one rule that reads them (re-exported from here)
+from mrsynth.models.directions import DIRECTIONS, parse_direction  # noqa: F401
 
 
 class StepContext:
@@ -220,9 +220,8 @@ class PairedL1Model(GeneratorPairModel):
 
 
 def check_direction(direction: str) -> str:
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"Unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}.")
-    return direction
+    """``A2B``/``B2A`` by :func:`parse_direction`'s rule (a model knows no contrast names)."""
+    return parse_direction(direction)
 
 
 def set_requires_grad(nets: list[nn.Module] | tuple[nn.Module, ...], flag: bool) -> None:

@@ -24,25 +24,12 @@ from torch import Tensor, nn
 
 from mrsynth.errors import ConfigError, RunError
 from mrsynth.models.base import DIRECTIONS, TranslationModel, build_model
+from mrsynth.models.directions import parse_direction  # the one rule (re-exported)
 from mrsynth.train import checkpoint as ckpt
 from mrsynth.train.config import upgrade_config
 from mrsynth.train.dataset import internal_size, resample
 from mrsynth.train.logging import METRICS_JSON
 from mrsynth.train.trainer import read_run_config
-
-
-def parse_direction(name: str, contrasts: tuple[str, str] | list[str]) -> str:
-    """``A2B``/``B2A`` from ``A2B``, ``B2A`` or ``<A>2<B>`` (e.g. ``T1w2T2w``), any case."""
-    a, b = contrasts
-    low = name.strip().lower()
-    table = {"a2b": "A2B", "b2a": "B2A", f"{a}2{b}".lower(): "A2B", f"{b}2{a}".lower(): "B2A",
-             f"{a}->{b}".lower(): "A2B", f"{b}->{a}".lower(): "B2A"}
-    if low not in table:
-        raise ConfigError(
-            f"Unknown direction {name!r} for a {a}/{b} run; use {a}2{b} or {b}2{a} "
-            "(or A2B / B2A)."
-        )
-    return table[low]
 
 
 def direction_name(direction: str, contrasts: tuple[str, str] | list[str]) -> str:
@@ -89,6 +76,7 @@ class LoadedRun:
         return self.config["data"]["image_size"]
 
     def direction(self, name: str) -> str:
+        """``A2B``/``B2A`` for ``T1w2T2w``, ``t1w->t2w``, ``A2B``... (:func:`parse_direction`)."""
         return parse_direction(name, self.contrasts)
 
     def generator(self, direction: str, stochastic: bool = False) -> nn.Module:
