@@ -160,7 +160,7 @@ def test_sidecars_and_dataset_description(completed, run_dir):
 
 
 def test_pybids_indexes_the_derivative(completed):
-    bids = pytest.importorskip("bids")
+    import bids  # a test dependency (pyproject: test extra)
     raw, out, *_ = completed
     layout = bids.BIDSLayout(raw, derivatives=out)
     for desc, suffix in ((MODEL, "T2w"), (f"{MODEL}Validation", "T2w"),

@@ -612,6 +612,7 @@ def qc_figure(dest: Path, views: dict[str, np.ndarray], mask: np.ndarray,
         ("sagittal", lambda v: v[centre[0], :, :].T, zz / zy),
     ]
     cols = list(views.items()) + ([("|error| (SD)", error)] if error is not None else [])
+    err_cmap = plt.get_cmap("magma").with_extremes(bad="black")  # NaN: outside the brain
     fig, axes = plt.subplots(3, len(cols), figsize=(2.6 * len(cols), 7.8), squeeze=False)
     im_err = None
     for c, (name, vol) in enumerate(cols):
@@ -622,7 +623,7 @@ def qc_figure(dest: Path, views: dict[str, np.ndarray], mask: np.ndarray,
         for rr, (pname, cut, aspect) in enumerate(planes):
             ax = axes[rr][c]
             if is_err:
-                im_err = ax.imshow(cut(vol), cmap="magma", vmin=0, vmax=2.0, origin="lower",
+                im_err = ax.imshow(cut(vol), cmap=err_cmap, vmin=0, vmax=2.0, origin="lower",
                                    aspect=aspect, interpolation="nearest")
             else:
                 ax.imshow(cut(vol), cmap="gray", vmin=lo, vmax=hi, origin="lower",

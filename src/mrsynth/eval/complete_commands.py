@@ -38,7 +38,7 @@ def plan_table(res: Any, *, title: str) -> Table:
     for j in res.jobs:
         status = _STATUS.get(j.status, j.status)
         if j.status == "failed":
-            status += f": {j.message.splitlines()[0] if j.message else ''}"
+            status += " (below)"
         row = [j.record, j.run.model, j.direction.label,
                "validation" if j.validation else "missing", _rel(j.output, res.out), status]
         if done:
@@ -124,8 +124,11 @@ def register(app: typer.Typer) -> None:
         con.print(plan_table(res, title=title))
         if dry_run:
             return
-        counts = res.counts()
-        con.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        words = {"done": "written", "skip": "skipped", "failed": "failed"}
+        con.print(", ".join(f"{n} {words.get(k, k)}" for k, n in sorted(res.counts().items())))
+        for j in res.failed:
+            con.print(f"[bold red]Failed[/bold red] {j.record} {j.direction.label} "
+                      f"({j.source}): {j.message}", highlight=False, soft_wrap=True)
         rows = validation_summary(res.jobs)
         if rows:
             con.print(validation_table(rows))
