@@ -11,7 +11,9 @@ import pytest
 
 from helpers import one_torch_thread
 from mrsynth.cli import main
+from mrsynth.data import DataWarning
 from mrsynth.data.volumes import load_volume
+from mrsynth.errors import DataError
 from mrsynth.eval.common import Direction
 from mrsynth.eval.translate import (
     Geometry,
@@ -214,11 +216,104 @@ def test_existing_output_and_missing_checkpoint(run_dir, volumes, tmp_path, caps
 
 def test_brain_larger_than_the_training_grid_is_reported(volumes):
     """A crop that cuts brain off must say so instead of silently writing background there."""
-    from mrsynth.data import DataWarning
-
     data = load_volume(volumes["sub-ms19_T1w"]).data
     d = Direction("A2B", "T1w", "T2w")
     with pytest.warns(DataWarning, match=r"larger than the run's training size 64 x 64"):
         out, _ = translate_array_volume(data, _Identity(), d, Geometry((64, 64), 1, (0.5, 99.5)))
     fg = data != 0
     assert np.mean(out[fg] == 0) > 0.2  # the cut-off brain really is background
+
+
+# --------------------------------------------------------------------------- issue 10
+def _translate_args(run_dir, src, dest, *extra):
+    return ["translate", "--run", str(run_dir), "--direction", "T1w2T2w", "--input", str(src),
+            "--output", str(dest), "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize(("name", "suffixes"), [
+    ("x.txt", ".nii.gz or .nii"), ("x.png", ".nii.gz or .nii"), ("x", ".nii.gz or .nii")])
+def test_an_output_suffix_translate_cannot_write_is_refused_before_the_work(
+        run_dir, volumes, tmp_path, capsys, monkeypatch, name, suffixes):
+    import mrsynth.eval.translate as tr
+
+    calls = []
+    monkeypatch.setattr(tr, "_translate_slices", lambda *a, **k: calls.append(a))
+    rc = main(_translate_args(run_dir, volumes["sub-ms19_T1w"], tmp_path / name))
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and calls == []
+    assert str(tmp_path / name) in err and suffixes in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_2d_image_needs_an_image_output(run_dir, tmp_path, capsys):
+    plane = np.random.default_rng(0).uniform(0, 100, (64, 64)).astype(np.float32)
+    np.save(tmp_path / "p.npy", plane)
+    rc = main(_translate_args(run_dir, tmp_path / "p.npy", tmp_path / "q.nii.gz"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and ".png, .tif, .tiff or .npy" in err
+    assert not (tmp_path / "q.nii.gz").exists()
+
+
+def test_an_unwritable_output_is_refused_before_the_work(run_dir, volumes, tmp_path, capsys,
+                                                         monkeypatch):
+    import mrsynth.eval.translate as tr
+
+    calls = []
+    monkeypatch.setattr(tr, "_translate_slices", lambda *a, **k: calls.append(a))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    dest = blocker / "out" / "t2.nii.gz"
+    rc = main(_translate_args(run_dir, volumes["sub-ms19_T1w"], dest))
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and calls == [] and str(dest) in err and "is a file" in err
+    assert "Traceback" not in err
+
+
+def _phantoms(shape=(96, 112, 48)):
+    rng = np.random.default_rng(0)
+    noise = rng.normal(100, 20, shape).astype(np.float32)
+    box = np.zeros(shape, np.float32)
+    box[16:80, 20:92, 8:40] = rng.uniform(50, 150, (64, 72, 32))  # a textured box
+    z, y, x = np.mgrid[: shape[2], : shape[1], : shape[0]]
+    ball = ((((x - 48) / 38) ** 2 + ((y - 56) / 44) ** 2 + ((z - 24) / 20) ** 2) < 1)
+    ball = ball.transpose(2, 1, 0).astype(np.float32) * 100.0  # round, but uniform
+    ball += rng.normal(0, 1, shape).astype(np.float32) * (ball > 0)
+    return {"noise": (noise, "specks"), "box": (box, "like a box"),
+            "ball": (ball, "nearly uniform")}
+
+
+@pytest.mark.parametrize("kind", ["noise", "box", "ball"])
+def test_translating_something_that_is_not_a_brain_warns(kind):
+    data, why = _phantoms()[kind]
+    d = Direction("A2B", "T1w", "T2w")
+    with pytest.warns(DataWarning, match=f"does not look like a brain image.*{why}"):
+        translate_array_volume(data, _Identity(), d, Geometry((128, 128), 1, (0.5, 99.5)),
+                               name=kind)
+
+
+def test_an_exactly_constant_phantom_is_refused():
+    data = np.zeros((64, 64, 32), np.float32)
+    data[16:48, 16:48, 8:24] = 100.0
+    d = Direction("A2B", "T1w", "T2w")
+    with pytest.warns(DataWarning, match="nearly uniform"), pytest.raises(
+            DataError, match="constant inside the brain"):
+        translate_array_volume(data, _Identity(), d, Geometry((64, 64), 1, (0.5, 99.5)))
+
+
+def test_real_brains_and_slabs_give_no_not_a_brain_warning(mrpaired, volumes, tmp_path,
+                                                          recwarn):
+    from mrsynth.data.volumes import brain_mask
+    from mrsynth.eval.translate import brain_doubts
+
+    for sub in ("sub-ms19", "sub-gli00001", "sub-bratscase", "sub-mni152"):
+        for c in ("T1w", "T2w"):
+            data = load_volume(mrpaired / sub / "anat" / f"{sub}_{c}.nii.gz").data
+            assert brain_doubts(data, brain_mask(data)) == [], (sub, c)
+    # the whole path, on a real slab and a real 2-D slice: no warning at all
+    d = Direction("A2B", "T1w", "T2w")
+    slab = load_volume(volumes["sub-ms19_T1w"]).data
+    translate_array_volume(slab, _Identity(), d, Geometry((256, 256), 1, (0.5, 99.5)))
+    np.save(tmp_path / "s.npy", slab[:, :, 12])
+    translate_image(tmp_path / "s.npy", tmp_path / "t.npy", _Identity(), d,
+                    Geometry((256, 256), 1, (0.5, 99.5)), batch_size=1, device="cpu")
+    assert not [w for w in recwarn if "brain image" in str(w.message)]

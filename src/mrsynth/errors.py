@@ -34,3 +34,8 @@ class RunError(MrsynthError):
 
 class OutputExistsError(MrsynthError):
     """Refuse to overwrite earlier results unless the user says so."""
+
+
+class OutputError(MrsynthError):
+    """An output path that cannot be created or written (permissions, a file in the way,
+    read-only or full file system)."""

@@ -1,26 +1,32 @@
-"""Small shared helpers: atomic writes and run provenance.
+"""Small shared helpers: atomic writes, output checks, signals and run provenance.
 
 Outputs are always written to a temporary file in the destination directory
 and renamed into place, so an interrupted command never leaves a truncated
-file where a good one (or none) should be.
+file where a good one (or none) should be. :func:`interrupt_on_signals` makes
+SIGTERM behave like Ctrl-C, so that holds for a polite ``kill`` too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from mrsynth.errors import OutputExistsError
+from mrsynth.errors import OutputError, OutputExistsError
 
 
 def _current_umask() -> int:
@@ -38,12 +44,18 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str | None = None) -> I
 
     The temporary file keeps ``path``'s suffix (or ``suffix``) so libraries that
     infer the format from the extension (numpy, matplotlib, nibabel) still work.
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched. An
+    ``OSError`` creating, writing or renaming the output becomes an
+    :class:`~mrsynth.errors.OutputError` naming ``path``.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     sfx = suffix if suffix is not None else "".join(dest.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{sfx}", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{sfx}",
+                                   dir=dest.parent)
+    except OSError as exc:
+        raise _output_error(dest, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -51,10 +63,63 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str | None = None) -> I
         if tmp_path.exists():  # mkstemp makes 0600 files; give them the usual umask mode
             os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and _is_output_failure(exc, tmp_path, dest):
+            raise _output_error(dest, exc) from exc
         raise
+
+
+#: errno values that mean "this output cannot be written", whatever file the library names.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _is_output_failure(exc: OSError, tmp: Path, dest: Path) -> bool:
+    names = {str(tmp), str(dest)}
+    return exc.errno in _OUTPUT_ERRNOS or str(exc.filename) in names or (
+        exc.filename2 is not None and str(exc.filename2) in names)
+
+
+def _output_error(dest: Path, exc: OSError) -> OutputError:
+    why = exc.strerror or str(exc)
+    return OutputError(
+        f"Cannot write the output {dest}: {why}"
+        + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(dest) else "")
+        + ". Choose another output path, or fix the permissions or free space of "
+        f"{dest.parent}."
+    )
+
+
+def check_writable(path: str | os.PathLike[str], *, directory: bool = False) -> Path:
+    """Fail early, before any work, when ``path`` cannot be created.
+
+    Finds the nearest existing ancestor of ``path`` (``path`` itself for an existing
+    ``directory``) and creates and removes a probe file there: unlike ``os.access``
+    this also catches immutable directories, read-only mounts and root-owned
+    folders seen by root. Raises :class:`~mrsynth.errors.OutputError` naming the path.
+    """
+    p = Path(path)
+    if directory and p.exists() and not p.is_dir():
+        raise OutputError(f"Output directory {p} is an existing file; choose another path.")
+    base = p if directory and p.is_dir() else p.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(
+            f"Cannot create the output {p}: {base} is a file, not a directory. Choose another "
+            "output path."
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mrsynth-write-check.", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot write the output {p}: {base} is not writable ({exc.strerror or exc}). "
+            "Choose another output path or fix the folder's permissions."
+        ) from exc
+    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -90,6 +155,43 @@ def check_can_write(path: str | os.PathLike[str], overwrite: bool) -> Path:
             "(the old file is only replaced once the new one is complete)."
         )
     return p
+
+
+@dataclass
+class SignalState:
+    """Which signal (if any) interrupted the command: the CLI's exit code is 128 + it."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def interrupt_on_signals(
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> Iterator[SignalState]:
+    """While active, SIGTERM (and SIGINT) raise ``KeyboardInterrupt`` in the main thread.
+
+    Python's default SIGTERM kills the process on the spot, skipping every ``finally``:
+    :func:`atomic_path` then leaves its hidden temporary file behind. Raising the same
+    exception as Ctrl-C makes every command clean up alike; the state records the signal
+    so the CLI can exit with 128 + signal number. Code that needs its own behaviour (the
+    trainer saves a checkpoint) installs its handlers inside this block and restores
+    ours afterwards. A no-op outside the main thread.
+    """
+    state = SignalState()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        state.signum = signum
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, handle) for sig in signals}
+    try:
+        yield state
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:

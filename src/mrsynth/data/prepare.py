@@ -54,7 +54,7 @@ from mrsynth.data.volumes import (
     voxel_size,
 )
 from mrsynth.errors import ConfigError, DataError
-from mrsynth.utils import check_can_write
+from mrsynth.utils import check_can_write, check_writable
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -475,6 +475,7 @@ def prepare_dataset(
     out_path = check_can_write(out, overwrite)
     if out_path.is_dir():
         raise ConfigError(f"Output {out_path} is a directory; give a file name like data.npz.")
+    check_writable(out_path)  # before the work, not after it
     warnings_out: list[str] = []
 
     is_builtin = str(source) == "builtin"

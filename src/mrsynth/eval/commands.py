@@ -32,6 +32,17 @@ STOCHASTIC_HELP = ("Keep latent noise and dropout on at inference (UNIT), as the
                    "code did: outputs vary between calls. Default: deterministic.")
 
 
+def _no_option_names(values: list[Path] | None) -> list[Path] | None:
+    """``--runs --data d.npz`` would take ``--data`` as a run; say what is missing instead."""
+    for v in values or []:
+        if str(v).startswith("--"):
+            raise typer.BadParameter(
+                f"{str(v)!r} is an option, not a run directory. Give at least one run "
+                "directory after --runs, e.g. --runs runs/cyclegan runs/unit."
+            )
+    return values
+
+
 def _log(msg: str) -> None:
     console.print(f"[dim]·[/dim] {msg}", highlight=False)
 
@@ -81,7 +92,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate_cmd(
-        runs: list[Path] = typer.Option(..., "--runs",
+        runs: list[Path] = typer.Option(..., "--runs", callback=_no_option_names,
                                         help="Run directories (--runs A B C or repeated)."),
         more_runs: list[Path] | None = typer.Argument(None, hidden=True),
         data: Path = typer.Option(..., "--data", help="Prepared .npz file (its test split)."),

@@ -55,6 +55,12 @@ def load_run_checked(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     from mrsynth.train.runs import load_run
 
     p = Path(run_dir)
+    if p.exists() and not p.is_dir():
+        raise RunError(
+            f"{p} is a file, not a run directory. A run directory is the --out folder of "
+            "`mrsynth train` (it holds config.json, metrics.json, losses.csv and "
+            "checkpoints/); pass that folder."
+        )
     if not p.is_dir():
         raise RunError(
             f"Run directory {p} does not exist. Pass the output directory of `mrsynth train`."

@@ -36,6 +36,13 @@ entity of the name, becomes ``desc-<model>_<target>``, e.g. ``sub-ms19_T1w.nii.g
 -> ``sub-ms19_desc-cyclegan_T2w.nii.gz`` (``<model>`` alphanumeric only, as BIDS
 labels must be). Files named for another contrast (``..._T2w`` when
 translating T1w2T2w) are left out.
+
+Before any work, every output's suffix is checked (a NIfTI input needs a ``.nii``
+or ``.nii.gz`` output, a 2-D image ``.png``, ``.tif``/``.tiff`` or ``.npy``) and its
+folder is probed for writing. An input that does not look like a brain (the mask
+is a tiny or speckled part of the field of view, fills its bounding box like a
+box, or has no contrast inside: noise, a phantom, a photo) is translated anyway,
+with a :class:`~mrsynth.data.DataWarning`: the model only learnt brains.
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ from mrsynth.data.volumes import (
 )
 from mrsynth.errors import ConfigError, DataError
 from mrsynth.eval.common import Direction, load_run_checked, parse_direction
-from mrsynth.utils import atomic_path, check_can_write
+from mrsynth.utils import atomic_path, check_can_write, check_writable
 
 if TYPE_CHECKING:
     from mrsynth.train.runs import LoadedRun
@@ -153,6 +160,58 @@ def _from_training_grid(
     return out
 
 
+#: Plausible brain masks, from the seven shared subjects (whole heads and 24-slice slabs):
+#: mask 11-54 % of the field of view, axial slices fill 73-78 % (median) of their bounding
+#: box, intensity spread (p99 - p1) / max(|p1|, |p99|) >= 0.5. Noise fills 3-5 %, a box
+#: phantom 100 %, a uniform phantom has no spread. The bounds leave a wide margin.
+PLAUSIBLE_MASK_FRACTION = (0.02, 0.9)
+PLAUSIBLE_SLICE_FILL = (0.45, 0.92)
+MIN_INTENSITY_SPREAD = 0.1
+
+
+def brain_doubts(data: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Reasons why ``mask`` (of a 2-D or 3-D ``data``) does not look like a brain; [] if it does.
+
+    Cheap whole-array statistics, not a classifier: enough to flag noise, phantoms and
+    photos, which a model trained on brains translates into confident nonsense.
+    """
+    doubts = []
+    frac = float(mask.mean())
+    lo_f, hi_f = PLAUSIBLE_MASK_FRACTION
+    if not lo_f <= frac <= hi_f:
+        doubts.append(f"the brain mask covers {frac:.1%} of the field of view (brains: "
+                      f"{lo_f:.0%}-{hi_f:.0%})")
+    planes = mask[..., None] if mask.ndim == 2 else mask
+    fills = []
+    for k in range(planes.shape[2]):
+        m = planes[:, :, k]
+        n = int(m.sum())
+        if n < 0.01 * m.size:  # the tips of the brain say little about its shape
+            continue
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        fills.append(n / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)))
+    if fills:
+        fill = float(np.median(fills))
+        lo_s, hi_s = PLAUSIBLE_SLICE_FILL
+        if not lo_s <= fill <= hi_s:
+            what = "scattered specks (noise?)" if fill < lo_s else "a box"
+            doubts.append(f"the mask fills {fill:.0%} of its bounding box in a typical slice, "
+                          f"like {what} (brains: {lo_s:.0%}-{hi_s:.0%})")
+    p1, p99 = np.percentile(data[mask], [1, 99]) if mask.any() else (0.0, 0.0)
+    spread = float(p99 - p1) / max(abs(float(p1)), abs(float(p99)), 1e-12)
+    if spread < MIN_INTENSITY_SPREAD:
+        doubts.append(f"the intensity inside the mask is nearly uniform (spread {spread:.3f}; "
+                      f"brains >= {MIN_INTENSITY_SPREAD}), as in a phantom")
+    return doubts
+
+
+def _warn_if_not_brain(data: np.ndarray, mask: np.ndarray, name: str) -> None:
+    doubts = brain_doubts(data, mask)
+    if doubts:
+        warn(f"{name} does not look like a brain image: {'; '.join(doubts)}. It was translated "
+             "anyway, but the model only learnt brains: check the input and the result.")
+
+
 def _fill_value(data: np.ndarray) -> float:
     bg = background_value(data)
     return float(data.min()) if bg is None else float(bg)
@@ -167,6 +226,7 @@ def translate_array_volume(
     mask = brain_mask(data)
     if not mask.any():
         raise DataError(f"{name}: no brain/foreground found; the volume looks empty.")
+    _warn_if_not_brain(data, mask, name)
     offset, scale = fit_scale(data, mask, geo.percentiles, name=name)
     f = geo.downsample
     mask_ds = downsample_mask(mask, f)
@@ -236,6 +296,7 @@ def translate_image(
     mask = brain_mask(data)
     if not mask.any():
         raise DataError(f"{src}: no foreground found (the image is all background).")
+    _warn_if_not_brain(data, mask, str(src))
     offset, scale = fit_scale(data, mask, geo.percentiles, name=str(src))
     f = geo.downsample
     mask_ds = downsample_mask(mask, f)
@@ -323,6 +384,22 @@ def plan_folder(src: Path, dest: Path, d: Direction, model: str) -> list[tuple[P
     return pairs
 
 
+def _check_output_suffix(src: Path, dest: Path) -> None:
+    """The output's format follows its suffix; refuse one translate cannot write, up front."""
+    name = dest.name.lower()
+    if src.name.lower().endswith(NIFTI_SUFFIXES):
+        if not name.endswith(NIFTI_SUFFIXES):
+            raise ConfigError(
+                f"Output {dest}: a NIfTI volume ({src.name}) is written as NIfTI; give an "
+                "output ending in .nii.gz or .nii."
+            )
+    elif dest.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(
+            f"Output {dest}: a 2-D image ({src.name}) is written as PNG, TIFF or NPY; give an "
+            "output ending in .png, .tif, .tiff or .npy."
+        )
+
+
 def _check_input(p: Path) -> None:
     """Cheap header checks for every input before any output is written."""
     if p.name.lower().endswith(NIFTI_SUFFIXES):
@@ -374,7 +451,9 @@ def translate_path(
         pairs = [(src, dest)]
     for s, o in pairs:
         _check_input(s)
+        _check_output_suffix(s, o)
         check_can_write(o, overwrite)
+        check_writable(o)
         if s.resolve() == o.resolve():
             raise ConfigError(f"Output {o} is the input file; choose another --output.")
     t0 = time.perf_counter()

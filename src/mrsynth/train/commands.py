@@ -135,6 +135,9 @@ def register(app: typer.Typer) -> None:
             return
         if not resume and data is None:
             raise ConfigError("Give --data PREPARED_FILE (made by `mrsynth data prepare`).")
+        from mrsynth.utils import check_writable
+
+        check_writable(out, directory=True)  # before loading data and building networks
         cfg = config if config is not None else stored
         from mrsynth.train.distributed import detect
 
