@@ -172,7 +172,9 @@ def test_reader_page_click_keyboard_reload_resume(browser, study_inputs, study_l
             (4, 0, "synthetic", None),
             (5, 0, "real", None),
         ]
-        assert all(r[5] is not None and r[5] >= 0 for r in rows)
+        # The trial answered after the reload keeps no page time (it restarted at the reload).
+        assert [r[0] for r in rows if r[5] is None] == [5]
+        assert all(r[5] >= 0 for r in rows if r[5] is not None)
 
         # A fresh browser context (closed browser, link opened again) also resumes.
         page.close()
@@ -244,3 +246,80 @@ def test_2afc_arrows_and_exposure_in_browser(browser, study_inputs, study_load, 
     rows = _rows(made.path, "afc")
     assert [r[3] for r in rows] == [0, 1, 1]
     assert all(r[2] is None for r in rows)
+
+
+def _box(page, selector: str) -> dict:
+    return page.locator(selector).bounding_box()
+
+
+def test_small_screen_feedback_expired_reload_and_admin_hash(browser, study_inputs, study_load,
+                                                             tmp_path):
+    """1024x600: everything answerable without scrolling; practice feedback beside, not over,
+    a visible image; a reload after the exposure is refused by the server; /admin#TOKEN in an
+    open admin tab logs in (item 16, 15)."""
+    from playwright.sync_api import expect
+
+    real_dir, syn = study_inputs
+    settings = sdb.StudySettings(n_real=4, n_synthetic=4, n_practice=2, display_size=512,
+                                 exposure_ms=400, seed=1)
+    made = create_study(real_dir, syn, tmp_path / "small.db", settings)
+    conn = sdb.connect(made.path)
+    token = sdb.add_reader(conn, "small")
+    conn.close()
+    requests: list[str] = []
+    with _Server(made.path, study_load.free_port()) as base:
+        page = _page(browser, requests)
+        page.set_viewport_size({"width": 1024, "height": 600})
+        page.goto(f"{base}/r/{token}")
+        _wait_phase(page, "instructions")
+        page.keyboard.press("Enter")
+        _wait_phase(page, "answer")
+        expect(page.locator("#slot0 .mask")).to_be_visible()  # after the 400 ms exposure
+        page.screenshot(path=str(tmp_path / "answer-1024x600.png"))
+        for sel in ("#img0", "#answer-real", "#answer-synthetic", 'button.conf[data-conf="5"]'):
+            box = _box(page, sel)
+            assert box["y"] >= 0 and box["y"] + box["height"] <= 600, (sel, box)
+        assert page.evaluate("document.documentElement.scrollHeight") <= 600
+
+        page.click("#answer-real")  # practice: feedback
+        _wait_phase(page, "feedback")
+        page.screenshot(path=str(tmp_path / "feedback-1024x600.png"))
+        expect(page.locator("#img0")).to_be_visible()  # the image the feedback explains
+        expect(page.locator("#slot0 .mask")).to_be_hidden()
+        img, fb = _box(page, "#img0"), _box(page, "#feedback")
+        assert fb["y"] >= img["y"] + img["height"]  # below the image, not over it
+        assert fb["y"] + fb["height"] <= 600
+        page.keyboard.press("Enter")
+
+        # Second practice trial; wait past exposure + grace, reload: the server refuses the
+        # image, the page says so and still takes the answer.
+        _wait_phase(page, "answer")
+        page.wait_for_timeout(400 + 1000 + 300)
+        page.reload()
+        _wait_phase(page, "answer")
+        expect(page.locator("#expired")).to_be_visible()
+        expect(page.locator("#img0")).to_be_hidden()
+        page.keyboard.press("s")
+        _wait_phase(page, "feedback")
+        page.keyboard.press("Enter")
+        _wait_phase(page, "answer")
+        expect(page.locator("#expired")).to_be_hidden()
+        rows = _rows(made.path, "small")
+        assert [(r[0], r[2]) for r in rows] == [(0, "real"), (1, "synthetic")]
+        assert rows[0][5] is not None and rows[1][5] is None  # reloaded: no page time kept
+        conn = sqlite3.connect(made.path)
+        reloads = [r[0] for r in conn.execute("SELECT reloads FROM trials t JOIN readers r ON "
+                                              "r.id = t.reader_id WHERE r.name = 'small' "
+                                              "ORDER BY position LIMIT 2")]
+        conn.close()
+        assert reloads == [0, 1]
+
+        # An admin tab open without a token logs in when the address gets #TOKEN.
+        page.goto(f"{base}/admin")
+        expect(page.locator("#login")).to_be_visible()
+        page.evaluate("t => { location.hash = t; }", made.admin_token)
+        expect(page.locator("#results")).to_be_visible()
+        expect(page.locator("#readers")).to_contain_text("small")
+        assert "#" not in page.url  # the token does not stay in the address bar
+        page.close()
+    assert requests and all(urlsplit(u).hostname == "127.0.0.1" for u in requests)

@@ -4,10 +4,16 @@
   "use strict";
   const $ = (id) => document.getElementById(id);
   let token = sessionStorage.getItem("mrsynth-admin") || "";
-  if (location.hash.length > 1) {
+
+  // A token in the fragment replaces the stored one, also when the admin page is already
+  // open and the user pastes /admin#TOKEN into its address bar (hashchange, no reload).
+  function tokenFromHash() {
+    if (location.hash.length <= 1) return false;
     token = decodeURIComponent(location.hash.slice(1));
     history.replaceState(null, "", location.pathname);
+    return true;
   }
+  tokenFromHash();
   let csvUrl = null;
   let figUrl = null;
 
@@ -89,5 +95,6 @@
     load();
   });
   $("refresh").addEventListener("click", load);
+  window.addEventListener("hashchange", () => { if (tokenFromHash()) load(); });
   if (token) load();
 })();

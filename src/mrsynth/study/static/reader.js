@@ -126,9 +126,15 @@
     const imgs = trial.images.map((_, i) => $("img" + i));
     document.getElementById("images").style.visibility = "hidden";
     for (const m of document.querySelectorAll(".mask")) m.hidden = true;
+    $("expired").hidden = true;
+    let urls;
     try {
+      // Fetched, not set as src, to tell "viewing time over" (410 after a reload) from errors.
+      urls = await Promise.all(trial.images.map(fetchImage));
       await Promise.all(imgs.map((img, i) => {
-        img.src = trial.images[i];
+        if (urls[i] === null) return null;
+        if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+        img.src = urls[i];
         return img.decode();
       }));
     } catch (e) {
@@ -137,16 +143,40 @@
     }
     if (!state.trial || state.trial.id !== trial.id) return;  // superseded
     show("trial");
-    for (const img of imgs) img.style.visibility = "visible";
     document.getElementById("images").style.visibility = "visible";
     t0 = performance.now();
+    if (urls.includes(null)) {
+      // The page was reloaded after the image's viewing time: answer from memory.
+      maskImages(imgs);
+      $("expired").hidden = false;
+      setPhase("answer");
+      return;
+    }
+    for (const img of imgs) img.style.visibility = "visible";
     setPhase("answer");
     if (state.exposure_ms > 0) {
-      exposureTimer = setTimeout(() => {
-        for (const img of imgs) img.style.visibility = "hidden";
-        for (const m of document.querySelectorAll(".slot .mask")) m.hidden = false;
-      }, state.exposure_ms);
+      exposureTimer = setTimeout(() => maskImages(imgs), state.exposure_ms);
     }
+  }
+
+  async function fetchImage(url) {
+    const r = await fetch(url, { cache: "no-store" });
+    if (r.status === 410) return null;
+    if (!r.ok) throw new Error("image " + r.status);
+    return URL.createObjectURL(await r.blob());
+  }
+
+  function maskImages(imgs) {
+    for (const img of imgs) img.style.visibility = "hidden";
+    for (const m of document.querySelectorAll(".slot .mask")) m.hidden = false;
+  }
+
+  function unmaskImages() {
+    // Practice feedback explains the image: show it again (practice is not scored).
+    if (!$("expired").hidden) return;  // refused by the server: nothing to show
+    for (const m of document.querySelectorAll(".slot .mask")) m.hidden = true;
+    for (const img of document.querySelectorAll(".slot img")) img.style.visibility = "visible";
+    if (state.mode !== "2afc") $("img1").style.visibility = "hidden";
   }
 
   async function answer(fields) {
@@ -175,6 +205,7 @@
       $("controls").hidden = true;
       $("confidence").hidden = true;
       $("feedback").hidden = false;
+      unmaskImages();
       $("continue").focus();
       pendingState = r.state;
       return;
