@@ -1,0 +1,213 @@
+"""Every model's losses recomputed by hand from its networks' outputs for one fixed batch.
+
+For each model (and with ``--set loss.*`` overrides) one training step runs on two real
+slices; a copy of the networks taken before the step then recomputes, with plain tensor
+arithmetic and the weights written out here (not read from the config), every loss the step
+returns and the loss each optimiser was stepped with: CycleGAN's cycle x10, the supervised
+MAE weights (cyclegan_s x10, generators_s and simple x1, pix2pix L1 x100), discriminator
+losses halved, LSGAN targets 1 for real and 0 for fake, UNIT's GAN x10, KL x0.1 and
+reconstruction/cycle x100. An ignored or wrong weight changes a total and fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from helpers import tiny_arch
+from mrsynth.models import build_model
+from mrsynth.models.base import StepContext
+from mrsynth.train.config import resolve_config
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+class RecordingContext(StepContext):
+    """A plain fp32 step context that remembers the loss each optimiser was stepped with."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        super().__init__(optimizers)
+        self.stepped: dict[str, Tensor] = {}
+
+    def step(self, name: str, loss: Tensor) -> None:
+        self.stepped[name] = loss.detach().clone()
+        super().step(name, loss)
+
+
+# ------------------------------------------------------------------ the losses, by hand
+def mae(a: Tensor, b: Tensor) -> Tensor:
+    return (a - b).abs().mean()
+
+
+def lsgan(scores: Tensor, target: float) -> Tensor:
+    return ((scores - target) ** 2).mean()
+
+
+def bce_logits(logits: Tensor, target: float) -> Tensor:
+    """Binary cross-entropy on logits: -log sigmoid(x) for real, -log(1 - sigmoid(x)) fake."""
+    return F.softplus(-logits).mean() if target == 1.0 else F.softplus(logits).mean()
+
+
+def hand_cyclegan(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, float]):
+    fake_B, fake_A = snap.G_A2B(A), snap.G_B2A(B)
+    rec_A, rec_B = snap.G_B2A(fake_B), snap.G_A2B(fake_A)
+    out = {
+        "G_adv_A2B": lsgan(snap.D_B(fake_B), 1.0),
+        "G_adv_B2A": lsgan(snap.D_A(fake_A), 1.0),
+        "cycle": mae(rec_A, A) + mae(rec_B, B),
+    }
+    G = out["G_adv_A2B"] + out["G_adv_B2A"] + w["cycle"] * out["cycle"]
+    if w["identity"] > 0:
+        out["identity"] = mae(snap.G_A2B(B), B) + mae(snap.G_B2A(A), A)
+        G = G + w["identity"] * out["identity"]
+    if w["supervised"] > 0:
+        out["supervised"] = mae(fake_B, B) + mae(fake_A, A)
+        G = G + w["supervised"] * out["supervised"]
+    # The discriminators see the step's synthetic images (the pool is not full yet) and are
+    # still the weights from before the step: D = 0.5 * (real -> 1, fake -> 0).
+    out["D_A"] = 0.5 * (lsgan(snap.D_A(A), 1.0) + lsgan(snap.D_A(fake_A), 0.0))
+    out["D_B"] = 0.5 * (lsgan(snap.D_B(B), 1.0) + lsgan(snap.D_B(fake_B), 0.0))
+    out["G"] = G
+    return out, {"G": G, "D": out["D_A"] + out["D_B"]}
+
+
+def hand_pix2pix(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, Any]):
+    gan = lsgan if w["gan_mode"] == "lsgan" else bce_logits
+    fake_B, fake_A = snap.G_A2B(A), snap.G_B2A(B)
+    out = {
+        "G_adv": gan(snap.D_A2B(torch.cat((A, fake_B), 1)), 1.0)
+        + gan(snap.D_B2A(torch.cat((B, fake_A), 1)), 1.0),
+        "mae_A2B": mae(fake_B, B),
+        "mae_B2A": mae(fake_A, A),
+    }
+    out["G"] = out["G_adv"] + w["l1"] * (out["mae_A2B"] + out["mae_B2A"])
+    out["D_A2B"] = 0.5 * (gan(snap.D_A2B(torch.cat((A, B), 1)), 1.0)
+                          + gan(snap.D_A2B(torch.cat((A, fake_B), 1)), 0.0))
+    out["D_B2A"] = 0.5 * (gan(snap.D_B2A(torch.cat((B, A), 1)), 1.0)
+                          + gan(snap.D_B2A(torch.cat((B, fake_A), 1)), 0.0))
+    return out, {"G": out["G"], "D": out["D_A2B"] + out["D_B2A"]}
+
+
+def hand_paired_l1(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, float]):
+    out = {"mae_A2B": mae(snap.G_A2B(A), B), "mae_B2A": mae(snap.G_B2A(B), A)}
+    out["G"] = w["l1"] * (out["mae_A2B"] + out["mae_B2A"])
+    return out, {"G": out["G"]}
+
+
+def hand_unit(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, float], seed: int):
+    """The step replayed: same seed, so the same latent noise (sigma 1) in the same order."""
+    std = 1.0
+
+    def code(enc: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu = snap.enc_shared(enc(x))
+        return mu, snap.dec_shared(mu + std * torch.randn_like(mu))
+
+    def scores(d: Any, x: Tensor, target: float) -> Tensor:
+        return sum(bce_logits(s, target) for s in d(x))  # 3 scales, summed
+
+    torch.manual_seed(seed)
+    # 1) discriminators (weights before the step) on the translations of the current G
+    _, h_A = code(snap.enc_A, A)
+    _, h_B = code(snap.enc_B, B)
+    fake_B, fake_A = snap.dec_B(h_A), snap.dec_A(h_B)
+    D_A = scores(snap.D_A, A, 1.0) + scores(snap.D_A, fake_A, 0.0)
+    D_B = scores(snap.D_B, B, 1.0) + scores(snap.D_B, fake_B, 0.0)
+    D = w["gan"] * (D_A + D_B)
+    # 2) generators (weights before the step) against the updated discriminators
+    mu_A, h_A = code(snap.enc_A, A)
+    mu_B, h_B = code(snap.enc_B, B)
+    rec_A, fake_B = snap.dec_A(h_A), snap.dec_B(h_A)
+    rec_B, fake_A = snap.dec_B(h_B), snap.dec_A(h_B)
+    mu_BA, h_BA = code(snap.enc_A, fake_A)
+    mu_AB, h_AB = code(snap.enc_B, fake_B)
+    out = {
+        "kl": mu_A.pow(2).mean() + mu_B.pow(2).mean(),
+        "kl_cycle": mu_AB.pow(2).mean() + mu_BA.pow(2).mean(),
+        "recon": mae(rec_A, A) + mae(rec_B, B),
+        "cycle": mae(snap.dec_A(h_AB), A) + mae(snap.dec_B(h_BA), B),
+        "G_adv": scores(after.D_A, fake_A, 1.0) + scores(after.D_B, fake_B, 1.0),
+        "D_A": D_A, "D_B": D_B, "D": D,
+    }
+    out["G"] = (w["gan"] * out["G_adv"] + w["kl"] * out["kl"] + w["cycle_kl"] * out["kl_cycle"]
+                + w["recon"] * out["recon"] + w["cycle"] * out["cycle"])
+    return out, {"D": D, "G": out["G"]}
+
+
+# ------------------------------------------------------------------ the cases
+CYCLE = {"cycle": 10.0, "identity": 0.0, "supervised": 0.0}
+UNIT = {"gan": 10.0, "kl": 0.1, "cycle_kl": 0.1, "recon": 100.0, "cycle": 100.0}
+#: (model, --set overrides, the weights the step must use). The first case of each model
+#: holds the study's (and pix2pix's) published weights; the others prove overrides apply.
+CASES = [
+    ("cyclegan", [], CYCLE),
+    ("cyclegan", ["loss.cycle=3", "loss.identity=0.5"], {**CYCLE, "cycle": 3.0,
+                                                         "identity": 0.5}),
+    ("cyclegan", ["arch.discriminator=study2018"], CYCLE),  # LSGAN on sigmoid scores
+    ("cyclegan_s", [], {**CYCLE, "supervised": 10.0}),
+    ("cyclegan_s", ["loss.supervised=2.5", "loss.cycle=0"], {**CYCLE, "cycle": 0.0,
+                                                            "supervised": 2.5}),
+    ("generators_s", [], {"l1": 1.0}),
+    ("generators_s", ["loss.l1=4"], {"l1": 4.0}),
+    ("simple", [], {"l1": 1.0}),
+    ("simple", ["loss.l1=0.25"], {"l1": 0.25}),
+    ("pix2pix", [], {"l1": 100.0, "gan_mode": "vanilla"}),
+    ("pix2pix", ["loss.l1=7", "loss.gan_mode=lsgan"], {"l1": 7.0, "gan_mode": "lsgan"}),
+    ("unit", [], UNIT),
+    ("unit", ["loss.gan=2", "loss.kl=0.5", "loss.cycle_kl=0.3", "loss.recon=20",
+              "loss.cycle=30"], {"gan": 2.0, "kl": 0.5, "cycle_kl": 0.3, "recon": 20.0,
+                                 "cycle": 30.0}),
+]
+HAND = {"cyclegan": hand_cyclegan, "cyclegan_s": hand_cyclegan, "pix2pix": hand_pix2pix,
+        "generators_s": hand_paired_l1, "simple": hand_paired_l1, "unit": hand_unit}
+
+
+@pytest.fixture(scope="module")
+def batch(paired_train_slices) -> tuple[Tensor, Tensor]:
+    """Two real paired training slices (T1w as A, T2w as B), 32x32."""
+    a, b = paired_train_slices
+    return a[3:5].clone(), b[3:5].clone()
+
+
+@pytest.mark.parametrize(("model", "overrides", "weights"), CASES,
+                         ids=[f"{m}-{'+'.join(o) or 'preset'}" for m, o, _ in CASES])
+def test_losses_match_a_hand_computation(model, overrides, weights, batch) -> None:
+    A, B = batch
+    over = [f"{k}={v}" for k, v in tiny_arch(model).items()] + list(overrides)
+    if model == "unit":
+        over.append("arch.dropout=0")  # keep the latent noise, which the replay redraws
+    torch.manual_seed(0)
+    m = build_model(resolve_config(model, "cpu-small", over)).train()
+    snap = copy.deepcopy(m)  # the networks as the step finds them
+    ctx = RecordingContext(m.build_optimizers())
+    torch.manual_seed(1234)
+    got = m.train_step({"A": A, "B": B}, ctx)
+    with torch.no_grad():
+        if model == "unit":
+            want, stepped = hand_unit(snap, m, A, B, weights, seed=1234)
+        else:
+            want, stepped = HAND[model](snap, m, A, B, weights)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert set(ctx.stepped) == set(stepped)
+    for name, value in stepped.items():
+        torch.testing.assert_close(ctx.stepped[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_study2018_scores_are_sigmoids_under_the_least_squares_loss(batch) -> None:
+    """With the 2018 discriminator the LSGAN targets apply to scores in (0, 1)."""
+    A, _ = batch
+    over = [f"{k}={v}" for k, v in tiny_arch("cyclegan").items()]
+    torch.manual_seed(0)
+    m = build_model(resolve_config("cyclegan", "cpu-small",
+                                   [*over, "arch.discriminator=study2018"]))
+    with torch.no_grad():
+        s = m.D_A(A)
+    assert ((s > 0) & (s < 1)).all()
+    # The generator's adversarial term for these scores is mean((s - 1)^2) < 1.
+    assert lsgan(s, 1.0) < 1
