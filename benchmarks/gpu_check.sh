@@ -31,7 +31,7 @@ print(f"mrsynth {mrsynth.__version__}, torch {torch.__version__}, "
 EOF
 
 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_speed_fast.py \
-    tests/test_distributed.py 2>&1 | tee "$results/gpu_check-tests.log"
+    tests/test_speed_state.py tests/test_distributed.py 2>&1 | tee "$results/gpu_check-tests.log"
 tests=${PIPESTATUS[0]}
 
 "$py" benchmarks/train_speed.py --device cuda --out "$results/train_speed-cuda.json"

@@ -7,7 +7,7 @@ For each model (``cyclegan``, ``unit``, ``generators_s`` by default) at the stud
   ``mrsynth.models``) and the same losses written out plainly below, eager fp32, a DataLoader
   over CPU tensors with ``.to(device)`` per step, ``torch.optim.Adam`` defaults, image pools
   with Python's ``random`` (as pytorch-CycleGAN-and-pix2pix does), losses read every 100 steps;
-* ``mrsynth``: the trainer's step path (:mod:`mrsynth.train.fast`: slices resident on the
+* ``mrsynth``: the trainer's step path (:mod:`mrsynth.train.step`: slices resident on the
   device, gathered by index; losses accumulated on the device) with the fastest options for
   the device (CUDA: bf16 autocast, channels_last, fused Adam, ``torch.compile`` with CUDA
   graphs);
@@ -308,7 +308,7 @@ PLAIN: dict[str, type[PlainLoop]] = {
 
 # ---------------------------------------------------------------------------- mrsynth path
 class TrainerPath:
-    """mrsynth's step path: :func:`mrsynth.train.fast.setup_training` + ``TrainStepper``,
+    """mrsynth's step path: :func:`mrsynth.train.step.setup_training` + ``TrainStepper``,
     indices from the trainer's ``EpochSampler``, losses read every ``log_every`` steps."""
 
     log_every = 50
@@ -317,7 +317,7 @@ class TrainerPath:
                  device: torch.device, options: Any) -> None:
         from mrsynth.models.base import build_model
         from mrsynth.train.dataset import EpochSampler
-        from mrsynth.train.fast import TrainStepper, setup_training
+        from mrsynth.train.step import TrainStepper, setup_training
 
         self.setup = setup_training(build_model(cfg), device, options)
         self.stepper = TrainStepper(self.setup, A, B)
@@ -359,8 +359,35 @@ class Variant:
     error: str | None = None
 
 
+def fastest_options(device: torch.device | str) -> Any:
+    """The fastest options for ``device`` (the ``mrsynth`` row).
+
+    CUDA: everything (``mrsynth train --precision bf16 --compile reduce-overhead``).
+    CPU: the trainer's defaults (fp32, fused Adam): bf16 and compilation are opt-in there
+    (bf16 changes numerics; compiling costs minutes on a small CPU; docs/performance.md).
+    """
+    from mrsynth.train.speed import FastOptions
+
+    if torch.device(device).type == "cuda":
+        return FastOptions(channels_last=True, compile="reduce-overhead", fused_adam=True,
+                           precision="bf16")
+    return FastOptions(channels_last=False, compile="none", fused_adam=True, precision="fp32")
+
+
+def describe_options(options: Any) -> str:
+    """``bf16, channels_last, fused Adam, compile(reduce-overhead)`` for the tables."""
+    parts = [options.precision]
+    if options.channels_last:
+        parts.append("channels_last")
+    if options.fused_adam is not False:
+        parts.append("fused Adam")
+    if options.compile != "none":
+        parts.append(f"compile({options.compile})")
+    return ", ".join(parts)
+
+
 def feature_options(feature: str, device: torch.device) -> Any:
-    from mrsynth.train.fast import FastOptions
+    from mrsynth.train.speed import FastOptions
 
     base = FastOptions(channels_last=False, compile="none", fused_adam=False, precision="fp32")
     if feature == "channels_last":
@@ -380,12 +407,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device,
                 A: Tensor, B: Tensor, log: Callable[[str], None]) -> list[Variant]:
     from mrsynth.models.base import get_model_class
     from mrsynth.train.config import resolve_config
-    from mrsynth.train.fast import FastOptions
 
     cfg = resolve_config(name, args.preset, {"train.batch_size": args.batch})
     paired = get_model_class(name).needs_paired
     batch = args.batch
-    fastest = args.mrsynth_options or FastOptions.fastest(device)
+    fastest = args.mrsynth_options or fastest_options(device)
 
     def trainer(opts: Any) -> Callable[[], Any]:
         def make() -> Any:
@@ -405,9 +431,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device,
             continue
         opts = feature_options(feat, device)
         label = "trainer eager" if feat == "eager" else f"trainer +{feat}"
-        variants.append(Variant(name, "feature", label, trainer(opts), opts.describe()))
+        variants.append(Variant(name, "feature", label, trainer(opts), describe_options(opts)))
     variants.append(Variant(name, "mrsynth", "mrsynth", trainer(fastest),
-                            fastest.describe()))
+                            describe_options(fastest)))
 
     for v in variants:
         try:
@@ -477,7 +503,7 @@ def bench_inference(name: str, args: argparse.Namespace, device: torch.device,
                     A: Tensor, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from mrsynth.models.base import build_model
     from mrsynth.train.config import resolve_config
-    from mrsynth.train.fast import (
+    from mrsynth.train.speed import (
         channels_last_supported,
         compile_networks,
         native_bf16,
@@ -602,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.infer_batches = [int(b) for b in args.infer_batches.split(",") if b.strip()]
     if args.n_images < args.batch:
         ap.error("--n-images must be at least --batch")
-    from mrsynth.train.fast import FastOptions
+    from mrsynth.train.speed import FastOptions
 
     if args.mrsynth:
         names = {f.strip() for f in args.mrsynth.split(",")}
@@ -614,7 +640,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             precision="bf16" if "bf16" in names else "fp32",
         )
     else:
-        args.mrsynth_options = FastOptions.fastest(args.device)
+        args.mrsynth_options = fastest_options(args.device)
     return args
 
 
@@ -704,7 +730,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "preset": args.preset, "size": list(args.size), "n_images": args.n_images,
             "batch": args.batch, "iters_per_window": args.iters, "windows": args.windows,
             "warmup": args.warmup, "features": args.features, "threads": torch.get_num_threads(),
-            "mrsynth_options": args.mrsynth_options.describe(),
+            "mrsynth_options": describe_options(args.mrsynth_options),
             "study_setting": (tuple(args.size) == STUDY["size"] and args.n_images == 900
                               and args.batch == 1 and args.preset == "paper"),
         },

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from mrsynth.models import build_model
-from mrsynth.train import fast
 from mrsynth.train.config import resolve_config
+from mrsynth.train.speed import FastOptions, step_begin
+from mrsynth.train.step import setup_training
 
 
 @contextlib.contextmanager
@@ -78,10 +79,10 @@ TINY: dict[str, dict[str, Any]] = {
     "unit": {"arch.nef": 8, "arch.ndf": 8, "arch.dropout": 0.0, "arch.noise_std": 0.0},
     "generators_s": {"arch.ngf": 8, "arch.n_blocks": 2},
 }
-EAGER = fast.FastOptions(channels_last=False, compile="none", fused_adam=False, precision="fp32")
+EAGER = FastOptions(channels_last=False, compile="none", fused_adam=False, precision="fp32")
 
 
-def run_path(name: str, options: fast.FastOptions, a: torch.Tensor, b: torch.Tensor,
+def run_path(name: str, options: FastOptions, a: torch.Tensor, b: torch.Tensor,
              steps: int = 2, arch: dict[str, Any] | None = None,
              device: str = "cpu") -> dict[str, Any]:
     """Same init, same batches: generator output, losses of ``steps`` steps, final weights
@@ -89,17 +90,17 @@ def run_path(name: str, options: fast.FastOptions, a: torch.Tensor, b: torch.Ten
     cfg = resolve_config(name, "cpu-small", arch or TINY[name])
     torch.manual_seed(0)
     model = build_model(cfg)
-    setup = fast.setup_training(model, device, options)
+    setup = setup_training(model, device, options)
     fmt = torch.channels_last if options.channels_last else torch.contiguous_format
     a = a.to(device).contiguous(memory_format=fmt)
     b = b.to(device).contiguous(memory_format=fmt)
     # Same mode and grad state as the training step's first call (compiled graphs are reused).
-    fast.step_begin(setup.compile_report)
+    step_begin(setup.compile_report)
     with setup.ctx.autocast():
         out = model.generator("A2B")(a[:2]).detach().float().cpu()
     losses = []
     for i in range(steps):
-        fast.step_begin(setup.compile_report)
+        step_begin(setup.compile_report)
         batch = {"A": a[2 * i: 2 * i + 2], "B": b[2 * i: 2 * i + 2]}
         losses.append({k: float(v) for k, v in model.train_step(batch, setup.ctx).items()})
         setup.ctx.end_iteration()

@@ -24,7 +24,7 @@ from helpers import EAGER, TINY, assert_close_losses, run_path
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.models.blocks import ImagePool
-from mrsynth.train import fast
+from mrsynth.train import speed
 from mrsynth.train.runs import load_run
 
 pytestmark = pytest.mark.skipif(
@@ -62,7 +62,7 @@ def test_cuda_options_match_eager_fp32(name: str, paired_train_slices) -> None:
     torch.testing.assert_close(ref["out"], cpu["out"], atol=1e-4, rtol=0)
     assert_close_losses(ref["losses"], cpu["losses"], [1e-4, 1e-3])
 
-    cl = run_path(name, fast.FastOptions(channels_last=True, fused_adam=False), a, b,
+    cl = run_path(name, speed.FastOptions(channels_last=True, fused_adam=False), a, b,
                   device=DEVICE)
     weight = next(p for p in cl["setup"].model.parameters() if p.ndim == 4)
     assert weight.device.type == DEVICE and weight.is_contiguous(memory_format=torch.channels_last)
@@ -70,14 +70,14 @@ def test_cuda_options_match_eager_fp32(name: str, paired_train_slices) -> None:
     torch.testing.assert_close(cl["out"], ref["out"], atol=1e-4, rtol=0)
     assert_close_losses(cl["losses"], ref["losses"], [1e-4, 1e-3])
 
-    fused = run_path(name, fast.FastOptions(fused_adam=True), a, b, device=DEVICE)
+    fused = run_path(name, speed.FastOptions(fused_adam=True), a, b, device=DEVICE)
     assert set(fused["setup"].adam.values()) == {"fused"}
     assert_close_losses(fused["losses"], ref["losses"], [1e-6, 1e-3])
     for k, w in ref["weights"].items():
         if k not in ref["skip"]:
             torch.testing.assert_close(fused["weights"][k], w, atol=1e-5, rtol=1e-4, msg=k)
 
-    bf = run_path(name, fast.FastOptions(precision="bf16", fused_adam=False), a, b,
+    bf = run_path(name, speed.FastOptions(precision="bf16", fused_adam=False), a, b,
                   device=DEVICE)
     assert (bf["out"] - ref["out"]).abs().max().item() <= 0.06
     assert_close_losses(bf["losses"], ref["losses"], [2e-2, 2e-2])
@@ -90,7 +90,7 @@ def test_cuda_graphs_train_like_eager(name: str, paired_train_slices) -> None:
     across steps, discriminators frozen and unfrozen) give the eager losses."""
     a, b = paired_train_slices
     ref = run_path(name, EAGER, a, b, steps=4, device=DEVICE)
-    opts = fast.FastOptions(channels_last=True, compile="reduce-overhead", fused_adam=True)
+    opts = speed.FastOptions(channels_last=True, compile="reduce-overhead", fused_adam=True)
     cg = run_path(name, opts, a, b, steps=4, device=DEVICE)
     report = cg["setup"].compile_report
     assert report.mode == "reduce-overhead" and report.active, report
@@ -104,7 +104,7 @@ def test_cuda_graphs_train_like_eager(name: str, paired_train_slices) -> None:
         kept = pool.buffer[: pool.count].float()
         assert torch.isfinite(kept).all() and kept.abs().max() <= 1.0 + 1e-3
     # an odd shape outside the graphs (sample grids) runs eagerly and does not recompile
-    with fast.eager(), torch.no_grad():
+    with speed.eager(), torch.no_grad():
         y = cg["setup"].model.generator("A2B")(a[:3].to(DEVICE))
     assert y.shape == (3, 1, 32, 32)
 

@@ -99,3 +99,14 @@ def test_bad_options_are_refused(bench) -> None:
     args = bench.parse_args(["--device", "cpu", "--mrsynth", "bf16,compile"])
     assert args.mrsynth_options.precision == "bf16"
     assert args.mrsynth_options.compile == "default"
+
+
+def test_fastest_options_per_device(bench) -> None:
+    gpu = bench.fastest_options("cuda")
+    assert (gpu.precision, gpu.compile, gpu.channels_last, gpu.fused_adam) == (
+        "bf16", "reduce-overhead", True, True)
+    cpu = bench.fastest_options("cpu")
+    assert cpu.precision == "fp32" and cpu.compile == "none"
+    assert bench.describe_options(gpu) == (
+        "bf16, channels_last, fused Adam, compile(reduce-overhead)")
+    assert bench.describe_options(cpu) == "fp32, fused Adam"

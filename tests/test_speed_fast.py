@@ -32,7 +32,7 @@ from mrsynth.cli import main
 from mrsynth.errors import ConfigError
 from mrsynth.models import build_model
 from mrsynth.models.base import StepContext
-from mrsynth.train import fast
+from mrsynth.train import speed, step
 from mrsynth.train.config import resolve_config
 from mrsynth.train.dataset import EpochSampler
 from mrsynth.train.runs import load_run
@@ -48,13 +48,13 @@ def test_channels_last_bf16_and_fused_adam_match_eager_fp32(name: str, paired_tr
     # every loss finite and not trivially zero: the comparison is meaningful
     assert all(np.isfinite(v) for step in ref["losses"] for v in step.values())
 
-    cl = run_path(name, fast.FastOptions(channels_last=True, fused_adam=False), a, b)
+    cl = run_path(name, speed.FastOptions(channels_last=True, fused_adam=False), a, b)
     some_weight = next(p for p in cl["setup"].model.parameters() if p.ndim == 4)
     assert some_weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(cl["out"], ref["out"], atol=1e-5, rtol=0)
     assert_close_losses(cl["losses"], ref["losses"], [1e-5, 1e-3])
 
-    fused = run_path(name, fast.FastOptions(fused_adam=True), a, b)
+    fused = run_path(name, speed.FastOptions(fused_adam=True), a, b)
     assert set(fused["setup"].adam.values()) == {"fused"}
     assert all(g["fused"] for o in fused["setup"].optimizers.values() for g in o.param_groups)
     assert_close_losses(fused["losses"], ref["losses"], [1e-6, 1e-3])
@@ -62,59 +62,58 @@ def test_channels_last_bf16_and_fused_adam_match_eager_fp32(name: str, paired_tr
         if k not in ref["skip"]:
             torch.testing.assert_close(fused["weights"][k], w, atol=1e-6, rtol=1e-5, msg=k)
 
-    bf = run_path(name, fast.FastOptions(precision="bf16", fused_adam=False), a, b)
+    bf = run_path(name, speed.FastOptions(precision="bf16", fused_adam=False), a, b)
     err = (bf["out"] - ref["out"]).abs().max().item()
     assert err <= 0.06, err
     assert_close_losses(bf["losses"], ref["losses"], [2e-2, 2e-2])
 
 
 def test_compiled_networks_match_eager_and_keep_their_state_dict(paired_train_slices) -> None:
-    ok, why = fast.compile_support("cpu")
+    ok, why = speed.compile_support("cpu")
     assert ok, f"torch.compile needs a C++ compiler on this machine: {why}"
     a, b = paired_train_slices
     small = {"arch.ngf": 4, "arch.n_blocks": 1}  # compile time grows with the graph
     ref = run_path("generators_s", EAGER, a, b, arch=small)
-    opts = fast.FastOptions(compile="default", fused_adam=False)
+    opts = speed.FastOptions(compile="default", fused_adam=False)
     comp = run_path("generators_s", opts, a, b, arch=small)
     report = comp["setup"].compile_report
     assert report.active and report.compiled == ["G_A2B", "G_B2A"] and report.mode == "default"
     model = comp["setup"].model
-    assert all(fast.is_compiled(m) for m in model.children())
+    assert all(_compiled(m) for m in model.children())
     torch.testing.assert_close(comp["out"], ref["out"], atol=5e-5, rtol=0)
     assert_close_losses(comp["losses"], ref["losses"], [1e-5, 1e-3])
     # In-place compilation: same module objects, same checkpoint keys as an eager model.
     assert list(comp["weights"]) == list(ref["weights"])
     # eager(): compiled networks run without compiling for an odd shape
-    with fast.eager(), torch.no_grad():
+    with speed.eager(), torch.no_grad():
         y = model.generator("B2A")(b[:3])
     assert y.shape == (3, 1, 32, 32)
-    fast.uncompile_networks(model)
-    assert not any(fast.is_compiled(m) for m in model.children())
 
 
 def test_reduce_overhead_falls_back_to_default_without_cuda() -> None:
     model = build_model(resolve_config("generators_s", "cpu-small", TINY["generators_s"]))
-    report = fast.compile_networks(model, "reduce-overhead", "cpu")
+    report = speed.compile_networks(model, "reduce-overhead", "cpu")
     assert report.mode == "default" and "no CUDA graphs on CPU" in report.reason
-    fast.uncompile_networks(model)
-    assert fast.compile_networks(model, "none", "cpu").active is False
+    model = build_model(resolve_config("generators_s", "cpu-small", TINY["generators_s"]))
+    assert speed.compile_networks(model, "none", "cpu").active is False
+    assert not any(_compiled(m) for m in model.children())
     with pytest.raises(ConfigError, match="Unknown compile mode 'fastest'"):
-        fast.compile_networks(model, "fastest", "cpu")
+        speed.compile_networks(model, "fastest", "cpu")
 
 
 def test_missing_compiler_means_eager_fallback(monkeypatch) -> None:
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    ok, why = fast.compile_support("cpu")
+    ok, why = speed.compile_support("cpu")
     assert not ok and "no C++ compiler" in why
     model = build_model(resolve_config("generators_s", "cpu-small", TINY["generators_s"]))
-    report = fast.compile_networks(model, "default", "cpu")
+    report = speed.compile_networks(model, "default", "cpu")
     assert not report.active and "eager fallback" in report.reason
-    assert not any(fast.is_compiled(m) for m in model.children())
+    assert not any(_compiled(m) for m in model.children())
 
 
 def test_loss_accumulator_means_and_one_read() -> None:
-    acc = fast.LossAccumulator()
+    acc = step.LossAccumulator()
     rng = np.random.default_rng(0)
     vals = rng.normal(size=(7, 3))
     for row in vals:
@@ -154,27 +153,22 @@ def test_bf16_training_converges_like_fp32_on_real_slices(
 
 
 def test_adam_options_and_switching() -> None:
-    assert fast.adam_options("cpu") == {"fused": True}
-    assert fast.adam_options("cpu", fused=False) == {"foreach": True}
-    assert fast.adam_options("meta") == {"foreach": True}
+    assert speed.adam_options("cpu") == {"fused": True}
+    assert speed.adam_options("cpu", fused=False) == {"foreach": True}
+    assert speed.adam_options("meta") == {"foreach": True}
     model = build_model(resolve_config("cyclegan", "cpu-small", TINY["cyclegan"]))
+    model.adam_kernels = speed.adam_options("cpu", True)  # what setup_training does
     opts = model.build_optimizers()
+    assert speed.adam_report(opts) == {"G": "fused", "D": "fused"}
+    assert all(o._step_supports_amp_scaling for o in opts.values())  # built fused: takes scale
     before = copy.deepcopy([o.state_dict()["param_groups"] for o in opts.values()])
-    assert fast.set_adam_implementation(opts, "cpu", True) == {"G": "fused", "D": "fused"}
+    speed.use_adam_options(opts, "cpu", False)  # after loading a checkpoint
+    assert speed.adam_report(opts) == {"G": "foreach", "D": "foreach"}
     after = [o.state_dict()["param_groups"] for o in opts.values()]
     for g0, g1 in zip(before, after, strict=True):  # only the implementation changed
         for x, y in zip(g0, g1, strict=True):
             assert {k: v for k, v in x.items() if k not in ("fused", "foreach")} == {
                 k: v for k, v in y.items() if k not in ("fused", "foreach")}
-
-
-def test_fastest_options_per_device() -> None:
-    gpu = fast.FastOptions.fastest("cuda")
-    assert (gpu.precision, gpu.compile, gpu.channels_last, gpu.fused_adam) == (
-        "bf16", "reduce-overhead", True, True)
-    cpu = fast.FastOptions.fastest("cpu")
-    assert cpu.precision == "fp32" and cpu.compile == "none"
-    assert "compile(reduce-overhead)" in gpu.describe()
 
 
 def test_trainer_compile_option_trains_like_eager(prepared_small: Path, tmp_path: Path) -> None:
@@ -206,3 +200,8 @@ def test_trainer_compile_option_trains_like_eager(prepared_small: Path, tmp_path
         resolve_config("generators_s", "cpu-small", {"train.compile": "fastest"})
     cfg = resolve_config("generators_s", "cpu-small", ["train.compile=none"])
     assert cfg["train"]["compile"] == "none"  # the word, not null
+
+
+def _compiled(net: torch.nn.Module) -> bool:
+    """Whether ``nn.Module.compile`` was applied to ``net``."""
+    return getattr(net, "_compiled_call_impl", None) is not None

@@ -18,18 +18,18 @@ from mrsynth.models import build_model
 from mrsynth.models.base import StepContext
 from mrsynth.models.blocks import ImagePool
 from mrsynth.train import checkpoint as ckpt
-from mrsynth.train import fast
-from mrsynth.train import trainer as trainer_mod
+from mrsynth.train import resume, speed, step
 from mrsynth.train.config import resolve_config
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def _stepper(cfg, channels_last: bool, a, b) -> tuple[fast.TrainingSetup, fast.TrainStepper]:
+def _stepper(cfg, channels_last: bool, a, b, fused: bool = True
+             ) -> tuple[step.TrainingSetup, step.TrainStepper]:
     torch.manual_seed(0)
-    opts = fast.FastOptions(channels_last=channels_last, compile="none", fused_adam=True)
-    setup = fast.setup_training(build_model(cfg), "cpu", opts)
-    return setup, fast.TrainStepper(setup, a, b)
+    opts = speed.FastOptions(channels_last=channels_last, compile="none", fused_adam=fused)
+    setup = step.setup_training(build_model(cfg), "cpu", opts)
+    return setup, step.TrainStepper(setup, a, b)
 
 
 def test_resume_into_another_layout_continues_the_same_adam_update(
@@ -50,14 +50,14 @@ def test_resume_into_another_layout_continues_the_same_adam_update(
     meta = {"model": "generators_s", "contrasts": ["T1w", "T2w"], "epoch": 0, "iteration": 3}
     path = ckpt.save_checkpoint(tmp_path, "latest", s1.model, state, meta)
 
-    def resume(fused: bool) -> tuple[dict[str, torch.Tensor], fast.TrainingSetup]:
-        s2, st2 = _stepper(cfg, False, a, b)
+    def resume(fused: bool) -> tuple[dict[str, torch.Tensor], step.TrainingSetup]:
+        s2, st2 = _stepper(cfg, False, a, b, fused)
         tensors, _ = ckpt.load_weights(path, "cpu")
         ckpt.load_model_weights(s2.model, tensors, path)
         saved = ckpt.load_state(path)
         for n, o in s2.optimizers.items():
             o.load_state_dict(saved["optimizers"][n])
-        fast.set_adam_implementation(s2.optimizers, "cpu", fused)  # what the trainer does
+        speed.use_adam_options(s2.optimizers, "cpu", fused)  # what the trainer does
         for i in range(3, 5):
             st2.step(idx[i : i + 1], idx[i : i + 1])
         return {k: v.detach().clone() for k, v in s2.model.state_dict().items()}, s2
@@ -92,30 +92,32 @@ def test_fused_adam_step_counters_live_on_the_parameter_device() -> None:
     assert st["exp_avg"].device.type == "meta" and st["step"].device.type == "cpu"
     for group in opt2.param_groups:
         group["fused"], group["foreach"] = True, None
-    fast.align_adam_state(opt2)
+    speed.align_adam_state(opt2)
     for st in opt2.state.values():
         assert st["step"].device.type == "meta" and st["step"].dtype == torch.float32
     # a foreach counter keeps its dtype (float64 where that is the default dtype)
     opt.state[net.weight]["step"] = torch.tensor(1.0, dtype=torch.float64)
-    fast.align_adam_state(opt)
+    speed.align_adam_state(opt)
     assert opt.state[net.weight]["step"].dtype == torch.float64
 
 
 def test_grad_scaler_follows_the_adam_implementation() -> None:
-    """fp16 with ``train.fused_adam=false``: the optimiser was built fused (it accepts the
-    scaler's inv-scale), then switched to foreach, which must not receive it."""
+    """fp16 with ``train.fused_adam=false`` resumed from a fused checkpoint: the optimiser is
+    built foreach (it must not receive the scaler's inv-scale) and stays so after loading."""
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 1)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
-    assert fast.set_adam_implementation({"G": opt}, "cpu", fused=False) == {"G": "foreach"}
-    assert opt._step_supports_amp_scaling is False
+    fused = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, **speed.adam_options("cpu", False))
+    opt.load_state_dict(fused.state_dict())
+    assert opt.param_groups[0]["fused"]  # the saved implementation came back with the state
+    speed.use_adam_options({"G": opt}, "cpu", fused=False)
+    assert speed.adam_report({"G": opt}) == {"G": "foreach"}
+    assert not getattr(opt, "_step_supports_amp_scaling", False)  # what GradScaler reads
     ctx = StepContext({"G": opt}, "cpu", "fp16", torch.amp.GradScaler("cpu"))
     before = net.weight.detach().clone()
     ctx.step("G", net(torch.randn(8, 4)).pow(2).mean())
     ctx.end_iteration()
     assert not torch.equal(before, net.weight)
-    fast.set_adam_implementation({"G": opt}, "cpu", fused=True)
-    assert opt._step_supports_amp_scaling is True
 
 
 def test_image_pool_stores_fp32_and_answers_in_the_callers_dtype_and_layout() -> None:
@@ -155,7 +157,7 @@ def test_every_cuda_graph_mode_marks_its_steps(monkeypatch) -> None:
     """``max-autotune`` turns on CUDA graphs as ``reduce-overhead`` does: both need step marks
     on one GPU and both drop the graphs under DDP. (``nn.Module.compile`` is lazy, so no
     code is generated here; Triton is reported present.)"""
-    monkeypatch.setattr(fast, "compile_support", lambda dev: (True, ""))
+    monkeypatch.setattr(speed, "compile_support", lambda dev: (True, ""))
     marks: list[int] = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     model = build_model(resolve_config("generators_s", "cpu-small", TINY["generators_s"]))
@@ -165,19 +167,18 @@ def test_every_cuda_graph_mode_marks_its_steps(monkeypatch) -> None:
              ("max-autotune", True, "max-autotune-no-cudagraphs", False),
              ("default", False, "default", False)]
     for asked, distributed, mode, graphs in cases:
-        report = fast.compile_networks(model, asked, "cuda", distributed=distributed)
-        fast.uncompile_networks(model)
+        report = speed.compile_networks(model, asked, "cuda", distributed=distributed)
         assert (report.mode, report.cudagraphs) == (mode, graphs), (asked, distributed)
         assert (report.reason != "") == (asked != mode)
         n = len(marks)
-        fast.step_begin(report)
+        speed.step_begin(report)
         assert len(marks) == n + graphs
 
 
 def test_channels_last_auto_means_compiled_networks_on_cuda() -> None:
     def opts(device: str, **over):
         cfg = resolve_config("cyclegan", "cpu-small", over)
-        return fast.FastOptions.from_config(cfg, device).channels_last
+        return speed.FastOptions.from_config(cfg, device).channels_last
 
     assert resolve_config("cyclegan", "paper")["train"]["channels_last"] == "auto"
     assert opts("cuda") is False  # eager: instance norm would undo the layout at every block
@@ -196,14 +197,14 @@ def test_cuda_rng_state_is_this_devices_only(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append((s, d)))
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: torch.full((4,), d.index))
     dev = torch.device("cuda", 1)
-    state = trainer_mod._rng_state(torch.device("cpu"))
+    state = resume.rng_state(torch.device("cpu"))
     assert "cuda" not in state
     state["cuda"] = torch.cuda.get_rng_state(dev)
-    trainer_mod._set_rng_state(state, dev)
+    resume.set_rng_state(state, dev)
     assert torch.equal(calls[-1][0], torch.full((4,), 1)) and calls[-1][1] == dev
     old = [torch.full((4,), i) for i in range(8)]
-    trainer_mod._set_rng_state({**state, "cuda": old}, dev)
+    resume.set_rng_state({**state, "cuda": old}, dev)
     assert torch.equal(calls[-1][0], old[1])
     n = len(calls)
-    trainer_mod._set_rng_state({**state, "cuda": old[:1]}, dev)  # fewer GPUs saved than index
+    resume.set_rng_state({**state, "cuda": old[:1]}, dev)  # fewer GPUs saved than index
     assert len(calls) == n

@@ -46,6 +46,16 @@ def loss_rows(run_dir: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader(fh)]
 
 
+#: metrics.json fields of an epoch that may differ after a resume: wall times (they exclude
+#: the downtime) and the throughput derived from them, and the flag that says it happened.
+RESUME_FREE = ("wall_s", "images_per_s", "resumed_mid_epoch")
+
+
+def epoch_rows(run_dir: Path) -> list[dict[str, Any]]:
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    return [{k: v for k, v in e.items() if k not in RESUME_FREE} for e in doc["epochs"]]
+
+
 RESUME_ARCH = {
     # pool of 3 so that pool swaps (and their RNG) happen within the run
     "cyclegan": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8, "loss.pool_size": 3},
@@ -146,6 +156,8 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs_completed"] == 2
     assert_same_weights(reference_run, out)
+    assert loss_rows(out) == loss_rows(reference_run)
+    assert epoch_rows(out) == epoch_rows(reference_run)
 
 
 def test_sigkill_mid_epoch_resumes_from_the_timed_checkpoint(
@@ -160,6 +172,48 @@ def test_sigkill_mid_epoch_resumes_from_the_timed_checkpoint(
     assert metrics["status"] == "completed" and metrics["epochs_completed"] == 2
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert_same_weights(reference_run, out)
+    assert loss_rows(out) == loss_rows(reference_run)
+    assert epoch_rows(out) == epoch_rows(reference_run)
+
+
+@pytest.mark.parametrize("stop_at", [5, 12])
+def test_logs_of_a_run_resumed_between_log_rows_equal_the_uninterrupted_ones(
+    stop_at: int, prepared_small: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """SIGTERM after iteration 5 (epoch 1) or 12 (epoch 2) of 2 x 7 steps, rows every 3: the
+    resumed run's losses.csv has the same rows (iterations 3, 6, 7, 10, 13, 14) with the same
+    values, and each epoch's mean losses in metrics.json cover the whole epoch."""
+    from mrsynth.models.cyclegan import CycleGAN
+    from mrsynth.train.trainer import TrainingInterrupted
+
+    cfg = resolve_config("cyclegan", "cpu-small", {
+        "train.epochs": 2, "train.max_steps_per_epoch": 7, "train.batch_size": 2,
+        "train.log_every": 3, "train.progress": False, "train.checkpoint_every_minutes": 0,
+        "train.deterministic": True, "data.image_size": 32, **RESUME_ARCH["cyclegan"],
+    })
+    straight = train(cfg, prepared_small, tmp_path / "straight")
+    assert [int(r["iteration"]) for r in loss_rows(straight)] == [3, 6, 7, 10, 13, 14]
+
+    step = CycleGAN.train_step
+    calls = []
+
+    def step_then_signal(self, batch, ctx):  # the signal arrives during step `stop_at`
+        calls.append(1)
+        if len(calls) == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, ctx)
+
+    monkeypatch.setattr(CycleGAN, "train_step", step_then_signal)
+    split = tmp_path / "split"
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, prepared_small, split)
+    monkeypatch.setattr(CycleGAN, "train_step", step)
+    meta = json.loads((split / "checkpoints/latest/meta.json").read_text())
+    assert meta["iteration"] == stop_at and meta["step_in_epoch"] == stop_at % 7
+    train(None, None, split, resume=True)
+    assert_same_weights(straight, split)
+    assert loss_rows(split) == loss_rows(straight)
+    assert epoch_rows(split) == epoch_rows(straight)
 
 
 # ------------------------------------------------------------------------- checkpoint files

@@ -284,9 +284,10 @@ def _run_demo(
     if (ev / "eval.json").is_file() and not trained_now:
         _say(con, f"{ev} exists; reusing it.")
     else:
-        from mrsynth.eval.commands import resolve_device
+        from mrsynth.train.speed import resolve_device
 
-        evaluate(run_dirs, prepared, ev, device=resolve_device(device), c2st_steps=c2st_steps,
+        evaluate(run_dirs, prepared, ev, device=str(resolve_device(device)),
+                 c2st_steps=c2st_steps,
                  seed=seed, overwrite=True,
                  log=lambda s: _say(con, f"  {s}"))
         trained_now = True

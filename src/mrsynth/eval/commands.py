@@ -7,25 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from mrsynth.errors import ConfigError
-
 console = Console(stderr=True)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; a missing GPU is a clear error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"--device {device}: no CUDA GPU is available to this PyTorch "
-            f"({torch.__version__}). Use --device cpu."
-        )
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ConfigError(f"Unknown --device {device!r}; use auto, cpu or cuda.")
-    return device
 
 
 STOCHASTIC_HELP = ("Keep latent noise and dropout on at inference (UNIT), as the study's Keras "
@@ -62,8 +44,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Translate NIfTI volumes (every axial slice) or 2-D images with a trained run."""
         from mrsynth.eval.translate import translate_path
+        from mrsynth.train.speed import resolve_device
 
-        res = translate_path(run, direction, input, output, device=resolve_device(device),
+        res = translate_path(run, direction, input, output, device=str(resolve_device(device)),
                              batch_size=batch_size, overwrite=overwrite, stochastic=stochastic,
                              log=_log)
         rate = res["slices"] / res["seconds"] if res["seconds"] > 0 else float("inf")
@@ -114,11 +97,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score runs on the test split: metrics, statistics, timing, C2ST, figures."""
         from mrsynth.eval.evaluate import evaluate, summary_markdown
+        from mrsynth.train.speed import resolve_device
 
         all_runs = list(runs) + list(more_runs or [])
         region = {"none": "image", "whole": "image"}.get(mask, mask)
         ev = evaluate(all_runs, data, out, region=region, bins=bins,
-                      batch_size=batch_size, device=resolve_device(device),
+                      batch_size=batch_size, device=str(resolve_device(device)),
                       c2st_steps=c2st_steps, seed=seed, study=study, overwrite=overwrite,
                       stochastic=stochastic, log=_log)
         typer.echo(summary_markdown(ev))

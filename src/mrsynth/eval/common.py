@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -68,21 +67,13 @@ def load_run_checked(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     return load_run(p, device=device)
 
 
-def _canon(v: Any) -> Any:
-    """JSON round trip so tuples and lists (and numpy scalars) compare equal."""
-    return json.loads(
-        json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    )
-
-
 def check_compatible(run: LoadedRun, run_dir: Path | str, data: PreparedData) -> None:
     """Refuse data prepared differently (size, normalisation, orientation) from the run's."""
-    settings = dict(run.data_settings or {})
-    want = {k: settings.get(k) for k in COMPATIBILITY_KEYS}
-    have = data.compatibility()
-    diff = [k for k in COMPATIBILITY_KEYS if _canon(want[k]) != _canon(have[k])]
+    from mrsynth.train.rundir import preparation_differences
+
+    diff = preparation_differences(run.data_settings, data.settings, COMPATIBILITY_KEYS)
     if diff:
-        details = "; ".join(f"{k}: run {want[k]!r}, data {have[k]!r}" for k in diff)
+        details = "; ".join(f"{k}: run {a!r}, data {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(
             f"The prepared data {data.path} was prepared with settings that differ from those "
             f"the run {run_dir} was trained on ({details}). Prepare the evaluation data with "

@@ -98,6 +98,8 @@ class TranslationModel(nn.Module):
         self.arch: dict[str, Any] = config["arch"]
         self.loss_cfg: dict[str, Any] = config["loss"]
         self.optim_cfg: dict[str, Any] = config["optim"]
+        #: ``fused`` / ``foreach`` for :meth:`adam`; torch's default until the trainer sets it.
+        self.adam_kernels: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ to implement
     @classmethod
@@ -157,15 +159,14 @@ class TranslationModel(nn.Module):
         return self.generator(direction, stochastic)(x)
 
     def adam(self, params: Iterator[nn.Parameter] | list[nn.Parameter]) -> torch.optim.Adam:
-        """Adam from the ``optim`` section; fused kernels on CUDA (one launch per step)."""
-        params = list(params)
-        fused = bool(params) and params[0].is_cuda and self.optim_cfg.get("fused", True)
+        """Adam from the ``optim`` section, with the kernels in ``adam_kernels`` (fused or
+        foreach; the trainer sets them, :func:`mrsynth.train.step.setup_training`)."""
         return torch.optim.Adam(
-            params,
+            list(params),
             lr=float(self.optim_cfg["lr"]),
             betas=(float(self.optim_cfg["beta1"]), float(self.optim_cfg["beta2"])),
             weight_decay=float(self.optim_cfg.get("weight_decay", 0.0)),
-            fused=fused or None,
+            **self.adam_kernels,
         )
 
 

@@ -103,8 +103,9 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Train a model on prepared slices; writes checkpoints, logs and samples to --out."""
-        from mrsynth.train.config import parse_overrides, resolve_config, upgrade_config
-        from mrsynth.train.trainer import read_run_config, train
+        from mrsynth.train.config import parse_overrides, resolve_config
+        from mrsynth.train.resume import resume_config
+        from mrsynth.train.trainer import train
 
         overrides: dict[str, Any] = parse_overrides(sets or [])
         for key, value in (
@@ -114,35 +115,24 @@ def register(app: typer.Typer) -> None:
         ):
             if value is not None:
                 overrides[key] = value
-        config = None
-        if resume:
-            stored = upgrade_config(read_run_config(out)["config"])
-            if model is not None and model != stored["model"]:
-                raise ConfigError(
-                    f"Run {out} trains {stored['model']!r}, not {model!r}; drop --model or "
-                    "choose another --out to start a new run."
-                )
-            if overrides:
-                from mrsynth.train.config import apply_overrides, validate_config
-
-                config = validate_config(apply_overrides(stored, overrides))
+        if resume:  # the stored config, merged with the allowed changes (refuses others)
+            _, config = resume_config(out, overrides=overrides, model=model)
         else:
             if model is None:
                 raise ConfigError("Give --model (see `mrsynth models`), or --resume a run.")
             config = resolve_config(model, preset, overrides)
         if show_config:
-            typer.echo(json.dumps(config if config is not None else stored, indent=2))
+            typer.echo(json.dumps(config, indent=2))
             return
         if not resume and data is None:
             raise ConfigError("Give --data PREPARED_FILE (made by `mrsynth data prepare`).")
         from mrsynth.utils import check_writable
 
         check_writable(out, directory=True)  # before loading data and building networks
-        cfg = config if config is not None else stored
         from mrsynth.train.distributed import detect
 
         main_rank = detect().is_main  # under torchrun only rank 0 talks
-        if main_rank and cfg["preset"] == "paper" and cfg["device"] != "cuda":
+        if main_rank and config["preset"] == "paper" and config["device"] != "cuda":
             import torch
 
             if not torch.cuda.is_available():

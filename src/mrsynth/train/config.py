@@ -144,6 +144,16 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+#: Settings that may change when a run is resumed (they do not change what is learnt per
+#: step); anything else differing from the stored config is refused.
+RESUMABLE_KEYS = frozenset({
+    "device", "precision", "train.epochs", "train.lr_decay", "train.decay_start_epoch",
+    "train.log_every",
+    "train.samples", "train.checkpoint_every_minutes", "train.keep_every_epochs",
+    "train.progress", "train.num_threads", "train.max_steps_per_epoch", "train.channels_last",
+    "train.compile", "train.fused_adam",
+})
+
 #: Settings that take true, false or "auto".
 _BOOL_OR_AUTO = ("train.channels_last",)
 

@@ -161,14 +161,6 @@ def shutdown(*, wait: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def current() -> DistInfo:
-    """Info of the process group this process joined (single process when none)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(),
-                        _env_int("LOCAL_RANK", dist.get_rank()), dist.get_backend())
-    return SINGLE
-
-
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
@@ -229,15 +221,6 @@ def any_rank(*flags: bool, device: torch.device | str = "cpu") -> tuple[bool, ..
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v > 0) for v in t.tolist())
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` from rank ``src`` on every rank (e.g. a decision or a path)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 # ---------------------------------------------------------------------- DDP wrapping

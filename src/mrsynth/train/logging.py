@@ -1,10 +1,12 @@
 """What a run records: losses.csv, metrics.json, sample grids, TensorBoard, progress bar.
 
-Losses are logged every ``train.log_every`` iterations as the mean over the interval (one
-device synchronisation per interval, not per step). ``losses.csv`` and ``metrics.json`` are
-rewritten atomically; on resume rows past the checkpoint are dropped, so the files describe
-exactly the training that produced the weights. TensorBoard scalars are written only when the
-optional ``tensorboard`` package is installed (``pip install mrsynth[tensorboard]``).
+Losses are logged every ``train.log_every`` iterations of an epoch as the mean over the
+interval (one device synchronisation per interval, not per step). ``losses.csv`` and
+``metrics.json`` are rewritten atomically; on resume rows past the checkpoint are dropped and
+the checkpoint's loss accumulators restored (:mod:`mrsynth.train.resume`), so the files
+describe exactly the training that produced the weights, as an uninterrupted run would.
+TensorBoard scalars are written only when the optional ``tensorboard`` package is installed
+(``pip install mrsynth[tensorboard]``).
 """
 
 from __future__ import annotations
@@ -36,21 +38,28 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class LossLog:
-    """Rows of (epoch, iteration, images/s, lr, losses...) kept in memory, flushed as CSV."""
+    """Rows of (epoch, iteration, images/s, lr, losses...) kept in memory, flushed as CSV.
 
-    def __init__(self, run_dir: Path, keep_upto_iteration: int | None = None) -> None:
+    ``enabled=False`` (data-parallel ranks other than 0) reads and writes nothing.
+    """
+
+    def __init__(self, run_dir: Path, keep_upto_iteration: int | None = None, *,
+                 enabled: bool = True) -> None:
         self.path = run_dir / LOSSES_CSV
+        self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
-        if keep_upto_iteration is not None and self.path.is_file():
+        if enabled and keep_upto_iteration is not None and self.path.is_file():
             with open(self.path, newline="") as fh:
                 reader = csv.DictReader(fh)
                 self.columns = list(reader.fieldnames or [])
                 self.rows = [r for r in reader if int(r["iteration"]) <= keep_upto_iteration]
-        self._tb = _tensorboard_writer(run_dir / TENSORBOARD_DIR)
+        self._tb = _tensorboard_writer(run_dir / TENSORBOARD_DIR) if enabled else None
 
     def log(self, epoch: int, iteration: int, images_per_s: float, lr: float,
             losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"epoch": epoch, "iteration": iteration, "images_per_s": round(images_per_s, 3),
                "lr": lr, **{k: v for k, v in losses.items()}}
         for k in row:
@@ -64,6 +73,8 @@ class LossLog:
             self._tb.add_scalar("train/lr", lr, iteration)
 
     def flush(self) -> None:
+        if not self.enabled:
+            return
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
@@ -87,12 +98,17 @@ def _tensorboard_writer(path: Path) -> Any:
 
 
 class Metrics:
-    """metrics.json: per-epoch wall time (the study reported s/epoch), losses, throughput."""
+    """metrics.json: per-epoch wall time (the study reported s/epoch), losses, throughput.
 
-    def __init__(self, run_dir: Path, header: dict[str, Any], keep_upto_epoch: int | None) -> None:
+    ``enabled=False`` (data-parallel ranks other than 0) reads and writes nothing.
+    """
+
+    def __init__(self, run_dir: Path, header: dict[str, Any], keep_upto_epoch: int | None,
+                 *, enabled: bool = True) -> None:
         self.path = run_dir / METRICS_JSON
+        self.enabled = enabled
         self.doc: dict[str, Any] = {**header, "status": "running", "epochs": []}
-        if keep_upto_epoch is not None and self.path.is_file():
+        if enabled and keep_upto_epoch is not None and self.path.is_file():
             with contextlib.suppress(OSError, json.JSONDecodeError):
                 old = json.loads(self.path.read_text())
                 self.doc["epochs"] = [e for e in old.get("epochs", [])
@@ -102,6 +118,8 @@ class Metrics:
         self.doc["epochs"].append(entry)
 
     def save(self, status: str | None = None, **extra: Any) -> None:
+        if not self.enabled:
+            return
         if status:
             self.doc["status"] = status
         self.doc.update(extra)

@@ -1,4 +1,4 @@
-"""The fast training path: memory format, compilation, CUDA graphs, fused Adam, fewer syncs.
+"""Speed switches of the training path: compilation, memory format, Adam kernels, device.
 
 Batch-1 GAN training on a GPU is bound by per-op launch overhead, not arithmetic: an eager
 CycleGAN iteration dispatches about 2,700 ops. What removes that overhead, in the order it pays
@@ -11,11 +11,10 @@ off (each measured by ``benchmarks/train_speed.py``; see docs/performance.md):
   preferred layout for convolutions, no transposes around each conv.
 * fused Adam (:func:`adam_options`): one kernel per optimiser step instead of one per tensor.
 * bf16 autocast (the trainer's ``--precision bf16``; :class:`~mrsynth.models.base.StepContext`).
-* no host synchronisation per step (:class:`LossAccumulator`): losses stay on the device and
-  are read once per log interval.
 
-Everything here is optional and falls back to the eager path when unavailable (no C++
-compiler for the CPU backend, no Triton for CUDA, Windows): training still runs, only slower.
+The step that uses them is :mod:`mrsynth.train.step`. Everything here is optional and falls
+back to the eager path when unavailable (no C++ compiler for the CPU backend, no Triton for
+CUDA, Windows): training still runs, only slower.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import contextlib
 import os
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +35,25 @@ from mrsynth.train.config import COMPILE_MODES
 
 #: torch.compile modes that replay CUDA graphs on a CUDA device.
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; ``cuda[:N]`` without a GPU and unknown
+    names are clear errors. The one device rule of training, evaluation and the demo."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {name} was asked for but this torch has no usable CUDA GPU "
+            f"(torch {torch.__version__}). Use --device cpu or auto, or install a CUDA build."
+        )
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ConfigError(f"Unknown --device {name!r}; use auto, cpu or cuda.")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"Unknown --device {name!r} ({exc}); use auto, cpu or cuda.") from exc
 
 
 @dataclass
@@ -129,17 +146,6 @@ def compile_networks(
     return CompileReport(mode, sorted(nets), reason, cudagraphs=graphs)
 
 
-def uncompile_networks(model: nn.Module) -> None:
-    """Undo :func:`compile_networks` (e.g. to export or to compare with eager)."""
-    for net in model.children():
-        if getattr(net, "_compiled_call_impl", None) is not None:
-            net._compiled_call_impl = None
-
-
-def is_compiled(net: nn.Module) -> bool:
-    return getattr(net, "_compiled_call_impl", None) is not None
-
-
 @contextlib.contextmanager
 def eager() -> Iterator[None]:
     """Run compiled networks eagerly inside the block.
@@ -179,10 +185,6 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def as_channels_last(x: Tensor) -> Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-
-
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes in bfloat16 natively (CPUs, and GPUs of compute capability
     8.0+); torch's default check also accepts emulation, which is slower than fp32."""
@@ -208,91 +210,37 @@ def adam_options(device: torch.device | str, fused: bool | None = None) -> dict[
     return {"foreach": True}
 
 
-# ---------------------------------------------------------------------- logging
-class LossAccumulator:
-    """Running sums of a step's losses kept on the device: no host sync per step.
-
-    ``add`` stacks the step's scalar losses into one tensor and adds it in place (two small
-    kernels per step whatever the number of losses); ``means`` reads all of them with one
-    device-to-host copy. ``reduce`` (e.g. :func:`mrsynth.train.distributed.all_mean`) is
-    applied to the stacked sums before the copy, so averaging over ranks costs one collective
-    per interval.
-    """
-
-    def __init__(self) -> None:
-        self.names: list[str] | None = None
-        self.total: Tensor | None = None
-        self.count = 0
-
-    def add(self, losses: dict[str, Tensor]) -> None:
-        names = list(losses)
-        vals = torch.stack([losses[k].detach().float().reshape(()) for k in names])
-        if self.total is None:
-            self.names, self.total = names, vals
-        else:
-            if names != self.names:
-                raise ValueError(f"loss names changed from {self.names} to {names}")
-            self.total.add_(vals)
-        self.count += 1
-
-    def means(self, reduce: Any = None, *, reset: bool = True) -> dict[str, float]:
-        """Mean of each loss over the added steps (one host sync); resets unless told not to."""
-        if self.total is None or self.names is None or self.count == 0:
-            return {}
-        t = self.total / self.count
-        if reduce is not None:
-            t = reduce(t)
-        out = dict(zip(self.names, t.cpu().tolist(), strict=True))
-        if reset:
-            self.names, self.total, self.count = None, None, 0
-        return out
 
 
-class Timer:
-    """Wall time of a block, synchronising the device first so queued kernels are counted."""
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.elapsed = 0.0
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> Timer:
-        self.sync()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sync()
-        self.elapsed = time.perf_counter() - self._t0
-
-
-def set_adam_implementation(
+def use_adam_options(
     optimizers: dict[str, torch.optim.Optimizer], device: torch.device | str,
     fused: bool | None = None,
-) -> dict[str, str]:
-    """Switch Adam optimisers to the fused (or foreach) update; returns what each one uses.
+) -> None:
+    """Give optimisers restored from a checkpoint this run's Adam implementation.
 
-    Models build their optimisers themselves; this adjusts the implementation flag of each
-    parameter group afterwards (the update rule is the same, only the kernels differ).
+    The optimisers are built with this run's options (:meth:`TranslationModel.adam`), but
+    ``Optimizer.load_state_dict`` brings back the saved groups' ``fused`` / ``foreach`` flags,
+    and a run may resume with another device or implementation; this sets them back and
+    re-lays the restored state out (:func:`align_adam_state`).
     """
     opts = adam_options(device, fused)
-    used = {}
-    for name, opt in optimizers.items():
+    for opt in optimizers.values():
         if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
-            used[name] = "unchanged"
             continue
         for group in opt.param_groups:
             group["fused"] = opts.get("fused", False) or None
             group["foreach"] = opts.get("foreach", False) or None
-        opt.defaults.update(fused=opts.get("fused"), foreach=opts.get("foreach"))
-        # GradScaler hands its scale to step() only for implementations that take it (fused);
-        # the flag is set when the optimiser is built, so it must follow the switch.
-        opt._step_supports_amp_scaling = bool(opts.get("fused"))  # type: ignore[attr-defined]
         align_adam_state(opt)
-        used[name] = "fused" if opts.get("fused") else "foreach"
+
+
+def adam_report(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, str]:
+    """The Adam implementation each optimiser uses, for config.json and the benchmark."""
+    used = {}
+    for name, opt in optimizers.items():
+        if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            used[name] = "unchanged"
+        else:
+            used[name] = "fused" if opt.param_groups[0].get("fused") else "foreach"
     return used
 
 
@@ -324,11 +272,11 @@ def align_adam_state(opt: torch.optim.Optimizer) -> None:
                     st["step"] = step.to(home, dtype)
 
 
-# ---------------------------------------------------------------------- the step path
+# ---------------------------------------------------------------------- options
 @dataclass
 class FastOptions:
     """The speed settings of a run (``train.channels_last``, ``train.compile``,
-    ``optim.fused``, ``precision``)."""
+    ``train.fused_adam``, ``precision``)."""
 
     channels_last: bool = False
     compile: str = "none"
@@ -356,88 +304,3 @@ class FastOptions:
             fused_adam=bool(t.get("fused_adam", True)),
             precision=str(cfg["precision"]),
         )
-
-    @classmethod
-    def fastest(cls, device: torch.device | str) -> FastOptions:
-        """The fastest options for ``device`` (the benchmark's ``mrsynth`` row).
-
-        CUDA: everything (``mrsynth train --precision bf16 --compile reduce-overhead``).
-        CPU: the trainer's defaults (fp32, fused Adam): bf16 and compilation are opt-in there
-        (bf16 changes numerics; compiling costs minutes on a small CPU; docs/performance.md).
-        """
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            return cls(channels_last=True, compile="reduce-overhead", fused_adam=True,
-                       precision="bf16")
-        return cls(channels_last=False, compile="none", fused_adam=True, precision="fp32")
-
-    def describe(self) -> str:
-        parts = [self.precision]
-        if self.channels_last:
-            parts.append("channels_last")
-        if self.fused_adam is not False:
-            parts.append("fused Adam")
-        if self.compile != "none":
-            parts.append(f"compile({self.compile})")
-        return ", ".join(parts)
-
-
-@dataclass
-class TrainingSetup:
-    """A model ready to step: on its device, in its memory format, compiled, optimisers made."""
-
-    model: nn.Module
-    optimizers: dict[str, torch.optim.Optimizer]
-    ctx: Any
-    device: torch.device
-    options: FastOptions
-    compile_report: CompileReport
-    adam: dict[str, str]
-
-
-def setup_training(
-    model: nn.Module, device: torch.device | str, options: FastOptions,
-    *, distributed: bool = False, scaler: Any = None,
-) -> TrainingSetup:
-    """Move ``model`` to ``device`` and apply ``options``; build optimisers and the context.
-
-    The order matters: memory format before the optimisers are made (they hold the
-    parameters), compilation after (it does not change parameters), DDP wrapping last (done by
-    the caller with :func:`mrsynth.train.distributed.wrap_model`).
-    """
-    from mrsynth.models.base import StepContext
-
-    dev = torch.device(device)
-    model.to(dev)
-    if options.channels_last and channels_last_supported(dev):
-        to_channels_last(model)
-    model.train()
-    optimizers = model.build_optimizers()  # type: ignore[operator]
-    adam = set_adam_implementation(optimizers, dev, options.fused_adam)
-    report = compile_networks(model, options.compile, dev, distributed=distributed)
-    ctx = StepContext(optimizers, dev.type, options.precision, scaler)
-    return TrainingSetup(model, optimizers, ctx, dev, options, report, adam)
-
-
-class TrainStepper:
-    """One training iteration as the trainer runs it.
-
-    The slices live on the device; a batch is a gather with index tensors (no DataLoader, no
-    host-to-device copy per step); losses go into a :class:`LossAccumulator` (no host sync).
-    """
-
-    def __init__(self, setup: TrainingSetup, A: Tensor, B: Tensor) -> None:
-        self.setup = setup
-        fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
-        self.A = A.to(setup.device).contiguous(memory_format=fmt)
-        self.B = B.to(setup.device).contiguous(memory_format=fmt)
-        self.losses = LossAccumulator()
-
-    def step(self, ia: Tensor, ib: Tensor) -> dict[str, Tensor]:
-        s = self.setup
-        step_begin(s.compile_report)
-        batch = {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
-        losses = s.model.train_step(batch, s.ctx)  # type: ignore[operator]
-        s.ctx.end_iteration()
-        self.losses.add(losses)
-        return losses

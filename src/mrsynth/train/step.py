@@ -1,0 +1,142 @@
+"""The step path: a model ready to train, and one training iteration.
+
+:func:`setup_training` puts a model on its device in the run's memory format, builds its
+optimisers with the run's Adam kernels and compiles its networks (:mod:`mrsynth.train.speed`);
+:class:`TrainStepper` is one iteration as the trainer runs it: gather the batch from the
+slices resident on the device, ``model.train_step``, accumulate the losses without a host
+sync (:class:`LossAccumulator`). The trainer (:mod:`mrsynth.train.trainer`) and the speed
+benchmark (``benchmarks/train_speed.py``) step through this same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mrsynth.train.speed import (
+    CompileReport,
+    FastOptions,
+    adam_options,
+    adam_report,
+    channels_last_supported,
+    compile_networks,
+    step_begin,
+    to_channels_last,
+)
+
+
+class LossAccumulator:
+    """Running sums of a step's losses kept on the device: no host sync per step.
+
+    ``add`` stacks the step's scalar losses into one tensor and adds it in place (two small
+    kernels per step whatever the number of losses); ``means`` reads all of them with one
+    device-to-host copy. ``reduce`` (e.g. :func:`mrsynth.train.distributed.all_mean`) is
+    applied to the stacked sums before the copy, so averaging over ranks costs one collective
+    per interval.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        names = list(losses)
+        vals = torch.stack([losses[k].detach().float().reshape(()) for k in names])
+        if self.total is None:
+            self.names, self.total = names, vals
+        else:
+            if names != self.names:
+                raise ValueError(f"loss names changed from {self.names} to {names}")
+            self.total.add_(vals)
+        self.count += 1
+
+    def means(self, reduce: Any = None, *, reset: bool = True) -> dict[str, float]:
+        """Mean of each loss over the added steps (one host sync); resets unless told not to."""
+        if self.total is None or self.names is None or self.count == 0:
+            return {}
+        t = self.total / self.count
+        if reduce is not None:
+            t = reduce(t)
+        out = dict(zip(self.names, t.cpu().tolist(), strict=True))
+        if reset:
+            self.names, self.total, self.count = None, None, 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums as they are (for a checkpoint taken between two log rows)."""
+        total = None if self.total is None else self.total.detach().cpu().clone()
+        return {"names": self.names, "total": total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
+        total = state.get("total")
+        self.names = list(state["names"]) if state.get("names") is not None else None
+        self.total = None if total is None else total.to(device)
+        self.count = int(state.get("count", 0))
+
+
+@dataclass
+class TrainingSetup:
+    """A model ready to step: on its device, in its memory format, compiled, optimisers made."""
+
+    model: nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    ctx: Any
+    device: torch.device
+    options: FastOptions
+    compile_report: CompileReport
+    adam: dict[str, str]
+
+
+def setup_training(
+    model: nn.Module, device: torch.device | str, options: FastOptions,
+    *, distributed: bool = False, scaler: Any = None,
+) -> TrainingSetup:
+    """Move ``model`` to ``device`` and apply ``options``; build optimisers and the context.
+
+    The order matters: memory format before the optimisers are made (they hold the
+    parameters; ``model.adam`` reads ``model.adam_kernels``), compilation after (it does not
+    change parameters), DDP wrapping last (done by the caller with
+    :func:`mrsynth.train.distributed.wrap_model`).
+    """
+    from mrsynth.models.base import StepContext
+
+    dev = torch.device(device)
+    model.to(dev)
+    if options.channels_last and channels_last_supported(dev):
+        to_channels_last(model)
+    model.train()
+    # the optimisers are built once, with this run's Adam kernels (fused or foreach)
+    model.adam_kernels = adam_options(dev, options.fused_adam)  # type: ignore[assignment]
+    optimizers = model.build_optimizers()  # type: ignore[operator]
+    adam = adam_report(optimizers)
+    report = compile_networks(model, options.compile, dev, distributed=distributed)
+    ctx = StepContext(optimizers, dev.type, options.precision, scaler)
+    return TrainingSetup(model, optimizers, ctx, dev, options, report, adam)
+
+
+class TrainStepper:
+    """One training iteration as the trainer runs it.
+
+    The slices live on the device; a batch is a gather with index tensors (no DataLoader, no
+    host-to-device copy per step); losses go into a :class:`LossAccumulator` (no host sync).
+    """
+
+    def __init__(self, setup: TrainingSetup, A: Tensor, B: Tensor) -> None:
+        self.setup = setup
+        fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
+        self.A = A.to(setup.device).contiguous(memory_format=fmt)
+        self.B = B.to(setup.device).contiguous(memory_format=fmt)
+        self.losses = LossAccumulator()
+
+    def step(self, ia: Tensor, ib: Tensor) -> dict[str, Tensor]:
+        s = self.setup
+        step_begin(s.compile_report)
+        batch = {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
+        losses = s.model.train_step(batch, s.ctx)  # type: ignore[operator]
+        s.ctx.end_iteration()
+        self.losses.add(losses)
+        return losses
