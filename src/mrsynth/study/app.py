@@ -430,17 +430,7 @@ def create_app(db_path: str | Path, *, clock: Callable[[], float] = time.time) -
                 raise HTTPException(404, "No such trial for this reader.")
             old = sdb.existing_answer(c, row["id"])
             if old is None:
-                label, correct = _judge(body, row, settings)
-                shown = row["shown_at"]
-                sdb.insert_answer(
-                    c, row["id"], reader["id"], label=label, choice=body.choice,
-                    confidence=body.confidence, rating=body.rating, correct=int(correct),
-                    # After a reload the page's clock covers only the last view: not stored.
-                    response_ms=None if row["reloads"] else body.response_ms,
-                    server_ms=None if shown is None else (now - shown) * 1000.0,
-                    answered_at=now,
-                )
-                sdb.mark_started(c, reader["id"], now)
+                _store_answer(c, row, reader["id"], body, settings, now)
         out: dict[str, Any] = {"stored": old is None, "duplicate": old is not None}
         if old is not None:
             out["answer"] = dict(old)
@@ -530,6 +520,28 @@ def _check_fields(body: AnswerIn, settings: sdb.StudySettings) -> None:
         problems.append("this study does not ask for a confidence")
     if problems:
         raise HTTPException(422, "; ".join(problems))
+
+
+def _store_answer(
+    c: sqlite3.Connection,
+    row: sqlite3.Row,
+    reader_id: int,
+    body: AnswerIn,
+    settings: sdb.StudySettings,
+    now: float,
+) -> None:
+    """Store a first answer with its truth and both response times (inside a transaction)."""
+    label, correct = _judge(body, row, settings)
+    shown = row["shown_at"]
+    sdb.insert_answer(
+        c, row["id"], reader_id, label=label, choice=body.choice, confidence=body.confidence,
+        rating=body.rating, correct=int(correct),
+        # After a reload the page's clock covers only the last view: not stored.
+        response_ms=None if row["reloads"] else body.response_ms,
+        server_ms=None if shown is None else (now - shown) * 1000.0,
+        answered_at=now,
+    )
+    sdb.mark_started(c, reader_id, now)
 
 
 def _judge(
