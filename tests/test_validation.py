@@ -173,6 +173,32 @@ def test_validate_translates_both_directions(with_val: Path):
     assert ident[SCORE_KEY] == pytest.approx((mae_ab + mae_ba) / 2, abs=1e-6)
 
 
+def test_baselines_on_the_validation_slices(with_val: Path):
+    from mrsynth.eval import baselines as bl
+    from mrsynth.eval.validation import baseline_scores
+
+    d = load_prepared(with_val)
+    val = pick_validation_slices(d, ("T1w", "T2w"), 4)
+    base = baseline_scores(d, val)
+    assert set(base) == set(bl.BASELINES)
+    # the brain's mean everywhere: in-brain MAE = mean |z| of the real slice
+    mean_abs_z = np.mean([np.abs((b[m] - b[m].mean()) / b[m].std()).mean()
+                          for b, m in zip(val.B.astype(np.float64), val.mask, strict=True)])
+    assert base[bl.BASELINE_MEAN]["T1w2T2w"]["mae"] == pytest.approx(mean_abs_z, abs=1e-6)
+    assert base[bl.BASELINE_IDENTITY] == validate(lambda x, direction: x, val)
+    # the lookup table is fitted on the training slices only, and applied inside the brain
+    tr = np.flatnonzero(d.split == "train")
+    lut = bl.fit_intensity_lut(d.images["T1w"][tr], d.images["T2w"][tr], d.mask[tr])
+    pred = np.where(val.mask, lut.table[bl.lut_bin(val.A)], -1.0)
+    want, _ = _independent_scores(val.B, pred, val.mask)
+    assert base[bl.BASELINE_INTENSITY]["T1w2T2w"]["mae"] == pytest.approx(want, abs=1e-6)
+    # and fitting it on the training split only: changing val/test images does not move it
+    d2 = load_prepared(with_val)
+    d2.images["T2w"][d2.split != "train"] = 0.0
+    assert baseline_scores(d2, pick_validation_slices(d, ("T1w", "T2w"), 4))[
+        bl.BASELINE_INTENSITY] == base[bl.BASELINE_INTENSITY]
+
+
 def test_best_epoch_is_the_argmin():
     eps = [{"epoch": 1, "validation": {SCORE_KEY: 0.9}},
            {"epoch": 2, "validation": {SCORE_KEY: 0.7}},
