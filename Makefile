@@ -10,9 +10,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "mrsynth needs Python >= 3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch==2.13.0 CPU build first (a local wheel on our machines); a CUDA torch already
-	# installed by the user in this venv is left alone because the pin matches it.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
+	# torch first, at the version pinned in constraints.txt (a local CPU wheel on our machines);
+	# a CUDA build of that version already installed by the user in this venv is left alone.
+	# pyproject.toml declares ranges; constraints.txt holds the exact versions we test.
+	$(BIN)/python -m pip install -q -c constraints.txt torch
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test]'
 	touch $(STAMP)
 
