@@ -10,8 +10,9 @@ anatomy. Three baselines, named exactly as in every output (``kind`` =
 * ``baseline_intensity``: a lookup table from normalised source intensity to
   the **median normalised target intensity**, fitted on the brain voxels of
   the prepared file's **training split** only (paired slices). No spatial
-  context at all: the best any per-pixel intensity map can do for MAE (the
-  median minimises absolute error within each bin). Bins: :data:`LUT_BINS`
+  context at all: the best any per-pixel intensity map can do for the absolute
+  error in normalised units, before z-scoring (the median minimises absolute
+  error within each bin). Bins: :data:`LUT_BINS`
   equal-width bins over [-1, 1] (the prepared data's clipped range; values
   outside are clipped into the end bins). Bins without training voxels take
   the value linearly interpolated between the nearest non-empty bins' centres
