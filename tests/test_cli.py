@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import typer
 import typer.main
 
 from mrsynth.cli import app, main
@@ -73,32 +72,6 @@ def test_usage_errors_print_usage_and_exit_2(args, message, capsys, tmp_path, mo
     assert err.startswith("Usage: mrsynth") and message in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
-
-
-def _raising(exc: BaseException):
-    def fake_app(**kwargs):
-        raise exc
-    return fake_app
-
-
-@pytest.mark.parametrize("source", ["click", "typer._click"])
-def test_click_and_typer_exceptions_are_both_handled(source, monkeypatch, capsys):
-    import importlib
-
-    import mrsynth.cli as cli
-
-    mod = importlib.import_module(f"{source}.exceptions")
-    monkeypatch.setattr(cli, "app", _raising(mod.BadParameter("no good")))
-    assert main(["x"]) == 2
-    assert "no good" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "app", _raising(mod.ClickException("plain failure")))
-    assert main(["x"]) == 1
-    assert "plain failure" in capsys.readouterr().err
-    if hasattr(mod, "Abort"):
-        monkeypatch.setattr(cli, "app", _raising(mod.Abort()))
-        assert main(["x"]) == 1
-    monkeypatch.setattr(cli, "app", _raising(typer.Exit(3)))
-    assert main(["x"]) == 3
 
 
 def test_bad_slices_say_which_forms_are_accepted(tmp_path, capsys):

@@ -248,3 +248,34 @@ def test_learning_curves_figure_draws_the_recorded_scores(tmp_path: Path):
     assert "data:image/png;base64," in page and "a: epoch 2" in page
     none = learning_curves_html([{"label": "gone", "run_dir": str(tmp_path / "nope")}])
     assert "--val-fraction" in none and "<img" not in none
+
+
+# --------------------------------------------------------------------------- --checkpoint
+def test_evaluate_and_translate_take_a_checkpoint(prepared_small: Path, mrpaired: Path,
+                                                  tmp_path: Path, capsys):
+    """--checkpoint reaches load_run: a run without a 'best' checkpoint is a clear error, a
+    kept one is used (eval.json says which)."""
+    from helpers import one_torch_thread, tiny_arch
+    from mrsynth.train import checkpoint as ckpt
+    from mrsynth.train.config import resolve_config
+    from mrsynth.train.trainer import train
+
+    cfg = resolve_config("simple", "cpu-small", {
+        "train.epochs": 1, "train.max_steps_per_epoch": 1, "train.progress": False,
+        "train.checkpoint_every_minutes": 0, "device": "cpu", **tiny_arch("simple")})
+    with one_torch_thread():
+        run = train(cfg, prepared_small, tmp_path / "run")
+    vol = mrpaired / "sub-ms19" / "anat" / "sub-ms19_T1w.nii.gz"
+    args = ["translate", "--run", str(run), "--direction", "T1w2T2w", "--input", str(vol),
+            "--output", str(tmp_path / "out.nii.gz"), "--device", "cpu", "--checkpoint", "best"]
+    assert main(args) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has no 'best' checkpoint" in err and "--val-fraction" in err
+    assert "Traceback" not in err and not (tmp_path / "out.nii.gz").exists()
+    ckpt.copy_checkpoint(run / "checkpoints", "latest", "best")
+    assert main(args) == 0 and (tmp_path / "out.nii.gz").is_file()
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--runs", str(run), "--data", str(prepared_small), "--out", str(ev),
+                 "--checkpoint", "best", "--c2st-steps", "5", "--device", "cpu"]) == 0
+    entry = json.loads((ev / "eval.json").read_text())["runs"][0]
+    assert (entry["checkpoint"], entry["epoch"]) == ("best", 1)

@@ -10,7 +10,8 @@ Stages, each resumed rather than redone when its final output exists:
    (done when its ``metrics.json`` says ``completed``; an interrupted run resumes
    from its checkpoint);
 3. **evaluate** them on the test split -> ``OUT/eval/`` (done when ``eval.json``
-   exists; redone when any run was (re)trained in this invocation);
+   exists; redone when any run was (re)trained in this invocation), each run at its best
+   validation epoch (``--checkpoint best``) when there is a validation split;
 4. **report** -> ``OUT/report.html`` (same rule).
 
 Then it prints the report's path and the summary table. ``OUT/demo.json``
@@ -286,9 +287,15 @@ def _run_demo(
     else:
         from mrsynth.train.speed import resolve_device
 
+        # each run at its best validation epoch when every run was validated (the test split
+        # chooses nothing); else the last epoch
+        which = ("best" if all((rd / "checkpoints" / "best").is_dir() for rd in run_dirs)
+                 else "latest")
+        _say(con, f"  checkpoints: {which}" + (" (the epoch with the best validation score)"
+                                               if which == "best" else ""))
         evaluate(run_dirs, prepared, ev, device=str(resolve_device(device)),
                  c2st_steps=c2st_steps,
-                 seed=seed, overwrite=True,
+                 seed=seed, overwrite=True, checkpoint=which,
                  log=lambda s: _say(con, f"  {s}"))
         trained_now = True
     timings["evaluate_s"] = _done(con, t0, f"evaluation: {ev}")

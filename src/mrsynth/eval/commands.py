@@ -14,6 +14,10 @@ STOCHASTIC_HELP = ("Keep latent noise and dropout on at inference (UNIT), as the
                    "code did: outputs vary between calls. Default: deterministic.")
 
 
+CHECKPOINT_HELP = ("Weights to use: latest, best (the epoch with the best validation score; "
+                   "needs data prepared with --val-fraction) or an epoch number.")
+
+
 def _no_option_names(values: list[Path] | None) -> list[Path] | None:
     """``--runs --data d.npz`` would take ``--data`` as a run; say what is missing instead."""
     for v in values or []:
@@ -41,6 +45,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per batch."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
         stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
+        checkpoint: str = typer.Option("latest", "--checkpoint", help=CHECKPOINT_HELP),
     ) -> None:
         """Translate NIfTI volumes (every axial slice) or 2-D images with a trained run."""
         from mrsynth.eval.translate import translate_path
@@ -48,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
         res = translate_path(run, direction, input, output, device=str(resolve_device(device)),
                              batch_size=batch_size, overwrite=overwrite, stochastic=stochastic,
-                             log=_log)
+                             checkpoint=checkpoint, log=_log)
         rate = res["slices"] / res["seconds"] if res["seconds"] > 0 else float("inf")
         typer.echo(
             f"Translated {res['files']} file(s), {res['slices']} slices in "
@@ -94,6 +99,7 @@ def register(app: typer.Typer) -> None:
             "accuracy is reported beside the C2ST score (model names = model labels)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing EVAL_DIR."),
         stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
+        checkpoint: str = typer.Option("latest", "--checkpoint", help=CHECKPOINT_HELP),
     ) -> None:
         """Score runs on the test split: metrics, statistics, timing, C2ST, figures."""
         from mrsynth.eval.evaluate import evaluate, summary_markdown
@@ -104,7 +110,7 @@ def register(app: typer.Typer) -> None:
         ev = evaluate(all_runs, data, out, region=region, bins=bins,
                       batch_size=batch_size, device=str(resolve_device(device)),
                       c2st_steps=c2st_steps, seed=seed, study=study, overwrite=overwrite,
-                      stochastic=stochastic, log=_log)
+                      stochastic=stochastic, checkpoint=checkpoint, log=_log)
         typer.echo(summary_markdown(ev))
         typer.echo(f"Evaluation written to {ev}")
 

@@ -49,8 +49,12 @@ def parse_direction(text: str, contrasts: Sequence[str], run_dir: Path | str = "
     return directions(contrasts)[0 if name == "A2B" else 1]
 
 
-def load_run_checked(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
-    """``mrsynth.train.runs.load_run`` with a clear error for a path that is not a run."""
+def load_run_checked(run_dir: str | Path, device: str = "cpu",
+                     checkpoint: str | int = "latest") -> LoadedRun:
+    """``mrsynth.train.runs.load_run`` with a clear error for a path that is not a run.
+
+    ``checkpoint``: ``latest``, ``best`` (the epoch with the best validation score, kept
+    by the trainer when the data had a validation split) or an epoch number."""
     from mrsynth.train.runs import load_run
 
     p = Path(run_dir)
@@ -64,7 +68,13 @@ def load_run_checked(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
         raise RunError(
             f"Run directory {p} does not exist. Pass the output directory of `mrsynth train`."
         )
-    return load_run(p, device=device)
+    if str(checkpoint) == "best" and not (p / "checkpoints" / "best").is_dir():
+        raise RunError(
+            f"Run {p} has no 'best' checkpoint: it recorded no validation scores (its prepared "
+            "data had no validation split). Prepare the data with --val-fraction (or "
+            "--val-subjects) and train again, or use --checkpoint latest."
+        )
+    return load_run(p, device=device, checkpoint=checkpoint)
 
 
 def check_compatible(run: LoadedRun, run_dir: Path | str, data: PreparedData) -> None:

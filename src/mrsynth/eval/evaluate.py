@@ -217,9 +217,13 @@ def evaluate(
     study: str | Path | None = None,
     overwrite: bool = False,
     stochastic: bool = False,
+    checkpoint: str | int = "latest",
     log: Log = _noop,
 ) -> Path:
     """Evaluate runs on ``data_path``'s test split; return ``out_dir`` (see module docstring).
+
+    ``checkpoint`` picks each run's weights: ``latest``, ``best`` (the epoch with the best
+    score on the validation split, never the test split) or an epoch number.
 
     ``stochastic`` keeps latent noise and dropout on at inference (UNIT, as the study's Keras
     port did), drawn from ``seed``; the runs' entries in ``eval.json`` record it."""
@@ -237,7 +241,7 @@ def evaluate(
     pair: tuple[str, str] | None = None
     for rd in run_dirs:
         rd = Path(rd)
-        run = load_run_checked(rd, device)
+        run = load_run_checked(rd, device, checkpoint)
         run.stochastic = stochastic
         check_compatible(run, rd, data)
         contrasts = tuple(run.contrasts)
@@ -403,7 +407,8 @@ def _evaluate_into(
                 "inference_device": device, "batch_size": batch_size})
         run_info.append({"label": label, "model": run.model_name, "run_dir": str(rd.resolve()),
                          "contrasts": list(run.contrasts), "config": run.config,
-                         "metrics": run.metrics, "stochastic": run.stochastic})
+                         "metrics": run.metrics, "stochastic": run.stochastic,
+                         "checkpoint": run.checkpoint.name, "epoch": run.epoch})
     for d in dirs:
         t0 = time.perf_counter()
         preds = _baseline_predictions(luts, test, d)

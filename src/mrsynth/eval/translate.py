@@ -425,6 +425,7 @@ def translate_path(
     batch_size: int = 32,
     overwrite: bool = False,
     stochastic: bool = False,
+    checkpoint: str | int = "latest",
     log: Log = _noop,
 ) -> dict[str, Any]:
     """Translate a file or folder; returns counts and timing (slices, files, seconds).
@@ -434,7 +435,7 @@ def translate_path(
     src, dest = Path(src), Path(dest)
     if not src.exists():
         raise DataError(f"Input {src} does not exist.")
-    run = load_run_checked(run_dir, device)
+    run = load_run_checked(run_dir, device, checkpoint)
     run.stochastic = stochastic
     if stochastic and not run.model.stochastic_inference:
         log(f"{run.model_name} has no noise or dropout at inference; --stochastic changes "
