@@ -155,6 +155,7 @@ def test_sidecars_and_dataset_description(completed, run_dir):
         assert side["Command"].startswith("mrsynth complete ")
         assert "--validate" in side["Command"]
         assert side["MrsynthVersion"]
+        assert side["Warnings"] == []  # a real brain, inside the training crop
         assert side["TargetContrast"] == out_rel.split("_")[-1].split(".")[0]
         assert side["Validation"] is ("Validation" in out_rel)
 
@@ -276,3 +277,54 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mini_bids, run_dir, tmp_path
         assert sub in stdout
     assert stdout.count("to write") == len(EXPECTED)
     assert tree_hash(raw, skip="") == before and not (raw / "derivatives").exists()
+
+
+def _t2_scale(out: Path) -> dict:
+    side = json.loads((out / f"sub-ms19/anat/sub-ms19_desc-{MODEL}_T2w.json").read_text())
+    return side["IntensityScale"]
+
+
+def test_without_a_real_target_the_units_come_from_the_training_data(mini_bids, run_dir,
+                                                                     prepared_small, tmp_path):
+    raw = make_raw(mini_bids, tmp_path / "bids")
+    (raw / "sub-met00110" / "anat" / "sub-met00110_T2w.nii.gz").unlink()  # no T2w left
+    out = tmp_path / "d1"
+    assert cli(raw, "--run", run_dir, "--out", out, "--device", "cpu", "--no-qc")[0] == 0
+    sc = _t2_scale(out)
+    # independently: one offset/scale per training volume of the prepared file's T2w
+    with np.load(prepared_small) as z:
+        rows = (z["split"] == "train") & z["available__T2w"]
+        subj = z["subject"][rows]
+        _, first = np.unique(subj, return_index=True)
+        off = np.median(z["offset__T2w"][rows][first])
+        scale = np.median(z["scale__T2w"][rows][first])
+    assert sc["Method"] == "training" and sc["NumberOfVolumes"] == first.size
+    assert sc["Offset"] == pytest.approx(off) and sc["Scale"] == pytest.approx(scale)
+    y = np.asarray(nib.load(out / f"sub-ms19/anat/sub-ms19_desc-{MODEL}_T2w.nii.gz").dataobj)
+    brain = np.asarray(nib.load(raw / "sub-ms19/anat/sub-ms19_T1w.nii.gz").dataobj) != 0
+    assert y[brain].min() >= off - scale - 1e-3 * scale
+    assert y[brain].max() <= off + scale + 1e-3 * scale
+
+    # the training data moved away as well: normalised units, and the user is told
+    moved = tmp_path / "run-moved"
+    shutil.copytree(run_dir, moved)
+    doc = json.loads((moved / "config.json").read_text())
+    doc["data"]["path"] = str(tmp_path / "gone.npz")
+    (moved / "config.json").write_text(json.dumps(doc))
+    rc, _, err = cli(raw, "--run", moved, "--out", tmp_path / "d2", "--device", "cpu",
+                     "--no-qc")
+    assert rc == 0 and "normalised units" in err
+    sc = _t2_scale(tmp_path / "d2")
+    assert sc["Method"] == "normalised" and (sc["Offset"], sc["Scale"]) == (0.0, 1.0)
+
+
+def test_dry_run_with_two_models_plans_one_desc_each(mini_bids, run_dir, tmp_path_factory,
+                                                     prepared_small, tmp_path):
+    other = tiny_run(tmp_path_factory, prepared_small, "cyclegan")
+    raw = make_raw(mini_bids, tmp_path / "bids")
+    rc, stdout, _ = cli(raw, "--run", run_dir, "--run", other, "--dry-run", "--device", "cpu")
+    assert rc == 0
+    for m in (MODEL, "cyclegan"):
+        assert f"sub-ms19_desc-{m}_T2w.nii.gz" in stdout
+        assert f"sub-bratscase_ses-01_desc-{m}_T2w.nii.gz" in stdout
+    assert stdout.count("to write") == 4 and not (raw / "derivatives").exists()
