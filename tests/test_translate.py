@@ -291,6 +291,17 @@ def test_translating_something_that_is_not_a_brain_warns(kind):
                                name=kind)
 
 
+def test_translating_a_photo_warns(tmp_path):
+    from skimage import data as samples
+
+    np.save(tmp_path / "camera.npy", samples.camera().astype(np.float32))  # a real photo
+    d = Direction("A2B", "T1w", "T2w")
+    with pytest.warns(DataWarning, match=r"camera\.npy does not look like a brain.*border"):
+        translate_image(tmp_path / "camera.npy", tmp_path / "out.npy", _Identity(), d,
+                        Geometry((256, 256), 1, (0.5, 99.5)), batch_size=1, device="cpu")
+    assert (tmp_path / "out.npy").is_file()  # translated anyway: a warning, not an error
+
+
 def test_an_exactly_constant_phantom_is_refused():
     data = np.zeros((64, 64, 32), np.float32)
     data[16:48, 16:48, 8:24] = 100.0
