@@ -228,7 +228,7 @@ def damaged(ckpt: Path, file: str, problem: str, lead: str | None = None) -> Che
                f"command again (`mrsynth train --out {ckpt.parent.parent} --resume` then "
                f"continues training after epoch {e}).")
     else:
-        how = f"Load that one instead (`load_run(RUN_DIR, checkpoint={e})`)."
+        how = f"Load that one instead (`load_run(RUN_DIR, checkpoint={name!r})`)."
     return CheckpointError(
         f"{msg} Kept checkpoints: {listing}. The previous kept one is {name} (epoch {e}). "
         f"{how}"
