@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
 import typer.main
 
 from mrsynth.cli import app, main
@@ -72,6 +73,44 @@ def test_usage_errors_print_usage_and_exit_2(args, message, capsys, tmp_path, mo
     assert err.startswith("Usage: mrsynth") and message in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _raising(exc: BaseException):
+    def fake_app(**kwargs):
+        raise exc
+    return fake_app
+
+
+@pytest.mark.parametrize("source", ["click", "typer._click"])
+def test_click_and_typer_exceptions_are_both_handled(source, monkeypatch, capsys):
+    import importlib
+
+    import mrsynth.cli as cli
+
+    mod = importlib.import_module(f"{source}.exceptions")
+    monkeypatch.setattr(cli, "app", _raising(mod.BadParameter("no good")))
+    assert main(["x"]) == 2
+    assert "no good" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "app", _raising(mod.ClickException("plain failure")))
+    assert main(["x"]) == 1
+    assert "plain failure" in capsys.readouterr().err
+    if hasattr(mod, "Abort"):
+        monkeypatch.setattr(cli, "app", _raising(mod.Abort()))
+        assert main(["x"]) == 1
+    monkeypatch.setattr(cli, "app", _raising(typer.Exit(3)))
+    assert main(["x"]) == 3
+
+
+def test_an_oserror_naming_a_file_is_a_message_not_a_traceback(monkeypatch, capsys):
+    import mrsynth.cli as cli
+
+    monkeypatch.setattr(cli, "app", _raising(PermissionError(13, "Permission denied",
+                                                             "/data/out/x.npz")))
+    assert main(["x"]) == 1
+    err = _flat(capsys.readouterr().err)
+    assert "/data/out/x.npz: Permission denied" in err
+    with pytest.raises(PermissionError):  # --debug keeps the traceback
+        main(["--debug", "x"])
 
 
 def test_bad_slices_say_which_forms_are_accepted(tmp_path, capsys):
