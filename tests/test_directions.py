@@ -83,7 +83,8 @@ def test_python_api_refuses_each_spelling_with_the_accepted_forms(
             call()
         msg = str(exc.value)
         assert f"Unknown direction {text!r} for a T1w/T2w run" in msg
-        assert "use T1w2T2w or T2w2T1w (any case; T1w->T2w, T2w->T1w, A2B and B2A" in msg
+        assert ("use T1w2T2w or T2w2T1w (any case; A2B, B2A and, quoted in a shell, "
+                "'T1w->T2w', 'T2w->T1w' also work)") in msg
 
 
 def test_models_translate_takes_the_internal_names_in_any_case(loaded: runs.LoadedRun) -> None:

@@ -38,10 +38,11 @@ def parse_direction(text: str, contrasts: Sequence[str] | None = None) -> str:
         return table[key]
     if contrasts is None:
         raise ConfigError(
-            f"Unknown direction {text!r}; use A2B or B2A (any case; A->B and B->A also work)."
+            f"Unknown direction {text!r}; use A2B or B2A (any case; 'A->B' and 'B->A' also "
+            "work)."
         )
     a, b = contrasts
     raise ConfigError(
         f"Unknown direction {text!r} for a {a}/{b} run; use {a}2{b} or {b}2{a} (any case; "
-        f"{a}->{b}, {b}->{a}, A2B and B2A also work)."
+        f"A2B, B2A and, quoted in a shell, '{a}->{b}', '{b}->{a}' also work)."
     )

@@ -289,7 +289,8 @@ def load_weights(ckpt: Path, device: torch.device | str = "cpu") -> tuple[dict, 
     if not _verify_hash(ckpt, WEIGHTS, actual):
         warnings.warn(
             f"Checkpoint {ckpt} has no stored sha256 (written by an older mrsynth): only "
-            "checking that its weights are finite. A later save of the run stores them.",
+            "checking that its weights are finite (checkpoints written from now on, e.g. by "
+            "`mrsynth train --resume`, store them).",
             CheckpointWarning, stacklevel=2,
         )
     return tensors, meta
