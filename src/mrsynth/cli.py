@@ -102,7 +102,10 @@ def _exit_code(exc: Any, default: int = 0) -> int:
 
 def _context_for(args: list[str]) -> Any:
     """A context for the (sub)command named in ``args``, so its usage line can be shown."""
-    cmd = typer.main.get_command(app)
+    try:
+        cmd = typer.main.get_command(app)
+    except Exception:  # the app cannot be built (or was replaced): no usage line then
+        return None
     ctx = cmd.context_class(cmd, info_name="mrsynth")
     for token in args:
         sub = (getattr(cmd, "commands", None) or {}).get(token)
