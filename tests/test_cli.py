@@ -218,7 +218,8 @@ _SLOW_WRITE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=lambda s: s.name)
 def test_a_signal_during_the_final_write_leaves_no_temporary_file(sig, mini_bids, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -237,12 +238,26 @@ def test_a_signal_during_the_final_write_leaves_no_temporary_file(sig, mini_bids
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + sig  # 143 for SIGTERM, 130 for Ctrl-C
+    assert proc.returncode == 128 + sig  # 143 for SIGTERM, 130 for Ctrl-C, 129 for SIGHUP
     assert f"Interrupted ({sig.name})" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []  # neither the temp file nor a partial output
 
 
 def test_signal_handlers_are_restored_after_main(capsys):
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     assert main(["--version"]) == 0
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_an_ignored_signal_stays_ignored():
+    """``nohup mrsynth ...`` must survive the terminal closing."""
+    from mrsynth.utils import interrupt_on_signals
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupt_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)

@@ -10,9 +10,9 @@ command can fail into a message and an exit code, never a traceback (unless
 * :class:`~mrsynth.errors.MrsynthError`: one paragraph, its ``exit_code``;
 * an ``OSError`` naming a file (a last resort; outputs are checked up front):
   the file and the problem, exit 1;
-* Ctrl-C and SIGTERM: the same path (``KeyboardInterrupt``, so partial outputs
-  are removed), exit 130 and 143 (128 + signal number, the shell's convention,
-  so a scheduler can tell "killed" from "failed").
+* Ctrl-C, SIGTERM and SIGHUP: the same path (``KeyboardInterrupt``, so partial
+  outputs are removed), exit 130, 143 and 129 (128 + signal number, the shell's
+  convention, so a scheduler can tell "killed" from "failed").
 
 Heavy imports (torch) happen inside the commands so ``mrsynth --help`` stays fast.
 """

@@ -164,18 +164,22 @@ class SignalState:
     signum: int | None = None
 
 
+#: Signals that stop a command like Ctrl-C: kill's default, Ctrl-C, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def interrupt_on_signals(
-    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
-) -> Iterator[SignalState]:
-    """While active, SIGTERM (and SIGINT) raise ``KeyboardInterrupt`` in the main thread.
+def interrupt_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[SignalState]:
+    """While active, SIGTERM and SIGHUP (and SIGINT) raise ``KeyboardInterrupt`` in the
+    main thread.
 
     Python's default SIGTERM kills the process on the spot, skipping every ``finally``:
     :func:`atomic_path` then leaves its hidden temporary file behind. Raising the same
     exception as Ctrl-C makes every command clean up alike; the state records the signal
-    so the CLI can exit with 128 + signal number. Code that needs its own behaviour (the
-    trainer saves a checkpoint) installs its handlers inside this block and restores
-    ours afterwards. A no-op outside the main thread.
+    so the CLI can exit with 128 + signal number. A signal the parent set to be ignored
+    (``nohup``, a background job of a shell without job control) stays ignored. Code that
+    needs its own behaviour (the trainer saves a checkpoint) installs its handlers inside
+    this block and restores ours afterwards. A no-op outside the main thread.
     """
     state = SignalState()
     if threading.current_thread() is not threading.main_thread():
@@ -186,7 +190,8 @@ def interrupt_on_signals(
         state.signum = signum
         raise KeyboardInterrupt
 
-    old = {sig: signal.signal(sig, handle) for sig in signals}
+    old = {sig: signal.signal(sig, handle) for sig in signals
+           if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield state
     finally:
