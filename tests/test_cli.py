@@ -113,6 +113,19 @@ def test_an_oserror_naming_a_file_is_a_message_not_a_traceback(monkeypatch, caps
         main(["--debug", "x"])
 
 
+def test_user_strings_in_errors_are_printed_verbatim(monkeypatch, capsys):
+    """Square brackets in a user's name or path are not rich markup (issue 10 item 12)."""
+    import mrsynth.cli as cli
+    from mrsynth.errors import MrsynthError
+
+    monkeypatch.setattr(cli, "app", _raising(MrsynthError('Reader "Bad [/] close [v2]" exists')))
+    assert main(["x"]) != 0
+    assert 'Reader "Bad [/] close [v2]" exists' in _flat(capsys.readouterr().err)
+    monkeypatch.setattr(cli, "app", _raising(PermissionError(13, "Denied", "/d/[bold]x[/]")))
+    assert main(["x"]) == 1
+    assert "/d/[bold]x[/]: Denied" in _flat(capsys.readouterr().err)
+
+
 def test_bad_slices_say_which_forms_are_accepted(tmp_path, capsys):
     rc = main(["data", "prepare", "builtin", "--out", str(tmp_path / "x.npz"), "--slices", "-5"])
     err = _flat(capsys.readouterr().err)

@@ -26,6 +26,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mrsynth import __version__
 from mrsynth.errors import MrsynthError
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         except MrsynthError as exc:
             if debug:
                 raise
-            err_console.print(f"[bold red]Error:[/bold red] {exc}", highlight=False,
+            err_console.print(f"[bold red]Error:[/bold red] {escape(str(exc))}", highlight=False,
                               soft_wrap=True)
             return exc.exit_code
         except KeyboardInterrupt:  # typer turns most into Exit(130); see below
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             if debug or exc.filename is None:
                 raise
             err_console.print(
-                f"[bold red]Error:[/bold red] {exc.filename}: {exc.strerror or exc}. Check the "
+                f"[bold red]Error:[/bold red] {escape(str(exc.filename))}: "
+                f"{escape(str(exc.strerror or exc))}. Check the "
                 "path, its permissions and the free space.", highlight=False, soft_wrap=True)
             return 1
     if signals.signum is not None:  # Ctrl-C or SIGTERM: outputs in progress were removed

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -30,7 +31,7 @@ def _no_option_names(values: list[Path] | None) -> list[Path] | None:
 
 
 def _log(msg: str) -> None:
-    console.print(f"[dim]·[/dim] {msg}", highlight=False)
+    console.print(f"[dim]·[/dim] {escape(msg)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -29,7 +29,7 @@ from mrsynth.train import checkpoint as ckpt
 from mrsynth.train.config import upgrade_config
 from mrsynth.train.dataset import internal_size, resample
 from mrsynth.train.logging import METRICS_JSON
-from mrsynth.train.trainer import read_run_config
+from mrsynth.train.rundir import read_run_config
 
 
 def direction_name(direction: str, contrasts: tuple[str, str] | list[str]) -> str:
