@@ -16,6 +16,12 @@ whole image and brain mask), and writes into ``EVAL_DIR``:
                                 Wilcoxon on per-slice MAE, Holm over models)
 ``findings.csv``                the study's claims, reproduced or not
                                 (:mod:`mrsynth.eval.findings`)
+``volume.csv``                  per test subject, model, kind and direction: the metrics of
+                                :mod:`mrsynth.eval.volume` (PSNR, 3-D SSIM, MAE, through-plane
+                                and in-plane error) on the subject's reassembled slices
+``volume_tests.csv``            per trained model and direction: through-plane error against
+                                ``baseline_intensity`` (one-sided Wilcoxon on neighbouring
+                                slice pairs, Holm over models)
 ``timing.csv``                  training s/epoch (from each run) and inference ms/slice
 ``c2st.csv``                    classifier two-sample test accuracy per model/direction
 ``figure1[-brain].png/.pdf``    Figure 1 (primary region; the other region too)
@@ -58,6 +64,7 @@ from mrsynth.data.prepared import PreparedData, load_prepared
 from mrsynth.errors import ConfigError, DataError
 from mrsynth.eval import baselines as bl
 from mrsynth.eval import stats
+from mrsynth.eval import volume as vol
 from mrsynth.eval.c2st import c2st
 from mrsynth.eval.common import (
     Direction,
@@ -87,6 +94,10 @@ VERDICT_FIELDS = ("direction", "model", "baseline", "region", "metric", "n", "mo
                   "beats")
 TIMING_FIELDS = ("model", "kind", "direction", "train_s_per_epoch", "epochs", "train_device",
                  "inference_ms_per_slice", "n_slices", "inference_device", "batch_size")
+VOLUME_FIELDS = ("subject", "model", "kind", "direction", "source", "target", "n_slices",
+                 "n_runs", "slices", "n_pairs", "n_voxels", *vol.VOLUME_METRICS)
+VOLUME_TEST_FIELDS = ("direction", "model", "baseline", "metric", "n", "model_mean",
+                      "baseline_mean", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm")
 HUMAN_KEYS = ("accuracy", "ci_low", "ci_high", "n")
 C2ST_FIELDS = ("model", "kind", "direction", "accuracy", "ci_low", "ci_high", "p_value",
                "n_train", "n_test", "steps", "seed", *(f"human_{k}" for k in HUMAN_KEYS))
@@ -364,6 +375,10 @@ def _evaluate_into(
     fig2_row = _figure2_pick(test)
     fig2_syn: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
+    vol_rows: list[dict[str, Any]] = []
+    pair_rows: list[dict[str, Any]] = []
+    step = int(test.settings.get("slice_step", 1) or 1)
+    stacks = vol.slice_stacks(test.subject, test.slice_index, test.crop, test.size, step)
 
     def score(label: str, kind: str, d: Direction, syn: np.ndarray, time_row: dict[str, Any]
               ) -> None:
@@ -382,6 +397,11 @@ def _evaluate_into(
                 rows.append({"subject": subj, "slice": k, "model": label, "kind": kind,
                              "direction": d.label, "source": d.source, "target": d.target,
                              "region": reg, **m})
+        subj_rows, pairs = vol.score_stacks(stacks, syn, tgt, test.mask, model=label, kind=kind,
+                                            direction=d.label, source=d.source,
+                                            target=d.target)
+        vol_rows.extend(subj_rows)
+        pair_rows.extend(pairs)
         timing.append({"model": label, "kind": kind, "direction": d.label, **time_row,
                        "n_slices": len(test)})
         log(f"{label}: C2ST {d.label}")
@@ -433,6 +453,9 @@ def _evaluate_into(
     write_csv(work / "wilcoxon.csv", tests, WILCOXON_FIELDS)
     write_csv(work / "verdict.csv", verdict, VERDICT_FIELDS)
     write_csv(work / "findings.csv", findings_rows(found), FINDINGS_FIELDS)
+    vol_tests = vol.through_plane_tests(pair_rows, dir_labels, bl.BASELINE_INTENSITY, seed=seed)
+    write_csv(work / "volume.csv", vol_rows, VOLUME_FIELDS)
+    write_csv(work / "volume_tests.csv", vol_tests, VOLUME_TEST_FIELDS)
     write_csv(work / "timing.csv", timing, TIMING_FIELDS)
     write_csv(work / "c2st.csv", c2st_rows, C2ST_FIELDS)
     verdict_text = stats.verdict_lines(verdict, dir_labels)
@@ -445,6 +468,8 @@ def _evaluate_into(
         name = "whole image" if reg == "image" else "brain mask"
         md.append(f"\n## Region: {name}{' (primary)' if reg == region else ''}\n\n")
         md.append(stats.markdown_table(*stats.summary_table(summary, reg, models=order)))
+    md.append("\n## Volumes: consistent in 3-D\n\n" + vol.VOLUME_NOTE + "\n\n")
+    md.append(stats.markdown_table(*vol.volume_table(vol_rows, vol_tests, models=order)))
     atomic_write_text(work / "summary.md", "".join(md))
 
     a, b = pair
@@ -479,6 +504,11 @@ def _evaluate_into(
         "figure2": {"subject": subj, "slice": k},
         "study": str(Path(study).resolve()) if study else None,
         "metric_definitions": METRIC_DEFINITIONS,
+        "volumes": {
+            "slice_step": step,
+            "subjects": {st.subject: [list(r) for r in st.runs] for st in stacks},
+            "definitions": vol.VOLUME_DEFINITIONS,
+        },
         "environment": environment_info(),
     }
 

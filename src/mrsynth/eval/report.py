@@ -6,10 +6,11 @@ archived as is. It is built only from what ``mrsynth evaluate`` wrote
 (``eval.json`` and the CSV/PNG files), so it can be rebuilt any time.
 
 It opens with the verdict (which trained models beat ``baseline_intensity``
-inside the brain, from ``verdict.csv``), then the summary tables, figures,
-realism, paired tests, the study's claims (``findings.csv``), timing and
-provenance. Baselines are listed with ``kind`` = ``baseline`` and shown in
-grey italics.
+inside the brain, from ``verdict.csv``), then the summary tables and the
+volume table (each test subject's slices stacked back into a volume,
+:mod:`mrsynth.eval.volume`), figures, realism, paired tests, the study's
+claims (``findings.csv``), timing and provenance. Baselines are listed with
+``kind`` = ``baseline`` and shown in grey italics.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mrsynth.errors import DataError
 from mrsynth.eval.findings import findings_from_rows
 from mrsynth.eval.metrics import METRIC_LABELS, METRICS, RELATIVE_ERROR_EPS
 from mrsynth.eval.stats import BASELINE, fmt, fmt_p, summary_table, verdict_lines
+from mrsynth.eval.volume import VOLUME_NOTE, volume_table
 from mrsynth.utils import atomic_write_text
 
 _CSS = """
@@ -165,6 +167,8 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         c2st = read_csv(ev / "c2st.csv")
         verdict = _optional_csv(ev / "verdict.csv")
         found = _optional_csv(ev / "findings.csv")
+        volumes = _optional_csv(ev / "volume.csv")
+        volume_tests = _optional_csv(ev / "volume_tests.csv") or []
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(
             f"Cannot read the evaluation in {ev}: {exc}. Run `mrsynth evaluate` again "
@@ -209,6 +213,15 @@ def build_report(eval_dir: str | Path, out: str | Path) -> Path:
         header, body = summary_table(summary, region, models=order)
         parts.append(f"<h3>Region: {label}{' (primary)' if region == primary else ''}</h3>")
         parts.append(_table(header, body))
+
+    parts.append("<h3>Volumes: consistent in 3-D</h3>")
+    if volumes is None:
+        parts.append("<p class='note'>Not available (no volume.csv): this evaluation predates "
+                     "the volume metrics. Run <code>mrsynth evaluate</code> again.</p>")
+    else:
+        parts.append(f"<p class='note'>{html.escape(VOLUME_NOTE)} Per subject: volume.csv."
+                     "</p>")
+        parts.append(_table(*volume_table(volumes, volume_tests, models=order)))
 
     # ---------------------------------------------------------------- figures
     parts.append("<h2>Figure 1</h2>")
