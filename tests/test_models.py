@@ -260,7 +260,7 @@ def test_simple_runs_stored_with_the_old_kernel_setting_still_load() -> None:
     old = resolve_config("simple", "cpu-small")
     old["arch"] = {"hidden": 256, "kernel": 5}  # no out_kernel, no init
     cfg = upgrade_config(old)
-    assert cfg["arch"] == {"hidden": 256, "out_kernel": 5, "init": "normal"}
+    assert cfg["arch"] == {"hidden": 256, "out_kernel": 5, "init": "normal", "context_slices": 0}
     assert count_parameters(build_model(cfg).G_A2B) == conv(1, 256, 1) + conv(256, 1, 5)
 
 

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mrsynth.data.context import prepared_table, run_context_slices
 from mrsynth.data.naming import format_slice_name
 from mrsynth.data.prepared import PreparedData, load_prepared
 from mrsynth.errors import ConfigError, DataError
@@ -152,13 +153,18 @@ def _paired_test(data: PreparedData, contrasts: Sequence[str]) -> PreparedData:
 
 
 def _translate_all(
-    run: LoadedRun, x: np.ndarray, direction: str, batch_size: int, device: str
+    run: LoadedRun, x: np.ndarray, direction: str, batch_size: int, device: str,
+    table: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Synthetic slices (N,H,W) float32 and inference ms/slice (warm-up batch excluded)."""
+    """Synthetic slices (N,H,W) float32 and inference ms/slice (warm-up batch excluded).
+
+    ``table`` (N, 2k+1): a 2.5-D run's inputs are the stacks of neighbouring slices it
+    indexes in ``x`` (:mod:`mrsynth.data.context`)."""
     import torch
 
     def run_batch(i: int) -> np.ndarray:
-        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size, None]))
+        rows = x[i : i + batch_size, None] if table is None else x[table[i : i + batch_size]]
+        xb = torch.from_numpy(np.ascontiguousarray(rows))
         yb = run.translate(xb.to(device), direction)
         return yb.detach().float().cpu().numpy()[:, 0]
 
@@ -413,9 +419,12 @@ def _evaluate_into(
     run_info = []
     for label, rd, run in runs:
         s_epoch, n_epochs, train_dev = train_timing(run.metrics)
+        k = run_context_slices(run)  # 2.5-D: neighbours among the same subject's test slices
+        table = prepared_table(test.subject, test.slice_index, k) if k else None
         for d in dirs:
             log(f"{label}: translating {len(test)} slices {d.label}")
-            syn, ms = _translate_all(run, test.images[d.source], d.internal, batch_size, device)
+            syn, ms = _translate_all(run, test.images[d.source], d.internal, batch_size, device,
+                                     table)
             if syn.shape != test.images[d.target].shape:
                 raise DataError(
                     f"Run {rd} produced images of shape {syn.shape[1:]} for {d.label}, "

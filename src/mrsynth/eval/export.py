@@ -4,10 +4,13 @@ A hospital pipeline can then run the generator with onnxruntime (or any ONNX
 runtime) without PyTorch or mrsynth. The graph is what ``LoadedRun.translate``
 computes for one direction, so any resampling the run's preset does is inside:
 
-* input ``input``: float32 ``(N, 1, H, W)``, N dynamic (any batch size), H x W
+* input ``input``: float32 ``(N, C, H, W)``, N dynamic (any batch size), H x W
   the prepared data's slice size, intensities normalised as the run's data
   (``(x - offset) / scale``, brain robust range -> [-1, 1], background -1);
-* output ``output``: the synthetic slices, same shape and units.
+  C = 1, or for a 2.5-D run (``arch.context_slices`` = k) C = 2k + 1: the slices
+  ``s - k .. s + k`` of the volume in that order (:mod:`mrsynth.data.context`
+  says what stands in for a missing neighbour at the brain's ends);
+* output ``output``: the synthetic slices ``(N, 1, H, W)`` (slice ``s``), same units.
 
 Provenance (model, contrasts, direction, size, normalisation) is stored in
 the ONNX file's ``metadata_props`` so the file documents its own pre- and
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mrsynth.data.context import in_channels, run_context_slices
 from mrsynth.errors import MrsynthError
 from mrsynth.eval.common import load_run_checked, parse_direction
 from mrsynth.utils import atomic_path, check_can_write
@@ -104,9 +108,11 @@ def export_onnx(
     run = load_run_checked(run_dir, "cpu")
     d = parse_direction(direction, run.contrasts, run_dir)
     h, w = _slice_size(run)
+    k = run_context_slices(run)
+    c = in_channels(k)
     module = _wrapper(run, d.internal, (h, w))
     gen = torch.Generator().manual_seed(0)
-    example = torch.rand(2, 1, h, w, generator=gen) * 2 - 1
+    example = torch.rand(2, c, h, w, generator=gen) * 2 - 1
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
         with _quiet(), torch.no_grad():
@@ -124,7 +130,8 @@ def export_onnx(
         "mrsynth_direction": d.label,
         "mrsynth_source_contrast": d.source,
         "mrsynth_target_contrast": d.target,
-        "mrsynth_input_shape": f"N,1,{h},{w}",
+        "mrsynth_input_shape": f"N,{c},{h},{w}",
+        "mrsynth_context_slices": str(k),
         "mrsynth_normalisation": json.dumps((run.data_settings or {}).get("normalisation")),
         "mrsynth_run_dir": str(Path(run_dir).resolve()),
     }
@@ -138,7 +145,7 @@ def export_onnx(
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        probe = (torch.rand(3, 1, h, w, generator=gen) * 2 - 1)
+        probe = (torch.rand(3, c, h, w, generator=gen) * 2 - 1)
         got = sess.run(None, {"input": probe.numpy()})[0]
         with torch.no_grad():
             want = run.translate(probe, d.internal).float().cpu().numpy()
@@ -148,5 +155,5 @@ def export_onnx(
                 f"The ONNX export of {d.label} from {run_dir} differs from PyTorch by {diff:.3g} "
                 f"(tolerance {ONNX_TOLERANCE:g}); it was not written. Please report this."
             )
-    return {"path": dest, "direction": d.label, "input_shape": ["N", 1, h, w],
+    return {"path": dest, "direction": d.label, "input_shape": ["N", c, h, w],
             "max_abs_diff": diff, "model": run.model_name}

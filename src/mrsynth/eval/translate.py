@@ -11,7 +11,10 @@ subject (the data package's own functions, in the same order), then back:
    run's ``downsample``, clip to [-1, 1], background -1, crop/pad every axial slice
    with brain to the training size around the brain
    (:func:`~mrsynth.data.slicing.brain_origin`, :func:`~mrsynth.data.slicing.crop_or_pad`);
-3. translate in batches (``LoadedRun.translate``);
+3. translate in batches (``LoadedRun.translate``); a 2.5-D run (``arch.context_slices`` = k)
+   gets each slice with its k neighbours on each side as channels, looked up among the
+   slices with brain by the rule training used (:mod:`mrsynth.data.context`: beyond the
+   first and last slice with brain, the outermost one is repeated);
 4. undo the crop (:func:`~mrsynth.data.slicing.uncrop`), undo the downsampling
    (bilinear, block centres to voxel centres), map back to the **input's** units
    with the input's own ``offset``/``scale`` (``y * scale + offset``), and
@@ -28,7 +31,8 @@ e.g. 0; the input's minimum when the background is noisy).
 2-D images (PNG, TIFF, NPY) follow the preparation of 2-D folders (the image is
 centred rather than the brain); the output format follows the output's suffix:
 NPY and TIFF as float32 in the input's units, PNG rounded and clipped to
-8-bit (or 16-bit when the input's values exceed 255).
+8-bit (or 16-bit when the input's values exceed 255). A 2.5-D run refuses them
+(a 2-D image has no neighbouring slices).
 
 A folder input translates every NIfTI/2-D image below it into the output
 folder (same relative paths) with BIDS names: the source contrast, the last
@@ -59,6 +63,7 @@ import nibabel as nib
 import numpy as np
 
 from mrsynth.data import warn
+from mrsynth.data.context import run_context_slices, volume_table
 from mrsynth.data.normalise import (
     DEFAULT_PERCENTILES,
     denormalise,
@@ -126,12 +131,16 @@ class Geometry:
 
 
 def _translate_slices(run: LoadedRun, x: np.ndarray, d: Direction, batch_size: int,
-                      device: str) -> np.ndarray:
+                      device: str, table: np.ndarray | None = None) -> np.ndarray:
+    """Translate slices ``x`` (n, H, W); with ``table`` (n, 2k+1) the model's inputs are the
+    stacks of neighbouring slices it indexes (2.5-D runs, :mod:`mrsynth.data.context`),
+    built batch by batch."""
     import torch
 
     outs = []
     for i in range(0, x.shape[0], batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size, None])).to(device)
+        xa = x[i : i + batch_size, None] if table is None else x[table[i : i + batch_size]]
+        xb = torch.from_numpy(np.ascontiguousarray(xa)).to(device)
         outs.append(run.translate(xb, d.internal).float().cpu().numpy()[:, 0])
     return np.concatenate(outs) if outs else np.empty((0, *x.shape[1:]), np.float32)
 
@@ -252,7 +261,9 @@ def translate_array_volume(
         )
     x = slices_first(to_training_grid(
         data[:, :, index], offset, scale, mask_ds[:, :, index], f, geo.size, origin))
-    y = _translate_slices(run, x, d, batch_size, device)  # (n, H, W) normalised
+    k = run_context_slices(run)  # 2.5-D: neighbours among the slices with brain
+    table = volume_table(index, k) if k else None
+    y = _translate_slices(run, x, d, batch_size, device, table)  # (n, H, W) normalised
     fill = _fill_value(data)
     out = np.full(data.shape, fill, dtype=np.float64)
     out[:, :, index] = _from_training_grid(
@@ -301,6 +312,7 @@ def translate_image(
     device: str,
 ) -> int:
     """A 2-D image, prepared as ``data prepare`` prepares 2-D folders (image centred)."""
+    _check_2d_allowed(run, src)
     data = load_image_2d(src)
     check_data(data, str(src))
     mask = brain_mask(data)
@@ -317,6 +329,17 @@ def translate_image(
                               _fill_value(data))
     _write_image(dest, out.astype(np.float32), float(data.max()))
     return 1
+
+
+def _check_2d_allowed(run: LoadedRun, src: Path) -> None:
+    """A 2.5-D run needs neighbouring slices, which a 2-D image has not."""
+    k = run_context_slices(run)
+    if k:
+        raise ConfigError(
+            f"{src} is a 2-D image, but the run {run.run_dir} is a 2.5-D model "
+            f"(arch.context_slices={k}): it needs the {k} neighbouring slice(s) on each side "
+            "of every slice, which a 2-D image has not. Translate the NIfTI volume instead."
+        )
 
 
 def _write_image(dest: Path, arr: np.ndarray, input_max: float) -> None:
@@ -462,6 +485,8 @@ def translate_path(
         pairs = [(src, dest)]
     for s, o in pairs:
         _check_input(s)
+        if not s.name.lower().endswith(NIFTI_SUFFIXES):
+            _check_2d_allowed(run, s)
         _check_output_suffix(s, o)
         check_can_write(o, overwrite)
         check_writable(o)

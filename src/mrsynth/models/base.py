@@ -3,9 +3,11 @@
 A model is one file in this package: a :class:`TranslationModel` subclass decorated with
 :func:`register_model`. It owns its networks (as submodules, so ``state_dict()`` holds all
 weights), builds its optimisers from the config, and performs one training step on a batch
-of ``{"A": (B,1,H,W), "B": (B,1,H,W)}`` tensors. Everything else (device, precision, epochs,
-learning-rate schedule, checkpoints, logging, resume, signals) belongs to the one trainer in
-:mod:`mrsynth.train.trainer`, which knows nothing about any particular model.
+of ``{"A": (B,1,H,W), "B": (B,1,H,W)}`` tensors (2.5-D, ``arch.context_slices`` = k: plus
+``"A_stack"``/``"B_stack"`` (B,2k+1,H,W), the generators' inputs, see :meth:`source`).
+Everything else (device, precision, epochs, learning-rate schedule, checkpoints, logging,
+resume, signals) belongs to the one trainer in :mod:`mrsynth.train.trainer`, which knows
+nothing about any particular model.
 
 The step receives a :class:`StepContext` from the trainer: forward passes run inside
 ``ctx.autocast()`` and each optimiser is stepped with ``ctx.step(name, loss)``, so mixed
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mrsynth.data.context import MAX_CONTEXT_SLICES, STACK_SUFFIX
 from mrsynth.errors import ConfigError
 from mrsynth.models.blocks import INITS, init_weights
 
@@ -98,6 +101,10 @@ class TranslationModel(nn.Module):
         self.arch: dict[str, Any] = config["arch"]
         self.loss_cfg: dict[str, Any] = config["loss"]
         self.optim_cfg: dict[str, Any] = config["optim"]
+        #: ``arch.context_slices`` = k: the generators see 2k + 1 neighbouring slices as
+        #: channels (2.5-D, :mod:`mrsynth.data.context`) and still output one slice.
+        self.context_slices = int(self.arch.get("context_slices", 0) or 0)
+        self.in_channels = 2 * self.context_slices + 1
         #: ``fused`` / ``foreach`` for :meth:`adam`; torch's default until the trainer sets it.
         self.adam_kernels: dict[str, bool] = {}
 
@@ -108,7 +115,8 @@ class TranslationModel(nn.Module):
         raise NotImplementedError
 
     def generator(self, direction: str, stochastic: bool = False) -> nn.Module:
-        """The network mapping (N,1,H,W) in one direction (``A2B`` or ``B2A``).
+        """The network mapping (N,C,H,W) to (N,1,H,W) in one direction (``A2B`` or ``B2A``);
+        C = :attr:`in_channels` (1, or 2k + 1 stacked neighbouring slices in 2.5-D).
 
         ``stochastic=True`` keeps the training-time randomness (latent noise, dropout) on at
         inference, as the study's Keras code did; models without any ignore it.
@@ -130,10 +138,16 @@ class TranslationModel(nn.Module):
         :func:`mrsynth.train.config.validate_config` reports these with its own problems,
         so a bad ``--set`` is refused before any data is read. Overrides extend the list.
         """
+        problems = []
         init = cfg["arch"].get("init", "normal")
         if init not in INITS:
-            return [f"arch.init must be one of {', '.join(INITS)}"]
-        return []
+            problems.append(f"arch.init must be one of {', '.join(INITS)}")
+        k = cfg["arch"].get("context_slices", 0)
+        if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_CONTEXT_SLICES):
+            problems.append(f"arch.context_slices must be an integer from 0 (2-D) to "
+                            f"{MAX_CONTEXT_SLICES}: the neighbouring slices on each side given "
+                            "to the generators")
+        return problems
 
     @classmethod
     def upgrade_stored_config(cls, stored: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +163,29 @@ class TranslationModel(nn.Module):
         del state, device
 
     # ------------------------------------------------------------------ shared helpers
+    def source(self, batch: dict[str, Tensor], key: str) -> Tensor:
+        """The generator input of domain ``key`` (``A``/``B``): the slices themselves in
+        2-D, their stacks of neighbours (``batch[key + "_stack"]``, (N, 2k+1, H, W)) in
+        2.5-D. Targets and discriminator inputs stay ``batch[key]`` (one channel)."""
+        if self.in_channels == 1:
+            return batch[key]
+        stack = batch.get(key + STACK_SUFFIX)
+        if stack is None or stack.shape[1] != self.in_channels:
+            got = "none" if stack is None else f"{stack.shape[1]} channels"
+            raise ValueError(
+                f"{self.name} with arch.context_slices={self.context_slices} needs "
+                f"batch[{key + STACK_SUFFIX!r}] with {self.in_channels} channels, got {got}"
+            )
+        return stack
+
+    def flat_stack(self, x: Tensor) -> Tensor:
+        """A generated slice (N, 1, H, W) as a generator input: repeated in every channel.
+
+        What the second pass of a cycle sees in 2.5-D: the translations of the
+        neighbouring slices are not computed (2k more generator passes per step), so the
+        translated slice stands for its neighbours (docs/models.md)."""
+        return x if self.in_channels == 1 else x.repeat(1, self.in_channels, 1, 1)
+
     def networks(self) -> dict[str, nn.Module]:
         """The named networks (top-level submodules) for listings and checkpoints."""
         return dict(self.named_children())
@@ -213,8 +250,8 @@ class PairedL1Model(GeneratorPairModel):
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         real_A, real_B = batch["A"], batch["B"]
         with ctx.autocast():
-            mae_A2B = l1(self.G_A2B(real_A), real_B)
-            mae_B2A = l1(self.G_B2A(real_B), real_A)
+            mae_A2B = l1(self.G_A2B(self.source(batch, "A")), real_B)
+            mae_B2A = l1(self.G_B2A(self.source(batch, "B")), real_A)
             loss = self.loss_cfg["l1"] * (mae_A2B + mae_B2A)
         ctx.step("G", loss)
         return {"G": loss.detach(), "mae_A2B": mae_A2B.detach(), "mae_B2A": mae_B2A.detach()}

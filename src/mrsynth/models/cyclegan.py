@@ -10,6 +10,11 @@ One deliberate difference from the study's Keras loop: the generators are update
 the discriminators then see the same (detached) synthetic images, so each iteration runs
 the generators forward once instead of twice. The study also stepped each discriminator
 separately on real and synthetic batches; here one step sees ``0.5 * (real + fake)``.
+
+2.5-D (``arch.context_slices`` = k): the generators take the 2k + 1 neighbouring slices
+and output one; the discriminators judge that one slice as in 2-D; the cycle's second
+pass gets the translated slice repeated in every channel and the identity term the other
+domain's real stack.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from mrsynth.models.blocks import (
 #: Architecture and optimiser settings shared by the ResNet-generator models.
 RESNET_ARCH = {
     "paper": {"ngf": 32, "n_blocks": 9, "ndf": 64, "d_layers": 3, "norm": "instance",
-              "init": "normal"},
+              "init": "normal", "context_slices": 0},
     "cpu-small": {"ngf": 16, "n_blocks": 3, "ndf": 16, "d_layers": 3, "norm": "instance",
-                  "init": "normal"},
+                  "init": "normal", "context_slices": 0},
 }
 GAN_OPTIM = {"lr": 2e-4, "beta1": 0.5, "beta2": 0.999, "weight_decay": 0.0}
 #: 200 epochs, linear decay to zero over the second half (from epoch 101, the study).
@@ -64,23 +69,26 @@ class ResnetGanPair(GeneratorPairModel):
     """Two ResNet generators and two PatchGANs, one optimiser for each pair.
 
     The layout CycleGAN and pix2pix share; they differ in what a discriminator judges.
-    Subclasses name the discriminators (the names key the checkpoints) and set their input
-    channels: 1 judges an image alone, 2 an (input, output) pair stacked as channels.
+    Subclasses name the discriminators (the names key the checkpoints) and say whether they
+    are conditional: an unconditional one judges an image alone (1 channel), a conditional
+    one an (input, output) pair stacked as channels (the generator's input channels + 1).
+    The generators take :attr:`in_channels` (2k + 1 in 2.5-D).
     """
 
     discriminator_names: ClassVar[tuple[str, str]]
-    discriminator_channels: ClassVar[int]
+    conditional: ClassVar[bool] = False
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         a = self.arch
-        self.G_A2B = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
-        self.G_B2A = ResnetGenerator(1, 1, a["ngf"], a["n_blocks"], a["norm"])
+        c = self.in_channels
+        self.G_A2B = ResnetGenerator(c, 1, a["ngf"], a["n_blocks"], a["norm"])
+        self.G_B2A = ResnetGenerator(c, 1, a["ngf"], a["n_blocks"], a["norm"])
         # Only the CycleGAN family has the setting (pix2pix's BCE needs logits, no sigmoid).
         kind = a.get("discriminator", "patchgan")
+        d_in = c + 1 if self.conditional else 1
         for name in self.discriminator_names:
-            d = make_discriminator(kind, self.discriminator_channels, a["ndf"], a["d_layers"],
-                                   a["norm"])
+            d = make_discriminator(kind, d_in, a["ndf"], a["d_layers"], a["norm"])
             self.add_module(name, d)
         init_weights(self, a["init"])
 
@@ -102,7 +110,6 @@ class CycleGAN(ResnetGanPair):
     order = 10
     supervised_default = 0.0
     discriminator_names = ("D_A", "D_B")
-    discriminator_channels = 1
     D_A: PatchDiscriminator
     D_B: PatchDiscriminator
 
@@ -141,19 +148,20 @@ class CycleGAN(ResnetGanPair):
         real_A, real_B = batch["A"], batch["B"]
         w = self.loss_cfg
         mode = w["gan_mode"]
+        in_A, in_B = self.source(batch, "A"), self.source(batch, "B")
         set_requires_grad((self.D_A, self.D_B), False)
         with ctx.autocast():
-            fake_B = self.G_A2B(real_A)
-            fake_A = self.G_B2A(real_B)
-            rec_A = self.G_B2A(fake_B)
-            rec_B = self.G_A2B(fake_A)
+            fake_B = self.G_A2B(in_A)
+            fake_A = self.G_B2A(in_B)
+            rec_A = self.G_B2A(self.flat_stack(fake_B))
+            rec_B = self.G_A2B(self.flat_stack(fake_A))
             adv_A2B = gan_loss(self.D_B(fake_B), True, mode)
             adv_B2A = gan_loss(self.D_A(fake_A), True, mode)
             cycle = l1(rec_A, real_A) + l1(rec_B, real_B)
             loss_G = adv_A2B + adv_B2A + w["cycle"] * cycle
             losses = {"G_adv_A2B": adv_A2B, "G_adv_B2A": adv_B2A, "cycle": cycle}
             if w["identity"] > 0:
-                ident = l1(self.G_A2B(real_B), real_B) + l1(self.G_B2A(real_A), real_A)
+                ident = l1(self.G_A2B(in_B), real_B) + l1(self.G_B2A(in_A), real_A)
                 loss_G = loss_G + w["identity"] * ident
                 losses["identity"] = ident
             if w["supervised"] > 0:

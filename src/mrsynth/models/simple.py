@@ -19,10 +19,10 @@ from mrsynth.models.base import PairedL1Model, register_model
 
 
 class SimpleNet(nn.Module):
-    def __init__(self, hidden: int = 256, kernel: int = 1) -> None:
+    def __init__(self, hidden: int = 256, kernel: int = 1, in_channels: int = 1) -> None:
         super().__init__()
         self.model = nn.Sequential(
-            nn.Conv2d(1, hidden, 1),
+            nn.Conv2d(in_channels, hidden, 1),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 1, kernel, padding=kernel // 2),
         )
@@ -42,7 +42,7 @@ class Simple(PairedL1Model):
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
         return {
-            "arch": {"hidden": 256, "out_kernel": 1, "init": "normal"},
+            "arch": {"hidden": 256, "out_kernel": 1, "init": "normal", "context_slices": 0},
             "loss": {"l1": 1.0},
             "optim": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0},
             "train": {"epochs": 200 if preset == "paper" else 10, "lr_decay": "none"},
@@ -66,4 +66,4 @@ class Simple(PairedL1Model):
         return stored
 
     def make_generator(self) -> nn.Module:
-        return SimpleNet(self.arch["hidden"], self.arch["out_kernel"])
+        return SimpleNet(self.arch["hidden"], self.arch["out_kernel"], self.in_channels)

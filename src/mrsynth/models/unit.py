@@ -7,7 +7,10 @@ blocks, stride-2 transposed c3 to 128 and 64, a 1x1 transposed conv to one chann
 and 3-scale discriminators (the image, and average-pooled by 2 and 4; each c3 stride-2
 64-128-256-512 with LeakyReLU 0.01 and a 1x1 conv to one logit map). Losses: GAN (BCE) x10,
 KL x0.1 (mean of the squared latent mean, on the codes of the images and of their
-translations), within-domain and cycle reconstruction L1 x100.
+translations), within-domain and cycle reconstruction L1 x100. In 2.5-D
+(``arch.context_slices`` = k) the encoders take the 2k + 1 neighbouring slices; the
+decoders and discriminators still see one slice, and the cycle re-encodes a translated
+slice repeated in every channel (:meth:`TranslationModel.flat_stack`).
 
 Departures from the study's Keras port, on purpose:
 
@@ -48,13 +51,15 @@ def _lrelu() -> nn.Module:
 
 
 class UnitEncoder(nn.Module):
-    """Image -> feature map at 1/4 resolution with ``4 * nef`` channels."""
+    """Image (or 2.5-D stack of ``in_channels`` slices) -> feature map at 1/4 resolution with
+    ``4 * nef`` channels."""
 
-    def __init__(self, nef: int, n_blocks: int, norm: str, dropout: float) -> None:
+    def __init__(self, nef: int, n_blocks: int, norm: str, dropout: float,
+                 in_channels: int = 1) -> None:
         super().__init__()
         c = 4 * nef
         self.model = nn.Sequential(
-            nn.Conv2d(1, nef, 7, padding=3),
+            nn.Conv2d(in_channels, nef, 7, padding=3),
             _lrelu(),
             nn.Conv2d(nef, 2 * nef, 3, stride=2, padding=1),
             _lrelu(),
@@ -183,10 +188,10 @@ class UNIT(TranslationModel):
         arch = {
             "paper": {"nef": 64, "enc_blocks": 3, "dec_blocks": 3, "ndf": 64, "d_layers": 4,
                       "d_scales": 3, "norm": "instance", "dropout": 0.5, "noise_std": 1.0,
-                      "init": "normal"},
+                      "init": "normal", "context_slices": 0},
             "cpu-small": {"nef": 16, "enc_blocks": 1, "dec_blocks": 1, "ndf": 16, "d_layers": 3,
                           "d_scales": 3, "norm": "instance", "dropout": 0.5, "noise_std": 1.0,
-                          "init": "normal"},
+                          "init": "normal", "context_slices": 0},
         }[preset]
         train = {
             "paper": {"epochs": 100, "lr_decay": "none"},
@@ -203,8 +208,8 @@ class UNIT(TranslationModel):
         super().__init__(config)
         a = self.arch
         nef, norm, drop = a["nef"], a["norm"], float(a["dropout"])
-        self.enc_A = UnitEncoder(nef, a["enc_blocks"], norm, drop)
-        self.enc_B = UnitEncoder(nef, a["enc_blocks"], norm, drop)
+        self.enc_A = UnitEncoder(nef, a["enc_blocks"], norm, drop, self.in_channels)
+        self.enc_B = UnitEncoder(nef, a["enc_blocks"], norm, drop, self.in_channels)
         self.enc_shared = ResidualBlock(4 * nef, norm, dropout=drop)
         self.dec_shared = ResidualBlock(4 * nef, norm, dropout=drop)
         self.dec_A = UnitDecoder(nef, a["dec_blocks"], norm, drop)
@@ -245,6 +250,9 @@ class UNIT(TranslationModel):
         # inference path does, so every loss compares tensors of one shape.
         real_A = pad_to_multiple(batch["A"], 4)[0]
         real_B = pad_to_multiple(batch["B"], 4)[0]
+        # the encoders' inputs: the slices, or in 2.5-D their stacks of neighbours
+        in_A = pad_to_multiple(self.source(batch, "A"), 4)[0] if self.in_channels > 1 else real_A
+        in_B = pad_to_multiple(self.source(batch, "B"), 4)[0] if self.in_channels > 1 else real_B
         w = self.loss_cfg
 
         def adv(outs: list[Tensor], real: bool) -> Tensor:
@@ -252,8 +260,8 @@ class UNIT(TranslationModel):
 
         # Discriminators first, on the current translations (as the study did).
         with ctx.autocast(), torch.no_grad():
-            _, h_A = self._encode(self.enc_A, real_A)
-            _, h_B = self._encode(self.enc_B, real_B)
+            _, h_A = self._encode(self.enc_A, in_A)
+            _, h_B = self._encode(self.enc_B, in_B)
             fake_B = self.dec_B(h_A)
             fake_A = self.dec_A(h_B)
         with ctx.autocast():
@@ -264,12 +272,12 @@ class UNIT(TranslationModel):
 
         set_requires_grad((self.D_A, self.D_B), False)
         with ctx.autocast():
-            mu_A, h_A = self._encode(self.enc_A, real_A)
-            mu_B, h_B = self._encode(self.enc_B, real_B)
+            mu_A, h_A = self._encode(self.enc_A, in_A)
+            mu_B, h_B = self._encode(self.enc_B, in_B)
             rec_A, fake_B = self.dec_A(h_A), self.dec_B(h_A)
             rec_B, fake_A = self.dec_B(h_B), self.dec_A(h_B)
-            mu_BA, h_BA = self._encode(self.enc_A, fake_A)
-            mu_AB, h_AB = self._encode(self.enc_B, fake_B)
+            mu_BA, h_BA = self._encode(self.enc_A, self.flat_stack(fake_A))
+            mu_AB, h_AB = self._encode(self.enc_B, self.flat_stack(fake_B))
             cyc_A = self.dec_A(h_AB)
             cyc_B = self.dec_B(h_BA)
             kl = mu_A.float().pow(2).mean() + mu_B.float().pow(2).mean()
