@@ -1,0 +1,176 @@
+"""Parallel, resumable, shardable preparation into a store (issue 13 item 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mrsynth.data import DataWarning
+from mrsynth.data import store as st
+from mrsynth.data.prepare_parallel import parse_shard, prepare_store
+from mrsynth.errors import ConfigError, DataError
+
+#: Small builtin subjects (2 mm, downsampled x4 to 32x32, every 3rd brain slice).
+OPTS = {"n_subjects": 6, "size": (32, 32), "downsample": 4, "slice_step": 3,
+        "test_fraction": 0.2, "val_fraction": 0.25, "seed": 1}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path (the index without its creation time)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = p.read_bytes()
+    index = json.loads(out.pop(st.INDEX_NAME))
+    index["settings"].pop("created_utc")
+    index.pop("index_sha256")
+    out["index"] = json.dumps(index, sort_keys=True).encode()
+    plan = json.loads(out.pop(st.PLAN_NAME))
+    plan.pop("created_utc")
+    out["plan"] = json.dumps(plan, sort_keys=True).encode()
+    return out
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        assert fa[k] == fb[k], k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted run with one worker."""
+    out = tmp_path_factory.mktemp("ref") / "ref.mrs"
+    assert prepare_store("builtin", out, workers=1, **OPTS) == out
+    return out
+
+
+def test_reference_store_holds_every_subject_with_its_split(reference: Path) -> None:
+    d = st.open_store(reference)
+    s = d.settings
+    assert s["n_subjects"] == 6 and len(s["test_subjects"]) == 1 and len(s["val_subjects"]) == 1
+    assert sorted(s["train_subjects"] + s["val_subjects"] + s["test_subjects"]) == \
+        [f"sim-00{i}" for i in range(1, 7)]
+    for split in ("train", "val", "test"):
+        subs = set(np.unique(d.subject[d.split == split]).tolist())
+        assert subs == set(s[f"{split}_subjects"])
+    assert not st.partial_dir(reference).exists()
+
+
+def test_two_workers_write_the_same_bytes_as_one(reference: Path, tmp_path: Path) -> None:
+    out = prepare_store("builtin", tmp_path / "w2.mrs", workers=2, **OPTS)
+    _assert_same_store(out, reference)
+
+
+def test_a_killed_prepare_continues_and_equals_an_uninterrupted_run(
+    reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "k.mrs"
+    part = st.partial_dir(out)
+    code = ("from mrsynth.data.prepare_parallel import prepare_store; "
+            f"prepare_store('builtin', {str(out)!r}, workers=1, **{OPTS!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    done: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = list(part.glob(f"{st.SHARDS}/*/{st.META_NAME}"))
+        if len(done) >= 2:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list(part.glob(f"{st.SHARDS}/*/{st.META_NAME}"))
+    assert 2 <= len(done) < 6, "the kill did not land mid-way"
+    assert not out.exists()
+    first = {p.parent.name: p.stat().st_ino for p in done}
+
+    with pytest.warns(DataWarning, match=f"{len(done)} of 6 subjects were already prepared"):
+        assert prepare_store("builtin", out, workers=1, **OPTS) == out
+    _assert_same_store(out, reference)
+    for key, ino in first.items():  # finished shards were kept, not prepared again
+        assert (out / st.SHARDS / key / st.META_NAME).stat().st_ino == ino
+    assert not list((out / st.SHARDS).glob(".tmp-*"))
+
+
+def test_two_shards_fill_one_store_and_the_last_publishes_it(reference: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "s.mrs"
+    assert prepare_store("builtin", out, workers=1, shard="1/2", **OPTS) is None
+    assert not out.exists()
+    with pytest.raises(DataError, match="3 of 6 subjects .* are not prepared yet"):
+        prepare_store("builtin", out, finalize_only=True, **OPTS)
+    with pytest.raises(DataError, match="unfinished"):
+        st.open_store(st.partial_dir(out))
+    assert prepare_store("builtin", out, workers=1, shard="2/2", **OPTS) == out
+    _assert_same_store(out, reference)
+
+
+def test_finalize_writes_the_index_once_every_part_is_done(reference: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "f.mrs"
+    part = st.partial_dir(out)
+    shutil.copytree(reference, part)  # every shard done, as if the last part died
+    (part / st.INDEX_NAME).unlink()
+    assert prepare_store("builtin", out, finalize_only=True, **OPTS) == out
+    _assert_same_store(out, reference)
+
+
+def test_shard_option_is_checked() -> None:
+    assert parse_shard("2/8") == (2, 8)
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_other_options_on_an_unfinished_store_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "o.mrs"
+    prepare_store("builtin", out, workers=1, shard="1/3", **OPTS)
+    other = {**OPTS, "seed": 2}
+    with pytest.raises(ConfigError, match="other options or subjects.*settings.seed"):
+        prepare_store("builtin", out, workers=1, **other)
+    assert prepare_store("builtin", out, workers=1, overwrite=True, **other) == out
+    assert st.open_store(out).settings["seed"] == 2
+
+
+def _broken_bids(mini_bids: Path, tmp_path: Path) -> tuple[Path, str]:
+    src = tmp_path / "bids"
+    shutil.copytree(mini_bids, src)
+    bad = sorted(src.glob("sub-*"))[1].name
+    (src / bad / "anat" / f"{bad}_T2w.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    return src, bad
+
+
+def test_a_bad_subject_is_reported_and_skipped(mini_bids: Path, tmp_path: Path) -> None:
+    src, bad = _broken_bids(mini_bids, tmp_path)
+    opts = {"size": (64, 64), "downsample": 2, "slice_step": 4, "test_fraction": 0.0}
+    with pytest.warns(DataWarning, match=f"Subject {bad} failed and is skipped"):
+        out = prepare_store(src, tmp_path / "b.mrs", workers=2, **opts)
+    d = st.open_store(out)
+    good = sorted({p.name for p in src.glob("sub-*")} - {bad})
+    assert sorted(np.unique(d.subject).tolist()) == good
+    assert list(d.settings["failed_subjects"]) == [bad]
+    assert f"{bad}_T2w.nii.gz" in d.settings["failed_subjects"][bad]
+    assert any(bad in w for w in d.settings["warnings"])
+
+
+def test_strict_stops_at_a_bad_subject_and_keeps_the_others(mini_bids: Path,
+                                                            tmp_path: Path) -> None:
+    src, bad = _broken_bids(mini_bids, tmp_path)
+    out = tmp_path / "strict.mrs"
+    opts = {"size": (64, 64), "downsample": 2, "slice_step": 4, "test_fraction": 0.0}
+    with pytest.raises(DataError, match=f"Subject {bad} could not be prepared.*--strict"):
+        prepare_store(src, out, workers=1, strict=True, **opts)
+    assert not out.exists()
+    kept = list(st.partial_dir(out).glob(f"{st.SHARDS}/*/{st.META_NAME}"))
+    assert len(kept) == 1  # the subject before the bad one (sorted order) is kept
