@@ -3,15 +3,23 @@ reproducibility from the generator state."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from helpers import one_torch_thread, tiny_arch
 from mrsynth.data.patches import PatchSampler, crop, patch_shape
 from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError
+from mrsynth.models.base import model_names
+from mrsynth.train.config import resolve_config
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +130,140 @@ def test_patch_larger_than_the_slice_and_bad_settings(train):
         PatchSampler(masks, None, 0, 0.9, seed=0)
     with pytest.raises(ConfigError, match="patch_brain_fraction"):
         PatchSampler(masks, None, 16, 1.5, seed=0)
+
+
+# --------------------------------------------------------------------------- in the trainer
+def _patch_config(model: str, **over):
+    return resolve_config(model, "cpu-small", {
+        "train.epochs": 1, "train.max_steps_per_epoch": 2, "train.batch_size": 2,
+        "train.patch_size": 32, "train.progress": False, "train.checkpoint_every_minutes": 0,
+        "train.num_threads": 1, "device": "cpu", **tiny_arch(model), **over})
+
+
+def test_cpu_small_trains_patches_of_full_resolution_slices():
+    for m in model_names():
+        cpu, paper = resolve_config(m, "cpu-small"), resolve_config(m, "paper")
+        assert cpu["data"]["image_size"] is None and cpu["train"]["patch_size"] == 64
+        assert paper["data"]["image_size"] is None and paper["train"]["patch_size"] is None
+    for bad in (15, 30, 0, True):
+        with pytest.raises(ConfigError, match="patch_size"):
+            resolve_config("simple", "cpu-small", {"train.patch_size": bad})
+    with pytest.raises(ConfigError, match="patch_brain_fraction"):
+        resolve_config("simple", "cpu-small", {"train.patch_brain_fraction": 1.2})
+
+
+def test_every_model_trains_on_patches_and_translates_whole_slices(
+        prepared_small: Path, tmp_path: Path, monkeypatch):
+    """Every network of every registered model (generators and PatchGAN / UNIT
+    discriminators) sees 32 x 32 inputs while training on 64 x 64 slices; paired models get
+    the same window of source and target; the run translates whole slices."""
+    from mrsynth.train import step as step_mod
+    from mrsynth.train.runs import load_run
+    from mrsynth.train.trainer import train
+
+    seen: dict[str, set[tuple[int, int]]] = {}
+    nets: list[str] = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    init, batch = step_mod.TrainStepper.__init__, step_mod.TrainStepper.batch
+
+    def init_hooked(self, setup, a, b, patch=None):
+        init(self, setup, a, b, patch)
+        for name, net in setup.model.named_children():  # networks taking images (1-2 ch.)
+            nets.append(name)
+            net.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.setdefault(name, set()).add(
+                    tuple(args[0].shape[-2:])) if args[0].shape[1] <= 2 else None)
+
+    def batch_recorded(self, ia, ib, wa=None, wb=None):
+        out = batch(self, ia, ib, wa, wb)
+        pairs.append((out["A"], out["B"]))
+        return out
+
+    monkeypatch.setattr(step_mod.TrainStepper, "__init__", init_hooked)
+    monkeypatch.setattr(step_mod.TrainStepper, "batch", batch_recorded)
+    d = load_prepared(prepared_small)
+    rows = np.flatnonzero(d.split == "train")
+    with one_torch_thread():
+        for m in model_names():
+            seen.clear()
+            pairs.clear()
+            nets.clear()
+            run = train(_patch_config(m), prepared_small, tmp_path / m)
+            doc = json.loads((run / "metrics.json").read_text())
+            assert doc["patch_size"] == [32, 32] and doc["image_size"] == [64, 64]
+            assert doc["status"] == "completed"
+            assert all(np.isfinite(v) for v in doc["epochs"][0]["losses"].values())
+            # every network's training inputs were patches (the sample grid and validation
+            # run the generators on whole slices, in eval mode, after the steps)
+            assert len(pairs) == 2
+            assert {n for n in nets if n.startswith("D")} <= set(seen), (m, nets, seen)
+            for name, shapes in seen.items():
+                assert (32, 32) in shapes, (m, name, shapes)
+                assert shapes <= {(32, 32), (64, 64)}, (m, name, shapes)
+                if name.startswith("D"):
+                    assert shapes == {(32, 32)}, (m, name, shapes)
+            for a, b in pairs:
+                assert a.shape == b.shape == (2, 1, 32, 32)
+                if m not in ("cyclegan", "unit"):  # paired: the same window of the same slice
+                    _assert_same_window(d, rows, a, b)
+            loaded = load_run(run)
+            x = torch.from_numpy(d.images["T1w"][:3])[:, None]
+            assert loaded.translate(x, "A2B").shape == (3, 1, 64, 64)
+
+
+def _assert_same_window(d, rows: np.ndarray, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Find each A patch in the training slices; B must be the T2w patch at the same place."""
+    ta, tb = d.images["T1w"][rows], d.images["T2w"][rows]
+    for pa, pb in zip(a[:, 0].numpy(), b[:, 0].numpy(), strict=True):
+        hits = [(i, t, c) for i in range(len(rows)) for t in range(33) for c in range(33)
+                if ta[i, t, c] == pa[0, 0] and np.array_equal(ta[i, t:t + 32, c:c + 32], pa)]
+        assert hits, "patch not found in the training slices"
+        assert any(np.array_equal(tb[i, t:t + 32, c:c + 32], pb) for i, t, c in hits)
+
+
+def test_resume_mid_epoch_with_patches_is_bit_exact(prepared_small: Path, tmp_path: Path,
+                                                    monkeypatch):
+    """SIGTERM in the middle of epoch 2 of 3, then --resume: the same weights, losses and
+    per-epoch metrics as an uninterrupted run (the patch windows of the interrupted epoch
+    are drawn again from the checkpointed sampler state)."""
+    from mrsynth.models.cyclegan import CycleGAN
+    from mrsynth.train.trainer import TrainingInterrupted, train
+
+    cfg = _patch_config("cyclegan", **{
+        "train.epochs": 3, "train.max_steps_per_epoch": 5, "train.log_every": 2,
+        "train.deterministic": True, "loss.pool_size": 3, "train.patch_brain_fraction": 0.7})
+    with one_torch_thread():
+        straight = train(cfg, prepared_small, tmp_path / "straight")
+        step = CycleGAN.train_step
+        calls = []
+
+        def step_then_signal(self, batch, ctx):
+            calls.append(1)
+            if len(calls) == 8:  # step 3 of epoch 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(self, batch, ctx)
+
+        monkeypatch.setattr(CycleGAN, "train_step", step_then_signal)
+        split = tmp_path / "split"
+        with pytest.raises(TrainingInterrupted):
+            train(cfg, prepared_small, split)
+        monkeypatch.setattr(CycleGAN, "train_step", step)
+        meta = json.loads((split / "checkpoints/latest/meta.json").read_text())
+        assert (meta["epoch"], meta["step_in_epoch"]) == (1, 3)
+        train(None, None, split, resume=True)
+    wa, wb = (load_file(r / "checkpoints/latest/weights.safetensors") for r in (straight, split))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _loss_rows(split) == _loss_rows(straight)
+    assert _epoch_rows(split) == _epoch_rows(straight)
+
+
+def _loss_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "losses.csv") as fh:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader(fh)]
+
+
+def _epoch_rows(run: Path) -> list[dict]:
+    """metrics.json epochs without what a resume may change (times, the resumed flag)."""
+    free = ("wall_s", "images_per_s", "resumed_mid_epoch", "validation_s")
+    doc = json.loads((run / "metrics.json").read_text())
+    return [{k: v for k, v in e.items() if k not in free} for e in doc["epochs"]]

@@ -279,3 +279,114 @@ def test_evaluate_and_translate_take_a_checkpoint(prepared_small: Path, mrpaired
                  "--checkpoint", "best", "--c2st-steps", "5", "--device", "cpu"]) == 0
     entry = json.loads((ev / "eval.json").read_text())["runs"][0]
     assert (entry["checkpoint"], entry["epoch"]) == ("best", 1)
+
+
+# --------------------------------------------------------------------------- in the trainer
+@pytest.fixture(scope="module")
+def small_with_val(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``prepared_small`` with one of its training subjects moved to a validation split."""
+    d = load_prepared(prepared_small)
+    d.split = np.where(d.subject == "sub-ms07", "val", d.split)
+    d.settings = {**d.settings, "val_subjects": ["sub-ms07"],
+                  "train_subjects": [s for s in d.settings["train_subjects"] if s != "sub-ms07"]}
+    return d.save(tmp_path_factory.mktemp("smallval") / "small_val.npz")
+
+
+def _val_config(**over):
+    from helpers import tiny_arch
+    from mrsynth.train.config import resolve_config
+
+    return resolve_config("simple", "cpu-small", {
+        "train.epochs": 3, "train.max_steps_per_epoch": 3, "train.batch_size": 2,
+        "train.patch_size": 32, "train.val_slices": 4, "train.keep_every_epochs": 1,
+        "train.progress": False, "train.checkpoint_every_minutes": 0, "train.num_threads": 1,
+        "device": "cpu", **tiny_arch("simple"), **over})
+
+
+def _weights(run: Path, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoints" / name / "weights.safetensors")
+
+
+def test_training_scores_validation_slices_every_epoch(small_with_val: Path, tmp_path: Path):
+    import torch
+
+    from mrsynth.train.runs import load_run
+    from mrsynth.train.trainer import train
+
+    run = train(_val_config(), small_with_val, tmp_path / "run")
+    doc = json.loads((run / "metrics.json").read_text())
+    v = doc["validation"]
+    d = load_prepared(small_with_val)
+    val = pick_validation_slices(d, ("T1w", "T2w"), 4)
+    assert v["n_slices"] == 4 and v["rows"] == val.rows.tolist() and v["subjects"] == ["sub-ms07"]
+    assert set(v["baselines"]) == {"baseline_identity", "baseline_intensity", "baseline_mean"}
+    scores = {}
+    for e in doc["epochs"]:
+        ev = e["validation"]
+        assert set(ev) == {"T1w2T2w", "T2w2T1w", SCORE_KEY}
+        assert ev[SCORE_KEY] == pytest.approx(
+            (ev["T1w2T2w"]["mae"] + ev["T2w2T1w"]["mae"]) / 2, abs=2e-6)
+        scores[e["epoch"]] = ev[SCORE_KEY]
+    best = min(scores, key=lambda k: (scores[k], k))
+    assert v["best_epoch"] == best and v["best_score"] == scores[best]
+    # the best checkpoint is that epoch's, and reproduces its recorded scores
+    loaded = load_run(run, checkpoint="best")
+    assert loaded.epoch == best
+    wb, we = _weights(run, "best"), _weights(run, f"epoch_{best:04d}")
+    assert all(torch.equal(wb[k], we[k]) for k in wb)
+    fake_b = loaded.translate(val.A, "A2B").numpy()
+    want_mae, _ = _independent_scores(val.B, fake_b, val.mask)
+    assert doc["epochs"][best - 1]["validation"]["T1w2T2w"]["mae"] == pytest.approx(
+        want_mae, abs=2e-5)
+    # a file without a validation split: no scores, no best checkpoint
+    plain = train(_val_config(**{"train.epochs": 1}), with_val_removed(small_with_val, tmp_path),
+                  tmp_path / "plain")
+    doc = json.loads((plain / "metrics.json").read_text())
+    assert "validation" not in doc and "validation" not in doc["epochs"][0]
+    assert not (plain / "checkpoints" / "best").exists()
+    from mrsynth.errors import RunError
+    from mrsynth.eval.common import load_run_checked
+
+    with pytest.raises(RunError, match="no 'best' checkpoint.*--val-fraction"):
+        load_run_checked(plain, checkpoint="best")
+
+
+def with_val_removed(path: Path, tmp_path: Path) -> Path:
+    d = load_prepared(path)
+    d.split = np.where(d.split == "val", "train", d.split)
+    return d.save(tmp_path / "noval.npz")
+
+
+def test_best_checkpoint_follows_the_argmin(small_with_val: Path, tmp_path: Path,
+                                            monkeypatch):
+    """Scripted validation scores 0.5, 0.3, 0.4: the best checkpoint is epoch 2's; resumed
+    for a 4th epoch scoring 0.2, it moves to epoch 4."""
+    import torch
+
+    import mrsynth.eval.validation as validation
+    from mrsynth.train.runs import load_run
+    from mrsynth.train.trainer import train
+
+    script = iter([0.5, 0.3, 0.4, 0.2])
+
+    def scripted(translate, val):
+        s = next(script)
+        return {"T1w2T2w": {"mae": s, "ssim": 1 - s}, "T2w2T1w": {"mae": s, "ssim": 1 - s},
+                SCORE_KEY: s}
+
+    monkeypatch.setattr(validation, "validate", scripted)
+    run = train(_val_config(), small_with_val, tmp_path / "run")
+    doc = json.loads((run / "metrics.json").read_text())
+    assert doc["validation"]["best_epoch"] == 2 and doc["validation"]["best_score"] == 0.3
+    assert json.loads((run / "checkpoints/best/meta.json").read_text())["epoch"] == 2
+    wb, w2 = _weights(run, "best"), _weights(run, "epoch_0002")
+    assert all(torch.equal(wb[k], w2[k]) for k in wb)
+    assert load_run(run, checkpoint="best").epoch == 2
+
+    train(_val_config(**{"train.epochs": 4}), None, run, resume=True)
+    doc = json.loads((run / "metrics.json").read_text())
+    assert [e["validation"][SCORE_KEY] for e in doc["epochs"]] == [0.5, 0.3, 0.4, 0.2]
+    assert doc["validation"]["best_epoch"] == 4
+    assert load_run(run, checkpoint="best").epoch == 4

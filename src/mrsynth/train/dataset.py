@@ -4,6 +4,8 @@ The prepared slices of a run fit in memory (the study's 900 + 900 slices at 304x
 560 MB in fp32), so they are moved to the training device once and each batch is a gather
 with indices drawn by a ``torch.Generator``: no DataLoader, no worker processes, no copies per
 step. The sampler's generator state is checkpointed, so a resumed run sees the same order.
+With ``train.patch_size`` each batch is a crop of the resident slices at windows drawn by a
+:class:`~mrsynth.data.patches.PatchSampler` (:class:`EpochDraws` holds both generators).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mrsynth.data.patches import PatchSampler
 from mrsynth.data.prepared import PreparedData
 from mrsynth.errors import ConfigError, DataError
 
@@ -50,6 +53,9 @@ class TrainingSlices:
     sample_A: Tensor
     sample_B: Tensor
     info: dict[str, Any]
+    #: brain masks (N,h,w) of the rows of A and B, on the host: where patches are drawn
+    mask_A: np.ndarray | None = None
+    mask_B: np.ndarray | None = None
 
 
 def _describe(data: PreparedData) -> str:
@@ -96,8 +102,9 @@ def select_training_slices(
 
 
 def _sample_rows(data: PreparedData, a: str, b: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed slices for the per-epoch image grid: paired test slices when there are any."""
-    for split in ("test", "train"):
+    """Fixed slices for the per-epoch image grid: paired validation slices when there are
+    any (so nothing seen while training comes from the test split), else test, else train."""
+    for split in ("val", "test", "train"):
         sel = np.flatnonzero((data.split == split) & data.available[a] & data.available[b])
         if sel.size:
             pick = sel[np.linspace(0, sel.size - 1, min(k, sel.size)).round().astype(int)]
@@ -130,6 +137,13 @@ def load_training_slices(
         x = resample(x[:, None], size)
         return x.to(device).contiguous(memory_format=fmt)
 
+    def masks(rows: np.ndarray) -> np.ndarray:
+        m = np.asarray(data.mask[rows], dtype=bool)
+        if tuple(m.shape[1:]) == tuple(size):
+            return m
+        x = resample(torch.from_numpy(m.astype(np.float32))[:, None], size)
+        return (x[:, 0] > 0.5).numpy()
+
     sa, sb = _sample_rows(data, a, b, n_samples)
     info = {
         "n_train_A": int(rows_a.size),
@@ -148,6 +162,8 @@ def load_training_slices(
         sample_A=to_dev(a, sa),
         sample_B=to_dev(b, sb),
         info=info,
+        mask_A=masks(rows_a),
+        mask_B=masks(rows_b),
     )
 
 
@@ -200,3 +216,63 @@ class EpochSampler:
 
     def set_state(self, state: Tensor) -> None:
         self.generator.set_state(state)
+
+
+class EpochDraws:
+    """What one epoch trains on: batch rows (:class:`EpochSampler`) and, with patches, the
+    crop windows of every row (:class:`~mrsynth.data.patches.PatchSampler`).
+
+    Both generators are drawn from at the start of an epoch, so the state taken before
+    :meth:`draw` reproduces the whole epoch on resume. The state is the row sampler's tensor
+    alone when there are no patches (as checkpoints written before patches hold), else
+    ``{"rows": ..., "patches": ...}``.
+    """
+
+    def __init__(self, rows: EpochSampler, patches: PatchSampler | None = None) -> None:
+        self.rows = rows
+        self.patches = patches
+
+    @property
+    def steps(self) -> int:
+        return self.rows.steps
+
+    def draw(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(ia, ib, wa, wb): rows (steps, batch) and windows (steps, batch, 2) or None."""
+        ia, ib = self.rows.draw()
+        if self.patches is None:
+            return ia, ib, None, None
+        wa, wb = self.patches.draw(ia, ib)
+        return ia, ib, wa, wb
+
+    def get_state(self) -> Tensor | dict[str, Tensor]:
+        if self.patches is None:
+            return self.rows.get_state()
+        return {"rows": self.rows.get_state(), "patches": self.patches.get_state()}
+
+    def set_state(self, state: Tensor | dict[str, Tensor]) -> None:
+        if isinstance(state, dict):
+            if self.patches is None:
+                raise ValueError("the checkpoint holds patch windows but the run trains whole "
+                                 "slices")
+            self.rows.set_state(state["rows"])
+            self.patches.set_state(state["patches"])
+            return
+        if self.patches is not None:
+            raise ValueError("the checkpoint holds no patch-sampler state but the run trains "
+                             "on patches")
+        self.rows.set_state(state)
+
+
+def patch_sampler(slices: TrainingSlices, patch_size: int | None, brain_fraction: float,
+                  seed: int) -> PatchSampler | None:
+    """The run's patch sampler (None for whole slices). Its seed is derived from the run's,
+    apart from the row sampler's stream."""
+    if patch_size is None:
+        return None
+    assert slices.mask_A is not None and slices.mask_B is not None
+    return PatchSampler(slices.mask_A, None if slices.paired else slices.mask_B,
+                        int(patch_size), float(brain_fraction), seed=int(seed) + PATCH_SEED_OFFSET)
+
+
+#: Offset of the patch sampler's seed from the run's seed (the row sampler uses the seed).
+PATCH_SEED_OFFSET = 104_729

@@ -122,20 +122,35 @@ class TrainStepper:
     """One training iteration as the trainer runs it.
 
     The slices live on the device; a batch is a gather with index tensors (no DataLoader, no
-    host-to-device copy per step); losses go into a :class:`LossAccumulator` (no host sync).
+    host-to-device copy per step), or with ``patch`` (h, w) a crop at the given windows (one
+    indexing op, :func:`mrsynth.data.patches.crop`); losses go into a
+    :class:`LossAccumulator` (no host sync).
     """
 
-    def __init__(self, setup: TrainingSetup, A: Tensor, B: Tensor) -> None:
+    def __init__(self, setup: TrainingSetup, A: Tensor, B: Tensor,
+                 patch: tuple[int, int] | None = None) -> None:
         self.setup = setup
-        fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
-        self.A = A.to(setup.device).contiguous(memory_format=fmt)
-        self.B = B.to(setup.device).contiguous(memory_format=fmt)
+        self.fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
+        self.A = A.to(setup.device).contiguous(memory_format=self.fmt)
+        self.B = B.to(setup.device).contiguous(memory_format=self.fmt)
+        self.patch = patch
         self.losses = LossAccumulator()
 
-    def step(self, ia: Tensor, ib: Tensor) -> dict[str, Tensor]:
+    def batch(self, ia: Tensor, ib: Tensor, wa: Tensor | None = None,
+              wb: Tensor | None = None) -> dict[str, Tensor]:
+        """The step's inputs: whole slices, or crops at windows ``wa``/``wb`` (batch, 2)."""
+        if wa is None or wb is None or self.patch is None:
+            return {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
+        from mrsynth.data.patches import crop
+
+        return {"A": crop(self.A, ia, wa, self.patch).contiguous(memory_format=self.fmt),
+                "B": crop(self.B, ib, wb, self.patch).contiguous(memory_format=self.fmt)}
+
+    def step(self, ia: Tensor, ib: Tensor, wa: Tensor | None = None,
+             wb: Tensor | None = None) -> dict[str, Tensor]:
         s = self.setup
         step_begin(s.compile_report)
-        batch = {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
+        batch = self.batch(ia, ib, wa, wb)
         losses = s.model.train_step(batch, s.ctx)  # type: ignore[operator]
         s.ctx.end_iteration()
         self.losses.add(losses)

@@ -8,7 +8,8 @@ directory::
     RUN_DIR/metrics.json   per-epoch wall time, losses, images/s; mean s/epoch; status
     RUN_DIR/losses.csv     losses every ``train.log_every`` iterations
     RUN_DIR/samples/       epoch_0001.png ... : fixed slices, both directions
-    RUN_DIR/checkpoints/   latest/ (every epoch and every N minutes), epoch_XXXX/ (every K)
+    RUN_DIR/checkpoints/   latest/ (every epoch and every N minutes), epoch_XXXX/ (every K),
+                           best/ (the epoch with the best validation score, when validated)
     RUN_DIR/tensorboard/   scalars, only when the optional tensorboard package is installed
 
 The loop is generic: models supply networks, optimisers and a step (:mod:`mrsynth.models`).
@@ -21,11 +22,18 @@ Each iteration reads *step -> log -> maybe save*; the pieces live beside this fi
 data-parallel with :mod:`mrsynth.train.distributed` (``train.batch_size`` is the global batch,
 rank 0 writes).
 
-Resuming restores weights, optimisers, schedulers, grad scaler, image pools, every RNG state,
-the position inside the epoch and the loss accumulators, so on CPU with a fixed seed an
-interrupted and resumed run ends with the same weights and logs as an uninterrupted one. A
-data-parallel run may be resumed with another number of ranks (the global batch, hence the
-steps, stay the same).
+With ``train.patch_size`` the networks learn from random crops of the full-resolution slices
+(mostly centred on brain, :mod:`mrsynth.data.patches`; paired models crop the same window of
+source and target). When the prepared file has a validation split, a fixed handful of its
+slices is translated after every epoch and scored (in-brain MAE and SSIM, both directions,
+:mod:`mrsynth.eval.validation`) into ``metrics.json``, beside the baselines on the same slices;
+the epoch with the lowest score is copied to ``checkpoints/best`` (``--checkpoint best``).
+
+Resuming restores weights, optimisers, schedulers, grad scaler, image pools, every RNG state
+(the patch sampler's too), the position inside the epoch and the loss accumulators, so on CPU
+with a fixed seed an interrupted and resumed run ends with the same weights and logs as an
+uninterrupted one. A data-parallel run may be resumed with another number of ranks (the
+global batch, hence the steps, stay the same).
 """
 
 from __future__ import annotations
@@ -50,7 +58,13 @@ from mrsynth.models.base import TranslationModel, build_model, get_model_class
 from mrsynth.train import checkpoint as ckpt
 from mrsynth.train import distributed as dd
 from mrsynth.train.config import decay_start, validate_config
-from mrsynth.train.dataset import EpochSampler, load_training_slices
+from mrsynth.train.dataset import (
+    EpochDraws,
+    EpochSampler,
+    load_training_slices,
+    patch_sampler,
+    resample,
+)
 from mrsynth.train.logging import SAMPLES_DIR, EpochProgress, LossLog, Metrics, save_sample_grid
 from mrsynth.train.resume import (
     Position,
@@ -253,13 +267,26 @@ class Trainer:
             )
             for n, o in self.optimizers.items()
         }
-        # The sampler draws the global batch with the run's seed on every rank; each rank
-        # trains on its share (distributed.shard_batch).
-        self.sampler = EpochSampler(
-            self.slices.A.shape[0], self.slices.B.shape[0], self.slices.paired, self.batch,
-            int(cfg["seed"]), t["max_steps_per_epoch"],
+        # The sampler draws the global batch (and its patch windows) with the run's seed on
+        # every rank; each rank trains on its share (distributed.shard_batch).
+        self.sampler = EpochDraws(
+            EpochSampler(self.slices.A.shape[0], self.slices.B.shape[0], self.slices.paired,
+                         self.batch, int(cfg["seed"]), t["max_steps_per_epoch"]),
+            patch_sampler(self.slices, t["patch_size"], t["patch_brain_fraction"],
+                          int(cfg["seed"])),
         )
-        self.stepper = TrainStepper(self.setup, self.slices.A, self.slices.B)
+        self.patch = None if self.sampler.patches is None else self.sampler.patches.patch
+        self.stepper = TrainStepper(self.setup, self.slices.A, self.slices.B, self.patch)
+        # the validation slices and the baselines on them (rank 0 scores, the others wait)
+        self.val = self.val_info = None
+        if self.is_main:
+            from mrsynth.eval.validation import baseline_scores, pick_validation_slices
+
+            self.val = pick_validation_slices(data, self.contrasts, int(t["val_slices"]))
+            if self.val is not None:
+                self.val_info = {**self.val.info(), "baselines": baseline_scores(data, self.val),
+                                 "score": "mean in-brain MAE of both directions (lower is "
+                                          "better)", "best_epoch": None, "best_score": None}
 
         # ---- where to start: the beginning, or the checkpoint
         self.pos = Position()
@@ -286,6 +313,8 @@ class Trainer:
                                self.pos.epoch if self.resuming else None, enabled=self.is_main)
         self.progress = EpochProgress(self.console, bool(t["progress"]) and self.is_main)
         self.last_checkpoint = time.monotonic()
+        if self.val_info is not None and self.resuming:
+            self._keep_best(self._update_best())
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -313,15 +342,17 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         pos, steps = self.pos, self.sampler.steps
         sampler_state = self.sampler.get_state()
-        ia, ib = self.sampler.draw()
-        ia = dd.shard_batch(ia, self.dist.rank, self.dist.world_size).to(self.device)
-        ib = dd.shard_batch(ib, self.dist.rank, self.dist.world_size).to(self.device)
+        ia, ib, wa, wb = self.sampler.draw()
+        ia, ib = self._shard(ia), self._shard(ib)
+        if wa is not None and wb is not None:
+            wa, wb = self._shard(wa), self._shard(wb)
         start, elapsed_before = pos.step, pos.elapsed  # 0, 0.0 unless resumed mid-epoch
         self.progress.start(epoch, self.epochs, steps, start)
         t_epoch = t_log = time.perf_counter()
         lr = self._lr()
         for s in range(start, steps):
-            self.stepper.step(ia[s], ib[s])
+            self.stepper.step(ia[s], ib[s], None if wa is None else wa[s],
+                              None if wb is None else wb[s])
             pos.step, pos.iteration = s + 1, pos.iteration + 1
             self.progress.advance()
             if self.stepper.losses.count >= self.log_every or pos.step == steps:
@@ -335,6 +366,16 @@ class Trainer:
                     self._interrupt()
         self._end_epoch(epoch, steps - start, elapsed_before + time.perf_counter() - t_epoch,
                         elapsed_before)
+
+    def _shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of an epoch's rows (steps, batch) or windows (steps, batch, 2),
+        on the device."""
+        r, w = self.dist.rank, self.dist.world_size
+        if x.ndim == 3:
+            x = torch.stack([dd.shard_batch(x[..., k], r, w) for k in range(x.shape[-1])], -1)
+        else:
+            x = dd.shard_batch(x, r, w)
+        return x.to(self.device)
 
     def _log_interval(self, epoch: int, lr: float, t_log: float) -> float:
         """Write one losses.csv row: the mean of the interval's losses (one device sync)."""
@@ -380,7 +421,7 @@ class Trainer:
         if self.is_main:
             self._save_samples(epoch)
         ips = done_steps * self.batch / max(wall - elapsed_before, 1e-9)
-        self.metrics.add_epoch({
+        entry: dict[str, Any] = {
             "epoch": epoch,
             "wall_s": round(wall, 4),
             "steps": self.sampler.steps,
@@ -389,17 +430,28 @@ class Trainer:
             "lr": lrs,
             "losses": {k: round(v, 6) for k, v in means.items()},
             "resumed_mid_epoch": done_steps < self.sampler.steps,
-        })
+        }
+        if self.val is not None:
+            t_val = time.perf_counter()
+            entry["validation"] = self._validate()
+            entry["validation_s"] = round(time.perf_counter() - t_val, 3)
+        self.metrics.add_epoch(entry)
+        best = self._update_best()
         self.metrics.save("running")
         self.pos = Position(epoch, 0, self.pos.iteration, 0.0)
         self.tally = EpochTally()
         self._checkpoint(self.sampler.get_state())
+        if best == epoch:
+            self._keep_best(best)
         keep = int(self.tcfg["keep_every_epochs"] or 0)
         if keep and epoch % keep == 0 and self.is_main:
             ckpt.copy_checkpoint(self.ckpt_root, "latest", f"epoch_{epoch:04d}")
         if epoch == self.epochs:
             self.metrics.save("completed")
         loss_txt = "  ".join(f"{k} {v:.4g}" for k, v in means.items())
+        if "validation" in entry:
+            loss_txt += f"  val {entry['validation']['score']:.4g}" + (
+                " (best)" if best == epoch else "")
         self.console.print(
             f"epoch {epoch}/{self.epochs}  {wall:.1f} s  {ips:.1f} img/s  {loss_txt}",
             highlight=False,
@@ -475,6 +527,58 @@ class Trainer:
                 group["lr"] = base * lr_factor(pos.epoch + 1, self.epochs, decay)
         # the checkpoint's optimiser settings include the implementation: use this run's
         use_adam_options(self.optimizers, self.device, self.setup.options.fused_adam)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def _validate(self) -> dict[str, Any]:
+        """Translate the validation slices (whole slices, eval mode, the run's own RNG
+        untouched) and score them."""
+        from mrsynth.eval.validation import validate
+
+        assert self.val is not None
+        model, size = self.model, self.slices.size
+        source_size = self.slices.source_size
+
+        def translate(x: torch.Tensor, direction: str) -> torch.Tensor:
+            gen = model.generator(direction)
+            outs = [resample(gen(resample(x[i:i + 8].to(self.device), size)).float(),
+                             source_size).cpu() for i in range(0, x.shape[0], 8)]
+            return torch.cat(outs)
+
+        was_training = model.training
+        model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with eager(), torch.random.fork_rng(devices=devices):
+                return validate(translate, self.val)
+        finally:
+            model.train(was_training)
+
+    def _update_best(self) -> int | None:
+        """The best validated epoch so far, recorded in metrics.json's ``validation``."""
+        if self.val_info is None:
+            return None
+        from mrsynth.eval.validation import SCORE_KEY, best_epoch
+
+        epochs = self.metrics.doc["epochs"]
+        best = best_epoch(epochs)
+        self.val_info["best_epoch"] = best
+        self.val_info["best_score"] = next(
+            (e["validation"][SCORE_KEY] for e in epochs if e["epoch"] == best), None)
+        self.metrics.doc["validation"] = self.val_info
+        return best
+
+    def _keep_best(self, best: int | None) -> None:
+        """``checkpoints/best`` := ``latest`` when ``latest`` is the best epoch's end (also
+        repairs a run stopped between writing the two)."""
+        if best is None or not self.is_main or self.pos.epoch != best or self.pos.step:
+            return
+        try:
+            if int(ckpt.read_meta(ckpt.find_checkpoint(self.out, "best"))["epoch"]) == best:
+                return
+        except (RunError, KeyError, ValueError):
+            pass
+        ckpt.copy_checkpoint(self.ckpt_root, "latest", "best")
 
     # ------------------------------------------------------------------ checks
     def _check_precision(self) -> None:
@@ -576,6 +680,8 @@ class Trainer:
             "steps_per_epoch": self.sampler.steps,
             "batch_size": self.batch,
             "image_size": list(self.slices.size),
+            "patch_size": None if self.patch is None else list(self.patch),
+            **({"validation": self.val_info} if self.val_info is not None else {}),
             **self._execution_info(),
         }
 
