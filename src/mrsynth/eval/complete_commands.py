@@ -63,14 +63,6 @@ def validation_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-def _resolve_device(device: str) -> str:
-    try:  # the shared device resolution (moving to mrsynth.train.speed)
-        from mrsynth.train.speed import resolve_device
-    except ImportError:
-        from mrsynth.eval.commands import resolve_device  # type: ignore[attr-defined,no-redef]
-    return str(resolve_device(device))
-
-
 def register(app: typer.Typer) -> None:
     @app.command("complete")
     def complete_cmd(
@@ -95,10 +87,11 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         from mrsynth.eval.complete import command_line, complete_dataset, validation_summary
+        from mrsynth.train.speed import resolve_device  # the one device rule
 
         err = Console(stderr=True)
         con = Console(width=None if sys.stdout.isatty() else 160)
-        dev = _resolve_device(device)
+        dev = str(resolve_device(device))
         cmd = command_line(bids_dir, run, out, validate, overwrite, device, batch_size)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       console=err, transient=True) as bar:
