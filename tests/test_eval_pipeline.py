@@ -124,7 +124,9 @@ def test_summary_and_wilcoxon_agree_with_the_per_image_rows(evaluation):
     p = st.wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue
     assert float(t["p_value"]) == pytest.approx(p, rel=1e-9)
     md = (evaluation / "summary.md").read_text()
-    assert md.count("| cyclegan |") == 4 and "95 % bootstrap CI" in md
+    slices, volumes = md.split("## Volumes")  # the region tables, then the volume table
+    assert slices.count("| cyclegan |") == 4 and "95 % bootstrap CI" in slices
+    assert volumes.count("| cyclegan |") == 2
 
 
 def test_timing_c2st_figures_and_manifest(evaluation, runs):
