@@ -8,6 +8,8 @@ volume with stacks built by the same rule, exports to ONNX, and evaluates.
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +169,201 @@ def test_discriminators_judge_one_slice_and_pix2pix_is_conditioned_on_the_stack(
 def test_context_slices_setting_is_validated(bad: Any) -> None:
     with pytest.raises(ConfigError, match="context_slices"):
         resolve_config("generators_s", "cpu-small", {"arch.context_slices": bad})
+
+
+# ---------------------------------------------------------------------- a 2.5-D run end to end
+CONTEXT_TEST_SUBJECTS = ("sub-ms19", "sub-met00110")
+
+
+@pytest.fixture(scope="module")
+def prepared_context(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every brain slice of the real shared volumes (neighbours kept), 64x64, with a
+    validation subject: what a 2.5-D model needs (``prepared_small`` keeps every 4th)."""
+    from mrsynth.data.prepare import prepare_dataset
+
+    return prepare_dataset(mrpaired, tmp_path_factory.mktemp("ctx") / "ctx64.npz",
+                           contrasts=("T1w", "T2w"), size=(64, 64), downsample=4,
+                           test_subjects=CONTEXT_TEST_SUBJECTS, val_fraction=0.2, seed=0)
+
+
+def run_config(model: str, epochs: int, k: int = 1) -> dict[str, Any]:
+    return resolve_config(model, "cpu-small", {
+        **TINY[model], "arch.context_slices": k, "train.epochs": epochs,
+        "train.max_steps_per_epoch": 4, "train.batch_size": 2, "train.patch_size": 32,
+        "train.log_every": 2, "train.progress": False, "train.checkpoint_every_minutes": 0,
+        "train.deterministic": True, "train.val_slices": 3, "train.lr_decay": "none",
+    })
+
+
+@pytest.fixture(scope="module")
+def context_run(prepared_context: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mrsynth.train.trainer import train
+
+    return train(run_config("generators_s", 1), prepared_context,
+                 tmp_path_factory.mktemp("ctxrun") / "run")
+
+
+def stack_by_lookup(data: Any, contrast: str, row: int, k: int, pool: np.ndarray) -> np.ndarray:
+    """The stack of prepared row ``row`` found by subject and slice index among the rows
+    ``pool`` (an interior slice: every neighbour is there)."""
+    out = []
+    for d in range(-k, k + 1):
+        hit = pool[(data.subject[pool] == data.subject[row])
+                   & (data.slice_index[pool] == data.slice_index[row] + d)]
+        assert hit.size == 1
+        out.append(data.images[contrast][hit[0]])
+    return np.stack(out)
+
+
+def test_training_batches_hold_each_rows_neighbours(prepared_context: Path) -> None:
+    from helpers import EAGER
+    from mrsynth.data.prepared import load_prepared
+    from mrsynth.train.dataset import load_training_slices, select_training_slices
+    from mrsynth.train.step import TrainStepper, setup_training
+
+    data = load_prepared(prepared_context)
+    cfg = run_config("generators_s", 1)
+    sl = load_training_slices(data, ("T1w", "T2w"), "generators_s", True, None,
+                              torch.device("cpu"), context=1)
+    rows, _, _ = select_training_slices(data, ("T1w", "T2w"), "generators_s", True)
+    assert sl.info["context_slices"] == 1 and sl.info["context_exact_fraction_A"] > 0.95
+    stepper = TrainStepper(setup_training(build_model(cfg), "cpu", EAGER), sl.A, sl.B, (32, 32),
+                           (sl.table_A, sl.table_B))
+    interior = [i for i in range(rows.size)
+                if ((data.subject[rows] == data.subject[rows[i]])
+                    & (np.abs(data.slice_index[rows] - data.slice_index[rows[i]]) == 1)).sum() == 2]
+    ia = torch.tensor(interior[::40][:4])
+    win = torch.tensor([[0, 0], [32, 32], [10, 20], [5, 31]])
+    batch = stepper.batch(ia, ia, win, win)
+    for b, i in enumerate(ia.tolist()):
+        r, c = win[b].tolist()
+        want_a = stack_by_lookup(data, "T1w", rows[i], 1, rows)[:, r:r + 32, c:c + 32]
+        want_b = stack_by_lookup(data, "T2w", rows[i], 1, rows)[:, r:r + 32, c:c + 32]
+        np.testing.assert_array_equal(batch["A_stack"][b].numpy(), want_a)
+        np.testing.assert_array_equal(batch["B_stack"][b].numpy(), want_b)
+        np.testing.assert_array_equal(batch["A"][b, 0].numpy(), want_a[1])
+
+
+@pytest.mark.parametrize("model", ["generators_s", "pix2pix"])
+def test_2p5d_run_resumes_bit_exactly(model: str, prepared_context: Path,
+                                      tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from mrsynth.train.trainer import train
+
+    straight = train(run_config(model, 2), prepared_context, tmp_path / "straight")
+    train(run_config(model, 1), prepared_context, tmp_path / "split")
+    resumed = train(run_config(model, 2), None, tmp_path / "split", resume=True)
+    wa = load_file(straight / "checkpoints" / "latest" / "weights.safetensors")
+    wb = load_file(resumed / "checkpoints" / "latest" / "weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert loss_rows(straight) == loss_rows(resumed) and len(loss_rows(straight)) == 4
+
+    doc = json.loads((straight / "config.json").read_text())
+    assert doc["config"]["arch"]["context_slices"] == 1
+    val = json.loads((straight / "metrics.json").read_text())["epochs"][-1]["validation"]
+    assert np.isfinite(val["score"])
+
+
+def loss_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "losses.csv") as fh:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader(fh)]
+
+
+def test_data_without_neighbours_is_refused(prepared_small: Path, tmp_path: Path) -> None:
+    from mrsynth.train.trainer import train
+
+    with pytest.raises(ConfigError, match="slice-step"):
+        train(run_config("generators_s", 1), prepared_small, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_loaded_2p5d_run_takes_stacks_only(context_run: Path) -> None:
+    from mrsynth.train.runs import load_run
+
+    run = load_run(context_run)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert run.translate(x, "T1w2T2w").shape == (2, 1, 64, 64)
+    with pytest.raises(ConfigError, match=r"\(N,3,H,W\): this 2.5-D run"):
+        run.translate(x[:, :1], "T1w2T2w")
+
+
+def test_translate_volume_feeds_neighbour_stacks(context_run: Path, mrpaired: Path) -> None:
+    from mrsynth.data.volumes import load_volume
+    from mrsynth.eval.common import parse_direction
+    from mrsynth.eval.translate import Geometry, translate_array_volume
+    from mrsynth.train.runs import load_run
+
+    run = load_run(context_run)
+    seen: list[torch.Tensor] = []
+    plain = run.translate
+
+    def spy(x: Any, direction: str, **kw: Any) -> torch.Tensor:
+        seen.append(torch.as_tensor(x).clone())
+        return plain(x, direction, **kw)
+
+    run.translate = spy  # type: ignore[method-assign]
+    vol = load_volume(mrpaired / "sub-ms19" / "anat" / "sub-ms19_T1w.nii.gz")
+    geo = Geometry.from_settings(run.data_settings, context_run)
+    d = parse_direction("T1w2T2w", run.contrasts)
+    out, n = translate_array_volume(vol.data, run, d, geo, batch_size=16)
+    stacks = torch.cat(seen)
+    assert stacks.shape == (n, 3, 64, 64)
+    centre = stacks[:, 1]
+    # channel 0 is the previous slice with brain, channel 2 the next; the ends repeat
+    assert torch.equal(stacks[1:, 0], centre[:-1]) and torch.equal(stacks[:-1, 2], centre[1:])
+    assert torch.equal(stacks[0, 0], centre[0]) and torch.equal(stacks[-1, 2], centre[-1])
+    assert out.shape == vol.data.shape and np.isfinite(out).all()
+
+
+def test_translate_refuses_2d_images_for_a_2p5d_run(context_run: Path, tmp_path: Path) -> None:
+    from mrsynth.eval.translate import translate_path
+
+    img = tmp_path / "slice_T1w.npy"
+    np.save(img, np.random.default_rng(0).random((64, 64)).astype(np.float32))
+    with pytest.raises(ConfigError, match="2-D image.*2.5-D model"):
+        translate_path(context_run, "T1w2T2w", img, tmp_path / "out.npy")
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_onnx_export_takes_stacks_and_matches_torch(context_run: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from mrsynth.eval.export import export_onnx
+    from mrsynth.train.runs import load_run
+
+    info = export_onnx(context_run, "T1w2T2w", tmp_path / "g.onnx")
+    assert info["input_shape"] == ["N", 3, 64, 64]
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1] == 3
+    x = (np.random.default_rng(1).random((1, 3, 64, 64)) * 2 - 1).astype(np.float32)
+    got = sess.run(None, {"input": x})[0]
+    want = load_run(context_run).translate(torch.from_numpy(x), "T1w2T2w").numpy()
+    assert got.shape == (1, 1, 64, 64)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_evaluate_translates_test_slices_from_their_neighbours(
+    context_run: Path, prepared_context: Path, tmp_path: Path
+) -> None:
+    from mrsynth.data.naming import format_slice_name
+    from mrsynth.data.prepared import load_prepared
+    from mrsynth.eval.evaluate import evaluate
+    from mrsynth.train.runs import load_run
+
+    out = evaluate([context_run], prepared_context, tmp_path / "eval", c2st_steps=5)
+    data = load_prepared(prepared_context)
+    test = np.flatnonzero(data.split == "test")
+    run = load_run(context_run)
+    subj = "sub-ms19"
+    rows = test[data.subject[test] == subj]
+    row = rows[np.argsort(data.slice_index[rows])][len(rows) // 2]  # an interior slice
+    stack = stack_by_lookup(data, "T1w", row, 1, test)
+    want = run.translate(torch.from_numpy(stack[None]), "T1w2T2w").numpy()[0, 0]
+    got = np.load(out / "synthetic" / "generators_s" /
+                  format_slice_name(subj, int(data.slice_index[row]), "T2w"))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with open(out / "volume.csv") as fh:
+        vol_rows = [r for r in csv.DictReader(fh) if r["model"] == "generators_s"]
+    assert {r["subject"] for r in vol_rows} == set(CONTEXT_TEST_SUBJECTS)
+    assert all(np.isfinite(float(r["through_plane_mae"])) for r in vol_rows)

@@ -45,6 +45,9 @@ class ValidationSlices:
     mask: np.ndarray  # (n, H, W) bool
     subjects: list[str]
     contrasts: tuple[str, str]
+    #: 2.5-D runs: the generators' inputs, each slice with its neighbours (n, 2k+1, H, W)
+    A_in: np.ndarray | None = None
+    B_in: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -54,12 +57,13 @@ class ValidationSlices:
 
 
 def pick_validation_slices(
-    data: PreparedData, contrasts: tuple[str, str], k: int
+    data: PreparedData, contrasts: tuple[str, str], k: int, context: int = 0
 ) -> ValidationSlices | None:
     """``k`` slices spread evenly over the ``val`` split (paired, with brain); None when the
     file has no such slice (no validation split, e.g. a file prepared before it existed) or
     ``k`` is 0. The choice depends only on the file, so every run on it scores the same
-    slices."""
+    slices. ``context`` > 0 (a 2.5-D run) adds each slice's stack of neighbours, looked up
+    among its subject's validation slices (:mod:`mrsynth.data.context`)."""
     a, b = contrasts
     if k <= 0 or a not in data.images or b not in data.images:
         return None
@@ -69,6 +73,17 @@ def pick_validation_slices(
     if sel.size == 0:
         return None
     rows = sel[np.unique(np.linspace(0, sel.size - 1, min(k, sel.size)).round().astype(int))]
+    stacks: dict[str, np.ndarray | None] = {"A_in": None, "B_in": None}
+    if context:
+        from mrsynth.data.context import prepared_table
+
+        pool = np.flatnonzero((data.split == "val") & data.available[a].astype(bool)
+                              & data.available[b].astype(bool))
+        table = prepared_table(data.subject[pool], data.slice_index[pool], context)
+        at = np.searchsorted(pool, rows)  # rows are in pool, which is sorted
+        for key, c in (("A_in", a), ("B_in", b)):
+            stacks[key] = np.ascontiguousarray(data.images[c][pool[table[at]]],
+                                               dtype=np.float32)
     return ValidationSlices(
         rows=rows,
         A=np.ascontiguousarray(data.images[a][rows], dtype=np.float32),
@@ -76,6 +91,7 @@ def pick_validation_slices(
         mask=np.asarray(data.mask[rows], dtype=bool),
         subjects=sorted(set(data.subject[rows].tolist())),
         contrasts=(a, b),
+        **stacks,
     )
 
 
@@ -115,11 +131,11 @@ def validate(translate: TranslateFn, val: ValidationSlices) -> dict[str, Any]:
     """Translate the validation slices both ways with ``translate`` and score them."""
     import torch
 
-    def run(x: np.ndarray, direction: str) -> np.ndarray:
-        y = translate(torch.from_numpy(x)[:, None], direction)
+    def run(x: np.ndarray, stack: np.ndarray | None, direction: str) -> np.ndarray:
+        y = translate(torch.from_numpy(x[:, None] if stack is None else stack), direction)
         return np.asarray(torch.as_tensor(y).float().cpu().numpy())[:, 0]
 
-    return score_predictions(val, run(val.A, "A2B"), run(val.B, "B2A"))
+    return score_predictions(val, run(val.A, val.A_in, "A2B"), run(val.B, val.B_in, "B2A"))
 
 
 def baseline_scores(data: PreparedData, val: ValidationSlices) -> dict[str, dict[str, Any]]:

@@ -56,6 +56,13 @@ class TrainingSlices:
     #: brain masks (N,h,w) of the rows of A and B, on the host: where patches are drawn
     mask_A: np.ndarray | None = None
     mask_B: np.ndarray | None = None
+    #: 2.5-D (``arch.context_slices`` = k): each row's 2k+1 neighbouring rows of A and B
+    #: (:func:`mrsynth.data.context.neighbour_table`), on the device; None in 2-D
+    table_A: Tensor | None = None
+    table_B: Tensor | None = None
+    #: 2.5-D: the sample slices' stacks (n, 2k+1, h, w), the generators' inputs for the grid
+    sample_in_A: Tensor | None = None
+    sample_in_B: Tensor | None = None
 
 
 def _describe(data: PreparedData) -> str:
@@ -125,7 +132,10 @@ def load_training_slices(
     device: torch.device,
     channels_last: bool = False,
     n_samples: int = 4,
+    context: int = 0,
 ) -> TrainingSlices:
+    """The run's training slices on ``device``; ``context`` > 0 (2.5-D) adds the neighbour
+    tables of the rows and the sample slices' stacks (:mod:`mrsynth.data.context`)."""
     rows_a, rows_b, paired = select_training_slices(data, contrasts, model_name, needs_paired)
     a, b = contrasts
     src = data.size
@@ -153,6 +163,10 @@ def load_training_slices(
         "internal_size": list(size),
         "train_subjects": sorted(set(data.subject[np.union1d(rows_a, rows_b)].tolist())),
     }
+    stacks: dict[str, Any] = {}
+    if context:
+        stacks = _context_stacks(data, rows_a, rows_b, sa, sb, contrasts, context, info,
+                                 to_dev, device)
     return TrainingSlices(
         A=to_dev(a, rows_a),
         B=to_dev(b, rows_b),
@@ -164,7 +178,42 @@ def load_training_slices(
         info=info,
         mask_A=masks(rows_a),
         mask_B=masks(rows_b),
+        **stacks,
     )
+
+
+def _context_stacks(data: PreparedData, rows_a: np.ndarray, rows_b: np.ndarray,
+                    sa: np.ndarray, sb: np.ndarray, contrasts: tuple[str, str], k: int,
+                    info: dict[str, Any], to_dev: Any, device: torch.device) -> dict[str, Any]:
+    """2.5-D: neighbour tables of the training rows (indices into them) and the sample
+    slices' stacks; data whose slices have no kept neighbour at all are refused."""
+    from mrsynth.data.context import as_tensor_table, exact_fraction, prepared_table
+
+    tables = {}
+    for key, rows in (("A", rows_a), ("B", rows_b)):
+        tables[key] = prepared_table(data.subject[rows], data.slice_index[rows], k)
+        exact = exact_fraction(tables[key], data.slice_index[rows])
+        info[f"context_exact_fraction_{key}"] = round(exact, 4)
+        if exact == 0.0:
+            raise ConfigError(
+                f"arch.context_slices={k} gives the generators each slice's neighbouring "
+                f"slices, but no training slice of {_describe(data)} has a neighbour in the "
+                "file (it was prepared with --slice-step > 1, a single --slices index, or from "
+                "2-D images). Prepare every slice of the volumes (the default) or train with "
+                "arch.context_slices=0."
+            )
+    info["context_slices"] = k
+    everything = prepared_table(data.subject, data.slice_index, k)  # the samples' neighbours
+    n = 2 * k + 1
+
+    def sample_stack(c: str, rows: np.ndarray) -> Tensor:
+        x = to_dev(c, everything[rows].reshape(-1))
+        return x.reshape(rows.size, n, *x.shape[-2:])
+
+    a, b = contrasts
+    return {"table_A": as_tensor_table(tables["A"], device),
+            "table_B": as_tensor_table(tables["B"], device),
+            "sample_in_A": sample_stack(a, sa), "sample_in_B": sample_stack(b, sb)}
 
 
 class EpochSampler:

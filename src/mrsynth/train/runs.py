@@ -91,17 +91,20 @@ class LoadedRun:
     def translate(self, x: Tensor | np.ndarray, direction: str, batch_size: int = 16,
                   stochastic: bool | None = None) -> Tensor:
         """Translate normalised slices (N,1,H,W) (or (N,H,W)); returns float32 on the CPU,
-        same shape. Resamples to the run's internal size and back when needed.
+        same shape. A 2.5-D run takes stacks (N,2k+1,H,W) and returns (N,1,H,W).
+        Resamples to the run's internal size and back when needed.
         ``stochastic`` (default: the run's ``stochastic`` attribute) samples a new output
         each call for models with inference noise (UNIT)."""
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
         squeeze = t.ndim == 3
         if squeeze:
             t = t[:, None]
-        if t.ndim != 4 or t.shape[1] != 1:
-            raise ConfigError(
-                f"translate() takes slices shaped (N,1,H,W) or (N,H,W), got {tuple(t.shape)}."
-            )
+        c = self.model.in_channels
+        if t.ndim != 4 or t.shape[1] != c:
+            shape = "(N,1,H,W) or (N,H,W)" if c == 1 else (
+                f"(N,{c},H,W): this 2.5-D run (arch.context_slices={c // 2}) takes each slice "
+                "with its neighbours as channels (mrsynth.data.context)")
+            raise ConfigError(f"translate() takes slices shaped {shape}, got {tuple(t.shape)}.")
         gen = self.generator(direction, self.stochastic if stochastic is None else stochastic)
         size = tuple(t.shape[-2:])
         inner = internal_size(size, self.image_size)  # type: ignore[arg-type]
@@ -110,7 +113,7 @@ class LoadedRun:
             xb = t[i : i + batch_size].to(self.device, torch.float32)
             yb = gen(resample(xb, inner)).float()
             outs.append(resample(yb, size).cpu())  # type: ignore[arg-type]
-        out = torch.cat(outs) if outs else torch.empty_like(t, dtype=torch.float32)
+        out = torch.cat(outs) if outs else torch.empty_like(t[:, :1], dtype=torch.float32)
         return out[:, 0] if squeeze else out
 
 

@@ -128,23 +128,38 @@ class TrainStepper:
     """
 
     def __init__(self, setup: TrainingSetup, A: Tensor, B: Tensor,
-                 patch: tuple[int, int] | None = None) -> None:
+                 patch: tuple[int, int] | None = None,
+                 tables: tuple[Tensor, Tensor] | None = None) -> None:
         self.setup = setup
         self.fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
         self.A = A.to(setup.device).contiguous(memory_format=self.fmt)
         self.B = B.to(setup.device).contiguous(memory_format=self.fmt)
         self.patch = patch
+        #: 2.5-D: neighbour tables of A's and B's rows; batches then also hold the stacks
+        self.tables = None if tables is None else tuple(t.to(setup.device) for t in tables)
         self.losses = LossAccumulator()
 
     def batch(self, ia: Tensor, ib: Tensor, wa: Tensor | None = None,
               wb: Tensor | None = None) -> dict[str, Tensor]:
-        """The step's inputs: whole slices, or crops at windows ``wa``/``wb`` (batch, 2)."""
+        """The step's inputs: whole slices, or crops at windows ``wa``/``wb`` (batch, 2);
+        2.5-D runs also get ``A_stack``/``B_stack``, each row with its neighbours cropped at
+        the row's window (:func:`mrsynth.data.context.gather_stack`)."""
         if wa is None or wb is None or self.patch is None:
-            return {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
-        from mrsynth.data.patches import crop
+            out = {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
+        else:
+            from mrsynth.data.patches import crop
 
-        return {"A": crop(self.A, ia, wa, self.patch).contiguous(memory_format=self.fmt),
-                "B": crop(self.B, ib, wb, self.patch).contiguous(memory_format=self.fmt)}
+            out = {"A": crop(self.A, ia, wa, self.patch).contiguous(memory_format=self.fmt),
+                   "B": crop(self.B, ib, wb, self.patch).contiguous(memory_format=self.fmt)}
+        if self.tables is not None:
+            from mrsynth.data.context import STACK_SUFFIX, gather_stack
+
+            patch = None if wa is None or wb is None else self.patch
+            for key, images, table, rows, win in (("A", self.A, self.tables[0], ia, wa),
+                                                  ("B", self.B, self.tables[1], ib, wb)):
+                out[key + STACK_SUFFIX] = gather_stack(images, table, rows, win, patch) \
+                    .contiguous(memory_format=self.fmt)
+        return out
 
     def step(self, ia: Tensor, ib: Tensor, wa: Tensor | None = None,
              wb: Tensor | None = None) -> dict[str, Tensor]:

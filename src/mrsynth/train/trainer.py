@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from mrsynth.data.context import context_slices
 from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError, MrsynthError, RunError
 from mrsynth.models.base import TranslationModel, build_model, get_model_class
@@ -249,6 +250,7 @@ class Trainer:
         self.slices = load_training_slices(
             data, self.contrasts, cls.name, cls.needs_paired, cfg["data"]["image_size"],
             self.device, options.channels_last, int(t["samples"]),
+            context=context_slices(cfg),
         )
         if not self.resuming:  # data and options are fine: now (re)create the run dir
             check_out_dir(out, overwrite)
@@ -276,13 +278,17 @@ class Trainer:
                           int(cfg["seed"])),
         )
         self.patch = None if self.sampler.patches is None else self.sampler.patches.patch
-        self.stepper = TrainStepper(self.setup, self.slices.A, self.slices.B, self.patch)
+        tables = (None if self.slices.table_A is None or self.slices.table_B is None
+                  else (self.slices.table_A, self.slices.table_B))  # 2.5-D
+        self.stepper = TrainStepper(self.setup, self.slices.A, self.slices.B, self.patch,
+                                    tables)
         # the validation slices and the baselines on them (rank 0 scores, the others wait)
         self.val = self.val_info = None
         if self.is_main:
             from mrsynth.eval.validation import baseline_scores, pick_validation_slices
 
-            self.val = pick_validation_slices(data, self.contrasts, int(t["val_slices"]))
+            self.val = pick_validation_slices(data, self.contrasts, int(t["val_slices"]),
+                                              context_slices(cfg))
             if self.val is not None:
                 self.val_info = {**self.val.info(), "baselines": baseline_scores(data, self.val),
                                  "score": "mean in-brain MAE of both directions (lower is "
@@ -658,8 +664,10 @@ class Trainer:
         model.eval()
         try:
             with eager():  # no compilation for this one-off shape and mode
-                fb = model.generator("A2B")(sl.sample_A).float().cpu().numpy()[:, 0]
-                fa = model.generator("B2A")(sl.sample_B).float().cpu().numpy()[:, 0]
+                in_a = sl.sample_A if sl.sample_in_A is None else sl.sample_in_A  # 2.5-D
+                in_b = sl.sample_B if sl.sample_in_B is None else sl.sample_in_B
+                fb = model.generator("A2B")(in_a).float().cpu().numpy()[:, 0]
+                fa = model.generator("B2A")(in_b).float().cpu().numpy()[:, 0]
         finally:
             model.train(was_training)
         ra = sl.sample_A.float().cpu().numpy()[:, 0]
