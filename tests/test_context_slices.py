@@ -367,3 +367,32 @@ def test_evaluate_translates_test_slices_from_their_neighbours(
         vol_rows = [r for r in csv.DictReader(fh) if r["model"] == "generators_s"]
     assert {r["subject"] for r in vol_rows} == set(CONTEXT_TEST_SUBJECTS)
     assert all(np.isfinite(float(r["through_plane_mae"])) for r in vol_rows)
+
+
+def test_complete_writes_a_2p5d_runs_volumes(context_run: Path, mini_bids: Path,
+                                             tmp_path: Path) -> None:
+    """complete goes through translate's volume path: its output is translate's, up to the
+    linear map into the target contrast's units (complete) instead of the source's."""
+    import shutil
+
+    import nibabel as nib
+
+    from mrsynth.eval.complete import complete_dataset
+    from mrsynth.eval.translate import translate_path
+
+    raw = tmp_path / "bids"
+    shutil.copytree(mini_bids, raw)
+    (raw / "sub-ms19" / "anat" / "sub-ms19_T2w.nii.gz").unlink()
+    res = complete_dataset(raw, [context_run], qc=False, validate=True)
+    assert not res.failed
+    job = next(j for j in res.jobs if j.record == "sub-ms19" and not j.validation)
+    assert job.status == "done"
+    val = next(j for j in res.jobs if j.validation)
+    assert val.metrics is not None and np.isfinite(val.metrics["through_plane_mae"])
+    src = raw / "sub-ms19" / "anat" / "sub-ms19_T1w.nii.gz"
+    translate_path(context_run, "T1w2T2w", src, tmp_path / "t.nii.gz")
+    a = np.asarray(nib.load(job.output).dataobj, dtype=np.float64)
+    b = np.asarray(nib.load(tmp_path / "t.nii.gz").dataobj, dtype=np.float64)
+    inside = (a != a.flat[0]) & (b != b.flat[0])
+    assert inside.sum() > 1000
+    assert np.corrcoef(a[inside], b[inside])[0, 1] > 0.99999
