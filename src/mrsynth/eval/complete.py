@@ -60,9 +60,6 @@ PIPELINE = "mrsynth"
 BIDS_VERSION = "1.9.0"
 #: Real target volumes of the data set whose median scale defines the output units.
 MAX_REFERENCE_VOLUMES = 10
-#: Bounds of a plausible brain (or head) foreground: volume in mL and extent in mm.
-BRAIN_ML = (250.0, 6000.0)
-BRAIN_EXTENT_MM = (50.0, 300.0)
 QC_DIR = "qc"
 QC_HTML = "qc.html"
 VALIDATION_TSV = "validation.tsv"
@@ -441,21 +438,17 @@ def target_scale(index: Any, r: RunInfo, contrast: str, log: Log,
 
 # --------------------------------------------------------------------------- one volume
 def check_brain(data: np.ndarray, mask: np.ndarray, zooms: Sequence[float], name: str) -> None:
-    """Refuse a volume whose foreground is not the size of a brain or head."""
-    vox_ml = float(np.prod(zooms[:3])) / 1000.0
-    ml = float(mask.sum()) * vox_ml
-    ext = []
-    for ax in range(3):
-        other = tuple(a for a in range(3) if a != ax)
-        hit = np.flatnonzero(mask.any(axis=other))
-        ext.append(0.0 if hit.size == 0 else float(hit[-1] - hit[0] + 1) * float(zooms[ax]))
-    lo_ml, hi_ml = BRAIN_ML
-    lo_mm, hi_mm = BRAIN_EXTENT_MM
-    if not lo_ml <= ml <= hi_ml or not all(lo_mm <= e <= hi_mm for e in ext):
+    """Refuse a volume that does not look like a whole brain or head.
+
+    The one definition of an implausible brain, :func:`mrsynth.eval.translate.brain_doubts`
+    with the voxel sizes (so the size of a whole brain is required too); where translate
+    only warns, complete fails the subject: its outputs claim to be a subject's volumes."""
+    from mrsynth.eval.translate import brain_doubts
+
+    doubts = brain_doubts(data, mask, zooms)
+    if doubts:
         raise DataError(
-            f"{name} does not look like a brain: its foreground is {ml:.0f} mL and spans "
-            f"{ext[0]:.0f} x {ext[1]:.0f} x {ext[2]:.0f} mm (a brain or head is {lo_ml:.0f}-"
-            f"{hi_ml:.0f} mL and {lo_mm:.0f}-{hi_mm:.0f} mm along each axis). complete needs "
+            f"{name} does not look like a brain: {'; '.join(doubts)}. complete needs "
             "whole-brain 3-D volumes; check the file (voxel sizes in its header, a partial "
             "field of view, another body part) or remove it."
         )

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,15 +180,34 @@ PLAUSIBLE_MASK_FRACTION = (0.02, 0.9)
 PLAUSIBLE_SLICE_FILL = (0.45, 0.92)
 MIN_INTENSITY_SPREAD = 0.1
 MAX_BORDER_FRACTION = 0.1
+#: A whole brain (or head) foreground: volume in mL and extent in mm along each axis. Only
+#: checked when the caller gives voxel sizes because it needs whole volumes (``complete``);
+#: translate takes slabs and 2-D images too.
+WHOLE_BRAIN_ML = (250.0, 6000.0)
+WHOLE_BRAIN_EXTENT_MM = (50.0, 300.0)
 
 
-def brain_doubts(data: np.ndarray, mask: np.ndarray) -> list[str]:
+def brain_doubts(data: np.ndarray, mask: np.ndarray,
+                 zooms: Sequence[float] | None = None) -> list[str]:
     """Reasons why ``mask`` (of a 2-D or 3-D ``data``) does not look like a brain; [] if it does.
 
     Cheap whole-array statistics, not a classifier: enough to flag noise, phantoms and
-    photos, which a model trained on brains translates into confident nonsense.
+    photos, which a model trained on brains translates into confident nonsense. With
+    ``zooms`` (a 3-D volume's voxel sizes in mm) the foreground must also have the size of a
+    whole brain or head. The one definition: translate warns, complete fails the subject.
     """
     doubts = []
+    if zooms is not None and mask.ndim == 3:
+        ml = float(mask.sum()) * float(np.prod(zooms[:3])) / 1000.0
+        ext = []
+        for ax in range(3):
+            hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+            ext.append(0.0 if hit.size == 0 else float(hit[-1] - hit[0] + 1) * float(zooms[ax]))
+        (lo_ml, hi_ml), (lo_mm, hi_mm) = WHOLE_BRAIN_ML, WHOLE_BRAIN_EXTENT_MM
+        if not lo_ml <= ml <= hi_ml or not all(lo_mm <= e <= hi_mm for e in ext):
+            doubts.append(f"its foreground is {ml:.0f} mL and spans {ext[0]:.0f} x {ext[1]:.0f}"
+                          f" x {ext[2]:.0f} mm (a whole brain or head: {lo_ml:.0f}-{hi_ml:.0f} "
+                          f"mL and {lo_mm:.0f}-{hi_mm:.0f} mm along each axis)")
     frac = float(mask.mean())
     lo_f, hi_f = PLAUSIBLE_MASK_FRACTION
     if not lo_f <= frac <= hi_f:
