@@ -328,3 +328,12 @@ def test_dry_run_with_two_models_plans_one_desc_each(mini_bids, run_dir, tmp_pat
         assert f"sub-ms19_desc-{m}_T2w.nii.gz" in stdout
         assert f"sub-bratscase_ses-01_desc-{m}_T2w.nii.gz" in stdout
     assert stdout.count("to write") == 4 and not (raw / "derivatives").exists()
+
+
+def test_paths_with_square_brackets_are_printed_verbatim(mini_bids, run_dir, tmp_path):
+    """A data set folder named like rich markup is printed as it is, not parsed (no crash)."""
+    raw = tmp_path / "b[" / "]ids [bold]"
+    shutil.copytree(mini_bids, raw)  # every subject has both contrasts: nothing to do
+    rc, stdout, err = cli(raw, "--run", run_dir, "--dry-run", "--device", "cpu")
+    assert rc == 0, err
+    assert "Nothing to do" in stdout and "]ids [bold]" in " ".join(stdout.split())

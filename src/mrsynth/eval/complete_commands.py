@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 _STATUS = {
@@ -43,7 +44,7 @@ def plan_table(res: Any, *, title: str) -> Table:
                "validation" if j.validation else "missing", _rel(j.output, res.out), status]
         if done:
             row.append(f"{j.seconds:.1f}" if j.status == "done" else "")
-        t.add_row(*row)
+        t.add_row(*(escape(str(c)) for c in row))
     return t
 
 
@@ -59,7 +60,8 @@ def validation_table(rows: list[dict[str, Any]]) -> Table:
     for col in ("model", "direction", "n", *VOLUME_METRICS.values()):
         t.add_column(col, justify="right" if col not in ("model", "direction") else "left")
     for r in rows:
-        t.add_row(r["model"], r["direction"], str(r["n"]), *(_pm(r[k]) for k in VOLUME_METRICS))
+        t.add_row(escape(r["model"]), r["direction"], str(r["n"]),
+                  *(_pm(r[k]) for k in VOLUME_METRICS))
     return t
 
 
@@ -102,33 +104,34 @@ def register(app: typer.Typer) -> None:
                            description=f"{job.record} {job.direction.label}")
 
             def log(msg: str) -> None:
-                err.print(f"[dim]·[/dim] {msg}", highlight=False)
+                err.print(f"[dim]·[/dim] {escape(msg)}", highlight=False)
 
             res = complete_dataset(bids_dir, run, out, dry_run=dry_run, validate=validate,
                                    overwrite=overwrite, device=dev, batch_size=batch_size,
                                    qc=qc, command=cmd, log=log, progress=tick)
         if not res.jobs:
-            con.print(f"Nothing to do: no subject of {bids_dir} lacks a contrast the runs can "
-                      "produce" + (" or has one to validate." if validate else
+            con.print(f"Nothing to do: no subject of {escape(str(bids_dir))} lacks a contrast "
+                      "the runs can produce" + (" or has one to validate." if validate else
                                    " (--validate scores subjects that have it)."))
             return
         title = ("Plan (dry run: nothing written)" if dry_run
-                 else f"mrsynth complete -> {res.out}")
+                 else f"mrsynth complete -> {escape(str(res.out))}")
         con.print(plan_table(res, title=title))
         if dry_run:
             return
         words = {"done": "written", "skip": "skipped", "failed": "failed"}
         con.print(", ".join(f"{n} {words.get(k, k)}" for k, n in sorted(res.counts().items())))
         for j in res.failed:
-            con.print(f"[bold red]Failed[/bold red] {j.record} {j.direction.label} "
-                      f"({j.source}): {j.message}", highlight=False, soft_wrap=True)
+            con.print(f"[bold red]Failed[/bold red] {escape(str(j.record))} {j.direction.label} "
+                      f"({escape(str(j.source))}): {escape(str(j.message))}",
+                      highlight=False, soft_wrap=True)
         rows = validation_summary(res.jobs)
         if rows:
             con.print(validation_table(rows))
         if res.validation_tsv:
-            con.print(f"Validation metrics: {res.validation_tsv}")
+            con.print(f"Validation metrics: {escape(str(res.validation_tsv))}")
         if res.qc_html:
-            con.print(f"QC page: {res.qc_html}")
+            con.print(f"QC page: {escape(str(res.qc_html))}")
         if res.failed:
             err.print(f"[bold red]{len(res.failed)} volume(s) failed[/bold red]; the others "
                       "were written. See the table above.")
