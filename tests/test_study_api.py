@@ -193,6 +193,25 @@ def test_reader_flow_resume_and_statistics(single, study_inputs, tmp_path):
     assert main(["study", "results", str(path), "--csv", str(out_csv)]) != 0  # no overwrite
 
 
+def test_results_stay_readable_in_an_80_column_terminal(single, capsys, monkeypatch):
+    """Narrow terminals get one block per result row instead of columns squeezed to "…"."""
+    from mrsynth.study import commands as study_commands
+
+    path, _, client = single
+    token = _reader(path, "narrow-reader-with-a-long-name")
+    client.post(f"/api/r/{token}/start")
+    s = client.get(f"/api/r/{token}/state").json()
+    while not s["done"]:
+        s = client.post(f"/api/r/{token}/answer",
+                        json={"trial": s["trial"]["id"], "label": "real"}).json()["state"]
+    monkeypatch.setattr(study_commands.console, "_width", 80)
+    assert main(["study", "results", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    assert "narrow-reader-with-a-long-name" in out and "accuracy:" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
 # --------------------------------------------------------------------------- reliability
 def test_repeated_answer_is_idempotent_and_others_rejected(single):
     path, _, client = single

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from mrsynth.errors import ConfigError
@@ -338,7 +339,16 @@ def results(
                 _fmt(r["auc"], 3),
                 _fmt(r["median_response_s"], 2),
             )
-        console.print(t)
+        natural = Measurement.get(console, console.options.update(max_width=10**6), t)
+        if natural.maximum <= console.width:
+            console.print(t)
+        else:  # a narrow terminal would squeeze the columns to "…": one block per row
+            console.print(f"[bold]{t.title}[/bold]")
+            heads = [str(c.header) for c in t.columns]
+            for cells in zip(*(c.cells for c in t.columns), strict=True):
+                console.print(" · ".join(str(x) for x in cells[:4] if str(x)), style="bold")
+                for h, v in zip(heads[4:], cells[4:], strict=True):
+                    console.print(f"    {h}: {v}")
     k = summary["kappa"]
     if k["n_readers"] >= 2:
         console.print(
