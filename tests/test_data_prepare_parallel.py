@@ -174,3 +174,26 @@ def test_strict_stops_at_a_bad_subject_and_keeps_the_others(mini_bids: Path,
     assert not out.exists()
     kept = list(st.partial_dir(out).glob(f"{st.SHARDS}/*/{st.META_NAME}"))
     assert len(kept) == 1  # the subject before the bad one (sorted order) is kept
+
+
+def test_npz_output_uses_a_temporary_store_and_equals_the_store(reference: Path,
+                                                                tmp_path: Path) -> None:
+    from mrsynth.data.prepared import load_prepared
+
+    out = prepare_store("builtin", tmp_path / "one.npz", workers=2, **OPTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz"]  # no partial left
+    a, b = load_prepared(out), st.open_store(reference)
+    assert a.images["T1w"].dtype == np.float32
+    for c in a.contrasts:  # the store's float16 is the .npz's float32 rounded
+        np.testing.assert_array_equal(a.images[c].astype(np.float16), b.images[c][:])
+    np.testing.assert_array_equal(a.mask, b.mask[:])
+    np.testing.assert_array_equal(a.subject, b.subject)
+    np.testing.assert_array_equal(a.split, b.split)
+    with pytest.raises(ConfigError, match="need a store output"):
+        prepare_store("builtin", tmp_path / "two.npz", shard="1/2", **OPTS)
+
+
+def test_when_every_subject_fails_the_error_says_why_and_nothing_is_left(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="Every subject of builtin failed.*slice 500 does not"):
+        prepare_store("builtin", tmp_path / "x.mrs", workers=1, **{**OPTS, "slices": "500"})
+    assert list(tmp_path.iterdir()) == []

@@ -249,6 +249,8 @@ def prepare_subject(root: str, rec: SubjectRecord, key: str, split: str,
                     rec, cs, SliceSpec.parse(options["slices"]), options["slice_step"],
                     options["downsample"], options["size"], options["percentiles"],
                     options["resample"], sink)
+    except ConfigError:
+        raise  # an option that cannot work (--slices 500) fails for every subject: stop
     except Exception as exc:  # a bad subject must not take the others down
         kind = "" if isinstance(exc, MrsynthError) else f"unexpected {type(exc).__name__}: "
         note = {"subject": rec.id, "error": f"{kind}{exc}", "warnings": sink}
@@ -397,11 +399,14 @@ def finalize(part: Path, dest: Path, *, compress: bool = False) -> Path:
                                               "offset", "scale", "checksums")}
                        | {"key": r["key"], "subject": r["id"], "split": r["split"]})
     if not entries:
+        shutil.rmtree(part, ignore_errors=True)  # nothing in it is worth resuming
+        if failed and len(failed) == len(metas):
+            first = next(iter(failed))
+            raise DataError(f"Every subject of {settings['source']} failed, so nothing was "
+                            f"prepared. The first, {first}: {failed[first]}")
         raise DataError(
             f"No slices were selected from {settings['source']} with --slices "
-            f"{settings['slices']}"
-            + (f" ({len(failed)} subject(s) failed, listed above)" if failed else "")
-            + ". Lower the brain fraction or choose other slices."
+            f"{settings['slices']}. Lower the brain fraction or choose other slices."
         )
 
     def who(split: str) -> list[str]:
@@ -420,8 +425,14 @@ def finalize(part: Path, dest: Path, *, compress: bool = False) -> Path:
                                        size=tuple(settings["size"]),
                                        image_dtype=plan["image_dtype"], shards=entries))
     if dest.suffix == ".npz":
-        st.store_to_npz(part, dest, compress=compress)
+        # the single file is read whole by load_prepared anyway: gather it in memory and
+        # write it with PreparedData.save (the same file as before the store existed)
+        data = st.open_store(part, verify=False)
+        data.images = {c: np.asarray(v) for c, v in data.images.items()}
+        data.mask = np.asarray(data.mask)
+        data.path = None
         shutil.rmtree(part, ignore_errors=True)
+        data.save(dest, compress=compress)
     else:
         try:
             st.publish(part, dest)
@@ -433,7 +444,7 @@ def finalize(part: Path, dest: Path, *, compress: bool = False) -> Path:
 
 def prepare_store(
     source: str | os.PathLike[str], out: str | os.PathLike[str], *,
-    workers: int | None = None, shard: str | tuple[int, int] | None = None,
+    workers: int | None = 1, shard: str | tuple[int, int] | None = None,
     finalize_only: bool = False, image_dtype: str = st.DEFAULT_IMAGE_DTYPE,
     strict: bool = False, overwrite: bool = False, compress: bool = False,
     progress: Any = False, **options: Any,
@@ -457,7 +468,13 @@ def prepare_store(
     n_workers = default_workers() if workers is None else int(workers)
     if n_workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {workers}.")
-    part = st.partial_dir(dest)
+    if npz and (shard_in is not None or finalize_only):
+        raise ConfigError("--shard and --finalize need a store output (a directory such as "
+                          "data.mrs), not a .npz file.")
+    # a store is built in DEST.partial and kept when interrupted (a rerun continues); a .npz
+    # output uses a hidden temporary directory, removed whatever happens
+    part = (dest.with_name(f".{dest.name}.partial-{os.getpid()}") if npz
+            else st.partial_dir(dest))
     if dest.exists() and not overwrite:
         raise OutputExistsError(
             f"Output {dest} already exists. Choose another path, or pass --overwrite to replace "
@@ -471,6 +488,27 @@ def prepare_store(
     check_writable(part, directory=True)
 
     plan = make_plan(source, strict=strict, **options)
+    created = not part.exists()
+    try:
+        return _run(part, dest, plan, shard_in, finalize_only, image_dtype, n_workers, strict,
+                    overwrite, compress, progress)
+    except BaseException:
+        if created and not _has_work(part):
+            shutil.rmtree(part, ignore_errors=True)
+        raise
+    finally:
+        if npz:
+            shutil.rmtree(part, ignore_errors=True)
+
+
+def _has_work(part: Path) -> bool:
+    """Whether a partial store holds a finished or failed subject (worth resuming)."""
+    return any(part.glob(f"{st.SHARDS}/*/{st.META_NAME}")) or any(part.glob(f"{st.FAILED}/*"))
+
+
+def _run(part: Path, dest: Path, plan: Plan, shard_in: tuple[int, int] | None,
+         finalize_only: bool, image_dtype: str, n_workers: int, strict: bool, overwrite: bool,
+         compress: bool, progress: Any) -> Path | None:
     want = plan.as_json(datetime.now(UTC).isoformat(timespec="seconds"), image_dtype)
     plan_file = part / st.PLAN_NAME
     if plan_file.is_file():
