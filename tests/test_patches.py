@@ -267,3 +267,17 @@ def _epoch_rows(run: Path) -> list[dict]:
     free = ("wall_s", "images_per_s", "resumed_mid_epoch", "validation_s")
     doc = json.loads((run / "metrics.json").read_text())
     return [{k: v for k, v in e.items() if k not in free} for e in doc["epochs"]]
+
+
+def test_runs_from_before_patches_keep_training_whole_slices():
+    """A stored cpu-small config without train.patch_size (it downsampled whole slices to
+    64 px) upgrades to patch_size None, so it loads and resumes as it was trained."""
+    from mrsynth.train.config import upgrade_config
+
+    old = resolve_config("cyclegan", "cpu-small", {"data.image_size": 64})
+    del old["train"]["patch_size"], old["train"]["patch_brain_fraction"]
+    del old["train"]["val_slices"]
+    up = upgrade_config(old)
+    assert up["train"]["patch_size"] is None and up["data"]["image_size"] == 64
+    assert up["train"]["val_slices"] == 8
+    assert upgrade_config(resolve_config("cyclegan", "cpu-small"))["train"]["patch_size"] == 64
