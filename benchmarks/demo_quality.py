@@ -4,11 +4,11 @@ Runs (or resumes: finished stages are reused) ``mrsynth demo`` on the shared dat
 two fixed test subjects, then prints, per model and direction, the in-brain z-scored MAE
 and SSIM on the test split beside ``baseline_intensity``'s, the relative MAE difference,
 the one-sided paired Wilcoxon p-value of the verdict, and the epoch each run was evaluated
-at (its best validation epoch). Writes ``benchmarks/results/demo_quality.json`` with the
+at (its best validation epoch). Writes ``benchmarks/results/demo_quality[-TAG].json`` with the
 table, the wall time of this invocation and the demo's per-stage times.
 
     .venv/bin/python benchmarks/demo_quality.py [--out DIR] [--data ../shared/data/mrpaired]
-        [--models cyclegan,generators_s,...] [--val-fraction 0.2]
+        [--models cyclegan,generators_s,...] [--val-fraction 0.2] [--tag NAME]
 
 A measurement, not a test: the 2-core machine is shared, so wall times vary with its load.
 """
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/mrsynth-demo-quality"))
     ap.add_argument("--models", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--tag", default="", help="result file suffix (demo_quality-TAG.json)")
     args = ap.parse_args()
     from mrsynth.demo import run_demo
 
@@ -88,10 +89,12 @@ def main() -> None:
     history = json.loads((args.out / "demo.json").read_text())["invocations"]
     print(f"\nthis invocation: {wall:.0f} s; demo stages (first invocation): "
           f"{json.dumps({k: round(v) for k, v in history[0]['timings_s'].items()})}")
-    dest = REPO / "benchmarks" / "results" / "demo_quality.json"
+    dest = REPO / "benchmarks" / "results" / (
+        f"demo_quality-{args.tag}.json" if args.tag else "demo_quality.json")
     atomic_write_json(dest, {
         "command": "mrsynth demo --data ../shared/data/mrpaired --test-subjects "
-                   f"{','.join(TEST_SUBJECTS)} --val-fraction {args.val_fraction}",
+                   f"{','.join(TEST_SUBJECTS)} --val-fraction {args.val_fraction}"
+                   + (f" --models {args.models}" if args.models else ""),
         "table": table, "wall_s_this_invocation": round(wall, 1),
         "demo_invocations": history, "environment": environment_info()})
     print(f"wrote {dest}")
