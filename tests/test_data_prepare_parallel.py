@@ -197,3 +197,23 @@ def test_when_every_subject_fails_the_error_says_why_and_nothing_is_left(tmp_pat
     with pytest.raises(DataError, match="Every subject of builtin failed.*slice 500 does not"):
         prepare_store("builtin", tmp_path / "x.mrs", workers=1, **{**OPTS, "slices": "500"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parts_finishing_together_publish_one_store(reference: Path, tmp_path: Path) -> None:
+    from mrsynth.data.prepare_parallel import finalize
+
+    out = tmp_path / "r.mrs"
+    part = st.partial_dir(out)
+    shutil.copytree(reference, part)
+    (part / st.INDEX_NAME).unlink()
+    assert finalize(part, out) == out
+    # the other part arrives a moment later: the store is already there, nothing changes
+    assert finalize(part, out) == out
+    # ... or it re-created the partial directory with just its index before publishing
+    part.mkdir()
+    shutil.copy(out / st.INDEX_NAME, part / st.INDEX_NAME)
+    st.publish(part, out, replace=False)
+    assert not part.exists()
+    _assert_same_store(out, reference)
+    with pytest.raises(OSError):  # a real failure to publish is not hidden
+        st.publish(tmp_path / "nowhere", tmp_path / "elsewhere", replace=False)

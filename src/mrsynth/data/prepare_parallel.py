@@ -353,8 +353,14 @@ def _run_pool(todo: list[int], args: Any, workers: int, done: Any) -> None:
     pool.shutdown(wait=True)
 
 
-def finalize(part: Path, dest: Path, *, compress: bool = False) -> Path:
-    """Write the index of a store whose subjects are all done (or failed); publish it."""
+def finalize(part: Path, dest: Path, *, compress: bool = False, replace: bool = False) -> Path:
+    """Write the index of a store whose subjects are all done (or failed); publish it.
+
+    ``replace``: an existing ``dest`` (a finished store) is replaced; otherwise a ``dest``
+    that appears meanwhile was published by another ``--shard`` part, and that is fine.
+    """
+    if not (part / st.PLAN_NAME).is_file() and (dest / st.INDEX_NAME).is_file():
+        return dest  # another part finished and published the store
     plan = st.read_json(part / st.PLAN_NAME, "store plan")
     metas: list[tuple[dict, dict | None]] = []
     failed: dict[str, str] = {}
@@ -434,11 +440,7 @@ def finalize(part: Path, dest: Path, *, compress: bool = False) -> Path:
         shutil.rmtree(part, ignore_errors=True)
         data.save(dest, compress=compress)
     else:
-        try:
-            st.publish(part, dest)
-        except FileNotFoundError:  # another --shard part published it a moment ago
-            if not (dest / st.INDEX_NAME).is_file():
-                raise
+        st.publish(part, dest, replace=replace)
     return dest
 
 
@@ -526,7 +528,7 @@ def _run(part: Path, dest: Path, plan: Plan, shard_in: tuple[int, int] | None,
         part.mkdir(parents=True, exist_ok=True)
         st.write_json(plan_file, want)
     if finalize_only:
-        return finalize(part, dest, compress=compress)
+        return finalize(part, dest, compress=compress, replace=overwrite)
 
     mine = list(range(len(plan.records)))
     if shard_in is not None:
@@ -539,11 +541,13 @@ def _run(part: Path, dest: Path, plan: Plan, shard_in: tuple[int, int] | None,
              f"{part}; continuing with the other {len(todo)}.")
     prepare_subjects(part, plan, todo, image_dtype=image_dtype, workers=n_workers,
                      strict=strict, progress=progress)
+    if not part.is_dir() and (dest / st.INDEX_NAME).is_file():
+        return dest  # another part finished the rest and published the store meanwhile
     left = [r.id for r, k in zip(plan.records, plan.keys, strict=True)
             if st.shard_meta(part, k) is None and not (part / st.FAILED / f"{k}.json").is_file()]
     if left:
         return None
-    return finalize(part, dest, compress=compress)
+    return finalize(part, dest, compress=compress, replace=overwrite)
 
 
 def read_plan_summary(part: Path) -> dict[str, Any]:

@@ -526,13 +526,26 @@ def partial_dir(dest: Path) -> Path:
     return dest.with_name(dest.name + ".partial")
 
 
-def publish(part: Path, dest: Path) -> None:
-    """Move a finished store into place; an older ``dest`` is removed only afterwards."""
+def publish(part: Path, dest: Path, *, replace: bool = True) -> None:
+    """Move a finished store into place.
+
+    ``replace``: an older ``dest`` is moved aside first and removed only afterwards.
+    Without it, a ``dest`` that appeared meanwhile is another ``--shard`` part having
+    published the same store: that is success, and a stray ``part`` (just an index,
+    re-created by a late writer) is removed.
+    """
     old = None
-    if dest.exists():
+    if replace and dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.rename(dest, old)
-    os.rename(part, dest)
+    try:
+        os.rename(part, dest)
+    except OSError:
+        if replace or not (dest / INDEX_NAME).is_file():
+            raise
+        if part.is_dir() and not (part / SHARDS).exists():
+            shutil.rmtree(part, ignore_errors=True)
+        return
     if old is not None:
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
