@@ -187,3 +187,81 @@ def test_an_edited_index_and_an_unfinished_store_are_refused(small_store: Path,
     empty.mkdir()
     with pytest.raises(DataError):
         st.open_store(empty)
+
+
+# ----------------------------------------------------------------------------- consumers
+@pytest.fixture(scope="module")
+def store32(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``prepared_small`` as a float32 store: the same numbers, read lazily."""
+    return st.write_store_from(load_prepared(prepared_small),
+                               tmp_path_factory.mktemp("store") / "small.mrs",
+                               image_dtype="float32")
+
+
+def test_load_prepared_reads_a_store_by_its_path(store32: Path, prepared_small: Path) -> None:
+    d = load_prepared(store32)
+    assert isinstance(d.mask, st.ShardedArray) and d.path == store32
+    assert len(d) == len(load_prepared(prepared_small))
+    with pytest.raises(DataError, match="does not exist"):
+        load_prepared(store32.parent / "missing.mrs")
+
+
+def test_training_from_a_store_equals_training_from_the_npz(store32: Path, prepared_small: Path,
+                                                            tmp_path: Path) -> None:
+    import csv
+
+    from safetensors.numpy import load_file
+
+    from helpers import one_torch_thread
+    from mrsynth.train.config import resolve_config
+    from mrsynth.train.trainer import train
+
+    over = {"train.epochs": 1, "train.max_steps_per_epoch": 4, "train.log_every": 2,
+            "train.samples": 2, "train.progress": False, "train.checkpoint_every_minutes": 0,
+            "data.image_size": 32}
+    cfg = resolve_config("simple", "cpu-small", over)
+    with one_torch_thread():
+        a = train(cfg, prepared_small, tmp_path / "npz")
+        b = train(cfg, store32, tmp_path / "store")
+    def losses(run: Path) -> list[dict[str, str]]:  # all but the speed column
+        with open(run / "losses.csv", newline="") as fh:
+            return [{k: v for k, v in r.items() if k != "images_per_s"}
+                    for r in csv.DictReader(fh)]
+
+    assert losses(a) == losses(b) and len(losses(a)) == 2
+    wa = load_file(a / "checkpoints" / "latest" / "weights.safetensors")
+    wb = load_file(b / "checkpoints" / "latest" / "weights.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_evaluate_and_the_study_read_a_store_like_the_npz(store32: Path, prepared_small: Path,
+                                                         tmp_path: Path,
+                                                         tmp_path_factory) -> None:
+    import csv
+
+    from helpers import one_torch_thread
+    from mrsynth.cli import main
+    from mrsynth.study.sources import load_masks, load_pixels, scan_source
+    from test_eval_fixtures import tiny_run
+
+    run = tiny_run(tmp_path_factory, prepared_small, "simple")
+    rows = {}
+    with one_torch_thread():
+        for name, data in (("npz", prepared_small), ("store", store32)):
+            out = tmp_path / name
+            assert main(["evaluate", "--runs", str(run), "--data", str(data), "--out", str(out),
+                         "--device", "cpu", "--c2st-steps", "5"]) == 0
+            with open(out / "per_image.csv", newline="") as fh:
+                rows[name] = list(csv.DictReader(fh))
+    assert rows["npz"] == rows["store"] and len(rows["npz"]) > 0
+
+    ra = scan_source(prepared_small, "real", None, ["T1w", "T2w"])
+    rb = scan_source(store32, "real", None, ["T1w", "T2w"])
+    assert [(r.contrast, r.index) for r in ra] == [(r.contrast, r.index) for r in rb]
+    pa, pb = load_pixels(ra), load_pixels(rb)
+    ma, mb = load_masks(ra, pa), load_masks(rb, pb)
+    for x, y in zip(ra, rb, strict=True):
+        np.testing.assert_array_equal(pa[x], pb[y])
+        np.testing.assert_array_equal(ma[x], mb[y])

@@ -26,7 +26,6 @@ subject at a time. Shards do not depend on the worker count or order, so any
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import warnings
@@ -487,7 +486,7 @@ def prepare_store(
                           "replaces a store. Choose another path (a .npz name for one file).")
     if npz and dest.is_dir():
         raise ConfigError(f"Output {dest} is a directory; give a file name like data.npz.")
-    check_writable(part, directory=True)
+    check_writable(dest, directory=not npz)  # names the output the user gave
 
     plan = make_plan(source, strict=strict, **options)
     created = not part.exists()
@@ -548,13 +547,3 @@ def _run(part: Path, dest: Path, plan: Plan, shard_in: tuple[int, int] | None,
     if left:
         return None
     return finalize(part, dest, compress=compress, replace=overwrite)
-
-
-def read_plan_summary(part: Path) -> dict[str, Any]:
-    """Counts of done, failed and missing subjects of an unfinished store (for messages)."""
-    plan = json.loads((part / st.PLAN_NAME).read_text())
-    keys = [r["key"] for r in plan["records"]]
-    done = sum(1 for k in keys if (part / st.SHARDS / k / st.META_NAME).is_file())
-    failed = sum(1 for k in keys if (part / st.FAILED / f"{k}.json").is_file())
-    return {"subjects": len(keys), "done": done, "failed": failed,
-            "missing": len(keys) - done - failed}

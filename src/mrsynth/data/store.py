@@ -347,7 +347,8 @@ def read_index(root: Path) -> dict[str, Any]:
     if not p.is_file():
         if (root / PLAN_NAME).is_file():
             raise DataError(
-                f"Store {root} is unfinished: its preparation was interrupted or other "
+                f"Store {root} is unfinished ({progress_text(root)}): its preparation was "
+                "interrupted or other "
                 f"--shard parts have not run yet (no {INDEX_NAME}). Re-run the same `mrsynth "
                 "data prepare` command to continue, or `mrsynth data prepare --finalize` once "
                 "every part has run."
@@ -363,6 +364,17 @@ def read_index(root: Path) -> dict[str, Any]:
         raise DataError(f"{p} does not match the sha256 stored in it; the index was changed "
                         f"or damaged. {_REPAIR}")
     return index
+
+
+def progress_text(root: Path) -> str:
+    """'12 of 40 subjects done, 1 failed' for an unfinished store."""
+    try:
+        keys = [r["key"] for r in json.loads((root / PLAN_NAME).read_text())["records"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its plan is unreadable"
+    done = sum((root / SHARDS / k / META_NAME).is_file() for k in keys)
+    failed = sum((root / FAILED / f"{k}.json").is_file() for k in keys)
+    return f"{done} of {len(keys)} subjects done" + (f", {failed} failed" if failed else "")
 
 
 def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> int:
