@@ -36,11 +36,14 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mrsynth.errors import DataError
+
+if TYPE_CHECKING:
+    from mrsynth.data.prepared import PreparedData
 
 STORE_FORMAT = "mrsynth-store"
 STORE_VERSION = 1
@@ -377,7 +380,8 @@ def progress_text(root: Path) -> str:
     return f"{done} of {len(keys)} subjects done" + (f", {failed} failed" if failed else "")
 
 
-def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> int:
+def verify_store(root: str | os.PathLike[str], *, full: bool = True,
+                 index: dict[str, Any] | None = None) -> int:
     """Check every shard: files present with the right size, and (``full``) their sha256,
     images finite and in [-1, 1], masks true booleans. Returns the bytes checked.
 
@@ -386,7 +390,7 @@ def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> int:
     from mrsynth.data.prepared import _check_boolean, _check_image_range
 
     root = Path(root)
-    index = read_index(root)
+    index = read_index(root) if index is None else index
     h, w = index["size"]
     names = {f"image__{c}": np.dtype(index["image_dtype"]) for c in index["contrasts"]}
     names["mask"] = np.dtype(bool)
@@ -426,7 +430,7 @@ def store_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def open_store(path: str | os.PathLike[str], *, verify: bool | None = None):  # -> PreparedData
+def open_store(path: str | os.PathLike[str], *, verify: bool | None = None) -> PreparedData:
     """Open a finished store as a lazy :class:`~mrsynth.data.prepared.PreparedData`.
 
     ``verify``: True hashes every shard, False only checks the files' presence and
@@ -436,9 +440,8 @@ def open_store(path: str | os.PathLike[str], *, verify: bool | None = None):  # 
 
     root = Path(path)
     index = read_index(root)
-    full = verify if verify is not None else (
-        _data_bytes(index) <= VERIFY_ON_OPEN_BYTES)
-    verify_store(root, full=full)
+    full = verify if verify is not None else _data_bytes(index) <= VERIFY_ON_OPEN_BYTES
+    verify_store(root, full=full, index=index)
     shards = index["shards"]
     if not shards:
         raise DataError(f"Store {root} holds no slices. Re-run `mrsynth data prepare`.")
