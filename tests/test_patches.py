@@ -166,8 +166,8 @@ def test_every_model_trains_on_patches_and_translates_whole_slices(
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     init, batch = step_mod.TrainStepper.__init__, step_mod.TrainStepper.batch
 
-    def init_hooked(self, setup, a, b, patch=None):
-        init(self, setup, a, b, patch)
+    def init_hooked(self, setup, *args, **kwargs):
+        init(self, setup, *args, **kwargs)
         for name, net in setup.model.named_children():  # networks taking images (1-2 ch.)
             nets.append(name)
             net.register_forward_pre_hook(
