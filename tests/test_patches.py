@@ -281,3 +281,38 @@ def test_runs_from_before_patches_keep_training_whole_slices():
     assert up["train"]["patch_size"] is None and up["data"]["image_size"] == 64
     assert up["train"]["val_slices"] == 8
     assert upgrade_config(resolve_config("cyclegan", "cpu-small"))["train"]["patch_size"] == 64
+
+
+def test_two_ranks_train_on_the_same_patches_as_one_process(prepared_small: Path,
+                                                           tmp_path: Path, monkeypatch):
+    """torchrun with 2 ranks: each rank crops its share of the global batch's windows, so
+    the logged losses (means over the global batch) equal one process's."""
+    import subprocess
+    import sys
+
+    from mrsynth.cli import main
+    from mrsynth.train import distributed as dd
+
+    for v in dd.TORCHRUN_VARS:
+        monkeypatch.delenv(v, raising=False)
+    args = ["train", "--model", "pix2pix", "--data", str(prepared_small), "--preset",
+            "cpu-small", "--epochs", "1", "--max-steps-per-epoch", "3", "--batch-size", "2",
+            "--seed", "1", "--set", "arch.ngf=4", "--set", "arch.n_blocks=1",
+            "--set", "arch.ndf=8", "--set", "train.patch_size=24", "--set",
+            "train.progress=false", "--set", "train.log_every=1", "--set",
+            "train.num_threads=1", "--set", "train.checkpoint_every_minutes=0"]
+    with one_torch_thread():
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in dd.TORCHRUN_VARS}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
+                           "mrsynth", *args, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = _loss_rows(tmp_path / "one"), _loss_rows(tmp_path / "two")
+    assert [r["iteration"] for r in one] == [r["iteration"] for r in two] == ["1", "2", "3"]
+    for a, b in zip(one, two, strict=True):
+        for k in a:
+            if k not in ("epoch", "iteration", "lr"):
+                assert abs(float(a[k]) - float(b[k])) <= 1e-4 * max(abs(float(a[k])), 1e-3), k
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["patch_size"] == [24, 24]
