@@ -244,7 +244,7 @@ def test_training_batches_hold_each_rows_neighbours(prepared_context: Path) -> N
         np.testing.assert_array_equal(batch["A"][b, 0].numpy(), want_a[1])
 
 
-@pytest.mark.parametrize("model", ["generators_s", "pix2pix"])
+@pytest.mark.parametrize("model", ["generators_s", "pix2pix", "cyclegan", "unit"])
 def test_2p5d_run_resumes_bit_exactly(model: str, prepared_context: Path,
                                       tmp_path: Path) -> None:
     from safetensors.torch import load_file
