@@ -8,7 +8,9 @@ A resolved config is a plain JSON-able dict (it is written to ``RUN_DIR/config.j
            patch_brain_fraction, val_slices, log_every, samples, checkpoint_every_minutes,
            keep_every_epochs, deterministic, channels_last, compile, fused_adam, num_threads,
            progress},
-    arch.*, loss.*, optim.*   (model-specific, from the model's ``preset_config``)
+    arch.*, loss.*, optim.*   (model-specific, from the model's ``preset_config``; every
+                              model has ``arch.context_slices``, 2.5-D input, 0..8,
+                              checked by ``TranslationModel.config_problems``)
 
 Presets: ``paper`` reproduces the study's settings (whole slices); ``cpu-small`` is the same
 code path with a model a 2-core CPU trains in minutes (fewer filters and blocks, few epochs)
