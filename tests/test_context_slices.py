@@ -396,3 +396,12 @@ def test_complete_writes_a_2p5d_runs_volumes(context_run: Path, mini_bids: Path,
     inside = (a != a.flat[0]) & (b != b.flat[0])
     assert inside.sum() > 1000
     assert np.corrcoef(a[inside], b[inside])[0, 1] > 0.99999
+
+
+def test_evaluate_says_when_test_slices_lack_neighbours(context_run: Path, prepared_small: Path,
+                                                         tmp_path: Path) -> None:
+    from mrsynth.eval.evaluate import evaluate
+
+    lines: list[str] = []  # prepared_small keeps every 4th slice
+    evaluate([context_run], prepared_small, tmp_path / "eval", c2st_steps=5, log=lines.append)
+    assert any("lack their neighbours" in line for line in lines)

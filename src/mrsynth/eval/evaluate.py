@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mrsynth.data.context import prepared_table, run_context_slices
+from mrsynth.data.context import exact_fraction, prepared_table, run_context_slices
 from mrsynth.data.naming import format_slice_name
 from mrsynth.data.prepared import PreparedData, load_prepared
 from mrsynth.errors import ConfigError, DataError
@@ -421,6 +421,9 @@ def _evaluate_into(
         s_epoch, n_epochs, train_dev = train_timing(run.metrics)
         k = run_context_slices(run)  # 2.5-D: neighbours among the same subject's test slices
         table = prepared_table(test.subject, test.slice_index, k) if k else None
+        if table is not None and exact_fraction(table, test.slice_index) < 0.5:
+            log(f"{label}: a 2.5-D run (arch.context_slices={k}), but most test slices lack "
+                "their neighbours in the prepared file (--slice-step?): it sees them repeated")
         for d in dirs:
             log(f"{label}: translating {len(test)} slices {d.label}")
             syn, ms = _translate_all(run, test.images[d.source], d.internal, batch_size, device,
