@@ -111,16 +111,22 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=100, help="iterations per epoch (demo: 100)")
     ap.add_argument("--epochs", type=int, default=None, help="default: the preset's (10)")
+    ap.add_argument("--downsample", type=int, default=2,
+                    help="in-plane block averaging (the demo: 2, slices 128 px; 1: 256 px)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1],
                     help="context slices of the 2.5-D models (each against k=0)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mrsynth-context-"))
     suffix = "" if args.steps == 100 and not args.epochs else f"-steps{args.steps}"
+    if args.downsample != 2:
+        suffix += f"-downsample{args.downsample}"
+    side = 256 // args.downsample
     work.mkdir(parents=True, exist_ok=True)
-    prepared = work / "real128.npz"
+    prepared = work / f"real{side}.npz"
     if not prepared.is_file():
-        prepare_dataset(args.data, prepared, contrasts=("T1w", "T2w"), size=(128, 128),
-                        downsample=2, test_subjects=TEST_SUBJECTS, val_fraction=0.2, seed=0)
+        prepare_dataset(args.data, prepared, contrasts=("T1w", "T2w"), size=(side, side),
+                        downsample=args.downsample, test_subjects=TEST_SUBJECTS,
+                        val_fraction=0.2, seed=0)
     d = load_prepared(prepared)
     test = d.split_view("test")
     test = test.select(test.paired)
@@ -136,7 +142,8 @@ def main() -> None:
             if args.epochs:
                 over["train.epochs"] = args.epochs
             cfg = resolve_config(MODEL, "cpu-small", over)
-            run_dir = work / f"{MODEL}-k{k}-seed{seed}-steps{args.steps}"
+            run_dir = work / (f"{MODEL}-k{k}-seed{seed}-steps{args.steps}" + (
+                f"-downsample{args.downsample}" if args.downsample != 2 else ""))
             if not (run_dir / "checkpoints" / "latest").is_dir():
                 train(cfg, prepared, run_dir, overwrite=True)
             # training wall time as the run recorded it (also for a run trained earlier)
@@ -215,6 +222,7 @@ def main() -> None:
     atomic_write_json(res_path, {
         "model": MODEL, "preset": "cpu-small", "ks": ks, "seeds": args.seeds,
         "steps_per_epoch": args.steps, "epochs": args.epochs or "preset (10)",
+        "downsample": args.downsample, "size": side,
         "test_subjects": list(TEST_SUBJECTS), "n_test_slices": len(test),
         "table": table, "baselines": refs, "runs": results, "figure": str(fig.relative_to(REPO)),
         "environment": environment_info(),
