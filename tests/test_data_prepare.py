@@ -177,6 +177,21 @@ def _run_fails(args: list[str], capsys: pytest.CaptureFixture[str], *must: str) 
     return text
 
 
+def _subject_fails(args: list[str], capsys: pytest.CaptureFixture[str], subject: str,
+                   *must: str) -> None:
+    """A bad subject: an error with --strict; by default reported, skipped, and listed."""
+    _run_fails([*args, "--strict"], capsys, subject, "--strict", *must)
+    out = Path(args[args.index("--out") + 1])
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().err.split())
+    assert f"Subject {subject} failed and is skipped" in text
+    for m in must:
+        assert m in text, (m, text)
+    d = load_prepared(out)
+    assert subject not in set(d.subject.tolist()) and len(d) > 0
+    assert subject in d.settings["failed_subjects"]
+
+
 def _prep_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["data", "prepare", str(root), "--out", str(out), "--size", "128", "128",
             "--slice-step", "6", "-q", *extra]
@@ -187,7 +202,8 @@ def test_truncated_volume(mrpaired: Path, mini_bids: Path, tmp_path: Path, capsy
     bad = root / "sub-ms19" / "anat" / "sub-ms19_T1w.nii.gz"
     raw = (mrpaired / "sub-ms19" / "anat" / "sub-ms19_T1w.nii.gz").read_bytes()
     bad.write_bytes(raw[: len(raw) // 2])
-    _run_fails(_prep_args(root, tmp_path / "out" / "x.npz"), capsys, str(bad), "truncated")
+    _subject_fails(_prep_args(root, tmp_path / "out" / "x.npz"), capsys, "sub-ms19", str(bad),
+                   "truncated")
 
 
 def test_nan_volume(mini_bids: Path, tmp_path: Path, capsys):
@@ -197,7 +213,7 @@ def test_nan_volume(mini_bids: Path, tmp_path: Path, capsys):
     data = np.asarray(img.dataobj, dtype=np.float32)
     data[40:42, 50, 30] = np.nan
     nib.save(nib.Nifti1Image(data, img.affine), p)
-    _run_fails(_prep_args(root, tmp_path / "x.npz"), capsys, str(p), "2 NaN")
+    _subject_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-met00110", str(p), "2 NaN")
 
 
 def test_4d_volume(mini_bids: Path, tmp_path: Path, capsys):
@@ -206,7 +222,8 @@ def test_4d_volume(mini_bids: Path, tmp_path: Path, capsys):
     img = nib.load(p)
     data = np.asarray(img.dataobj)
     nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), img.affine), p)
-    _run_fails(_prep_args(root, tmp_path / "x.npz"), capsys, str(p), "4-D", "2 volumes")
+    _subject_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-bratscase", str(p), "4-D",
+                   "2 volumes")
 
 
 def test_constant_volume(mini_bids: Path, tmp_path: Path, capsys):
@@ -214,7 +231,7 @@ def test_constant_volume(mini_bids: Path, tmp_path: Path, capsys):
     p = root / "sub-ms19" / "anat" / "sub-ms19_T2w.nii.gz"
     img = nib.load(p)
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), p)
-    _run_fails(_prep_args(root, tmp_path / "x.npz"), capsys, str(p), "all zero")
+    _subject_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-ms19", str(p), "all zero")
 
 
 def test_empty_dataset(tmp_path: Path, capsys):
@@ -265,8 +282,8 @@ def test_grid_mismatch_and_resample(mini_bids: Path, tmp_path: Path, capsys):
     aff = img.affine.copy()
     aff[:3, 3] += [4.0, -2.0, 0.0]  # T2w shifted by 4 and 2 mm: not on the T1w grid
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), p)
-    _run_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-ms19", str(p),
-               "not on the same voxel grid", "--resample")
+    _subject_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-ms19", str(p),
+                   "not on the same voxel grid", "--resample")
     assert main(_prep_args(root, tmp_path / "r.npz", "--resample")) == 0
     assert "resampled T2w onto the T1w grid" in " ".join(capsys.readouterr().err.split())
     d = load_prepared(tmp_path / "r.npz")
@@ -282,8 +299,8 @@ def test_flipped_affine_is_a_grid_mismatch(mini_bids: Path, tmp_path: Path, caps
     img = nib.load(p)
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), flip @ img.affine), p)
-    _run_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-met00110",
-               "not on the same voxel grid")
+    _subject_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-met00110",
+                   "not on the same voxel grid")
 
 
 def test_bad_options(mini_bids: Path, tmp_path: Path, capsys):

@@ -217,3 +217,43 @@ def test_parts_finishing_together_publish_one_store(reference: Path, tmp_path: P
     _assert_same_store(out, reference)
     with pytest.raises(OSError):  # a real failure to publish is not hidden
         st.publish(tmp_path / "nowhere", tmp_path / "elsewhere", replace=False)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def _cli_args(out: Path, *extra: str) -> list[str]:
+    return ["data", "prepare", "builtin", "--out", str(out), "--n-subjects", "6", "--size", "32",
+            "32", "--downsample", "4", "--slice-step", "3", "--test-fraction", "0.2",
+            "--val-fraction", "0.25", "--seed", "1", *extra]
+
+
+def test_cli_prepares_shards_finalizes_inspects_and_converts(reference: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    from mrsynth.cli import main
+    from mrsynth.data.prepared import load_prepared
+
+    out = tmp_path / "c.mrs"
+    assert main(_cli_args(out, "--shard", "1/2", "--workers", "1")) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Part 1/2" in text and "3 of 6 subjects done" in text and not out.exists()
+    assert main(_cli_args(out, "--finalize")) != 0
+    assert "3 of 6 subjects" in " ".join(capsys.readouterr().err.split())
+    assert main(_cli_args(out, "--shard", "2/2", "--workers", "1")) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"Wrote {out}" in text and "store" in text
+    _assert_same_store(out, reference)
+
+    assert main(["data", "info", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "store" and summary["image_dtype"] == "float16"
+    assert summary["n_slices"] == len(st.open_store(reference))
+
+    npz = tmp_path / "c.npz"
+    assert main(["data", "convert", str(out), str(npz), "-q"]) == 0
+    back = tmp_path / "back.mrs"
+    assert main(["data", "convert", str(npz), str(back), "-q"]) == 0
+    a, b = st.open_store(back), st.open_store(reference)
+    for c in a.contrasts:  # float16 -> float32 -> float16 is exact
+        np.testing.assert_array_equal(a.images[c][:], b.images[c][:])
+    np.testing.assert_array_equal(load_prepared(npz).mask, b.mask[:])
+    assert main(["data", "convert", str(npz), str(back), "-q"]) != 0  # exists
+    assert "--overwrite" in " ".join(capsys.readouterr().err.split())

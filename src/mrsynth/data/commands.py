@@ -67,7 +67,8 @@ def _fmt_range(lo: float | None, hi: float | None) -> str:
 
 @data_app.command("info")
 def info_cmd(
-    path: str = typer.Argument(..., help="Data set directory, `builtin`, or a prepared .npz file."),
+    path: str = typer.Argument(..., help="Data set directory, `builtin`, or prepared data (a "
+                               ".npz file or a store directory)."),
     layout: str | None = typer.Option(None, "--layout", help=_LAYOUT_HELP),
     contrasts: list[str] | None = typer.Option(
         None, "--contrasts", help="Contrasts every subject should have (repeat or comma-separate); "
@@ -81,9 +82,10 @@ def info_cmd(
     Exits with status 1 when a problem was found (so scripts can check a data set).
     """
     from mrsynth.data.info import inspect_dataset
+    from mrsynth.data.store import is_store
 
     p = Path(path)
-    if path != "builtin" and p.is_file() and p.suffix == ".npz":
+    if path != "builtin" and ((p.is_file() and p.suffix == ".npz") or is_store(p)):
         _prepared_info(p, as_json)
         return
     with _print_data_warnings():
@@ -157,17 +159,23 @@ def _prepared_info(path: Path, as_json: bool) -> None:
     import numpy as np
 
     from mrsynth.data.prepared import load_prepared
+    from mrsynth.data.store import read_index, store_bytes
 
-    d = load_prepared(path)
+    d = load_prepared(path, verify=True)  # a store: every shard hashed, whatever its size
+    names, first, counts = np.unique(d.subject, return_index=True, return_counts=True)
+    store = path.is_dir()
     summary = {
         "file": str(path),
+        "format": "store" if store else "npz",
+        "image_dtype": read_index(path)["image_dtype"] if store else "float32",
+        "bytes": store_bytes(path) if store else path.stat().st_size,
         "n_slices": len(d),
         "size": list(d.size),
         "contrasts": d.contrasts,
         "splits": {s: int((d.split == s).sum()) for s in sorted(set(d.split.tolist()))},
         "subjects": {
-            s: {"split": str(d.split[d.subject == s][0]), "n_slices": int((d.subject == s).sum())}
-            for s in np.unique(d.subject).tolist()
+            str(s): {"split": str(d.split[i]), "n_slices": int(n)}
+            for s, i, n in zip(names, first, counts, strict=True)
         },
         "settings": d.settings,
     }
@@ -195,7 +203,9 @@ def _prepared_info(path: Path, as_json: bool) -> None:
 def prepare_cmd(
     source: str = typer.Argument(..., help="Data set directory (BIDS, HCP-style, or "
                                  "trainA/trainB/testA/testB), or `builtin`."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file (.npz)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output: a store directory (e.g. data.mrs; written subject by "
+        "subject, resumable, read lazily) or one .npz file (read whole)."),
     contrasts: tuple[str, str] = typer.Option(
         ("T1w", "T2w"), "--contrasts", help="Source and target contrast (A B)."),
     extra_contrast: list[str] | None = typer.Option(
@@ -226,21 +236,40 @@ def prepare_cmd(
     layout: str | None = typer.Option(None, "--layout", help=_LAYOUT_HELP),
     unpaired: bool = typer.Option(
         False, "--unpaired", help="Keep subjects that lack one contrast (for CycleGAN/UNIT)."),
-    strict: bool = typer.Option(False, "--strict",
-                                help="Fail on a subject missing a contrast (default: skip it)."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail on a subject that cannot be prepared or lacks a contrast "
+        "(default: report and skip it)."),
     resample: bool = typer.Option(
         False, "--resample", help="Interpolate contrasts onto the first one's grid when grids "
         "differ."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out (once the new one is complete), "
+        "or restart an unfinished store prepared with other options."),
     n_subjects: int | None = typer.Option(
         None, "--n-subjects", help="builtin: number of simulated subjects (default 20)."),
     resolution: float | None = typer.Option(
         None, "--resolution", help="builtin: voxel size in mm, 1 or 2 (default 2)."),
     compress: bool = typer.Option(
         False, "--compress", help="Compressed NPZ (smaller, loads several times slower)."),
+    workers: int | None = typer.Option(
+        None, "--workers", "-j", help="Subjects prepared at once, in separate processes "
+        "(default: the cores)."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/n: prepare only part i of n (n machines filling one store on "
+        "a shared file system); the last part to finish writes the index."),
+    finalize: bool = typer.Option(
+        False, "--finalize", help="Only write the index of a store whose --shard parts have "
+        "all run."),
+    dtype: str = typer.Option(
+        "float16", "--dtype", help="Images in a store: float16 (half the disk; changes "
+        "intensities by <= 2.4e-4) or float32. A .npz is always float32."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
-    """Write normalised, subject-split axial slices (one .npz file) for training."""
+    """Write normalised, subject-split axial slices (a store directory, or one .npz file).
+
+    A store's preparation that was interrupted continues when the same command is run
+    again; a subject that cannot be prepared is reported and skipped (see --strict).
+    """
     from mrsynth.data.prepare import prepare_dataset
     from mrsynth.data.prepared import load_prepared
 
@@ -254,25 +283,82 @@ def prepare_cmd(
             val_fraction=val_fraction, val_subjects=_split_list(val_subjects), seed=seed,
             layout=layout, unpaired=unpaired, strict=strict, resample=resample,
             overwrite=overwrite, n_subjects=n_subjects, resolution=resolution, compress=compress,
-            progress=not quiet,
+            progress=not quiet, workers=workers, shard=shard, finalize=finalize,
+            image_dtype=dtype,
         )
     elapsed = time.perf_counter() - t0
     if quiet:
         return
-    d = load_prepared(path)
+    if path is None:  # this --shard part is done, others are not
+        from mrsynth.data.store import partial_dir, progress_text
+
+        console.print(
+            f"Part {shard} of {out} done in {elapsed:.1f} s ({progress_text(partial_dir(out))}); "
+            "the last part to finish writes the index (or run the same command with "
+            "--finalize once every part has run).", highlight=False, soft_wrap=True)
+        return
+    d = load_prepared(path, verify=False)  # just written and checked
     n_train = int((d.split == "train").sum())
     n_test = int((d.split == "test").sum())
     n_val = int((d.split == "val").sum())
     st = d.settings
     val_txt = (f", {len(st['val_subjects'])} val ({', '.join(st['val_subjects'])})"
                if st.get("val_subjects") else "")
+    kind = (f"store, {dtype}" if path.is_dir() else "one .npz file")
+    failed = st.get("failed_subjects") or {}
+    failed_txt = f"; {len(failed)} subject(s) failed and were skipped" if failed else ""
     console.print(
-        f"Wrote {path}: {len(d)} slices ({n_train} train, {n_val} val, {n_test} test) of "
+        f"Wrote {path} ({kind}): {len(d)} slices ({n_train} train, {n_val} val, {n_test} test) of "
         f"{d.size[0]}x{d.size[1]}, contrasts {', '.join(d.contrasts)}, "
         f"{len(st['train_subjects'])} train{val_txt} / {len(st['test_subjects'])} test "
-        f"subjects (test: {', '.join(st['test_subjects']) or 'none'}) in {elapsed:.1f} s.",
+        f"subjects (test: {', '.join(st['test_subjects']) or 'none'}){failed_txt} in "
+        f"{elapsed:.1f} s.",
         highlight=False, soft_wrap=True,
     )
+
+
+@data_app.command("convert")
+def convert_cmd(
+    src: Path = typer.Argument(..., help="Prepared data: a .npz file or a store directory."),
+    dest: Path = typer.Argument(..., help="Output: a store directory, or a .npz file."),
+    dtype: str = typer.Option("float16", "--dtype",
+                              help="Images in the store: float16 or float32."),
+    compress: bool = typer.Option(False, "--compress", help="Compressed .npz output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary."),
+) -> None:
+    """Convert prepared data between one .npz file and a store (either way).
+
+    To a store: one shard per subject. To a .npz: the store is verified, then written one
+    shard at a time (the file holds the same arrays and checksums `prepare` writes).
+    """
+    from mrsynth.data.prepared import load_prepared
+    from mrsynth.data.store import (
+        IMAGE_DTYPES,
+        is_store,
+        open_store,
+        store_to_npz,
+        write_store_from,
+    )
+    from mrsynth.errors import ConfigError
+    from mrsynth.utils import check_can_write, check_writable
+
+    if dtype not in IMAGE_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(IMAGE_DTYPES)}, not {dtype!r}.")
+    check_can_write(dest, overwrite)
+    check_writable(dest, directory=dest.suffix != ".npz")
+    t0 = time.perf_counter()
+    if dest.suffix == ".npz":
+        if not is_store(src):
+            raise ConfigError(f"{src} is not a store; `data convert` writes a .npz from a store "
+                              "(to copy a .npz, copy the file).")
+        open_store(src, verify=True)  # do not copy damage into the new file
+        store_to_npz(src, dest, compress=compress)
+    else:
+        write_store_from(load_prepared(src), dest, image_dtype=dtype)
+    if not quiet:
+        console.print(f"Wrote {dest} from {src} in {time.perf_counter() - t0:.1f} s.",
+                      highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,10 @@ background to -1, and crop/pad to ``size`` around the brain. The split is by
 participant, drawn from ``seed`` (or given), so no subject's slices are in two of
 train, val and test. The validation split (``val_fraction`` / ``val_subjects``) is
 taken out of the subjects left after the test split, with its own random stream, so
-adding it never changes the test subjects. The result is written atomically with
+adding it never changes the test subjects. The subjects are prepared one by one (in
+parallel processes, resumably, on several machines) by
+:mod:`mrsynth.data.prepare_parallel` into a store (:mod:`mrsynth.data.store`), or
+gathered into one ``.npz`` written atomically with
 :meth:`mrsynth.data.prepared.PreparedData.save`.
 """
 
@@ -18,18 +21,14 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mrsynth import __version__
 from mrsynth.data import warn
 from mrsynth.data.normalise import BACKGROUND, DEFAULT_PERCENTILES, fit_scale
-from mrsynth.data.normalise import settings as normalisation_settings
-from mrsynth.data.prepared import FORMAT_VERSION, PreparedData
-from mrsynth.data.readers import DatasetIndex, SubjectRecord, index_dataset, load_image_2d
+from mrsynth.data.readers import DatasetIndex, SubjectRecord, load_image_2d
 from mrsynth.data.slicing import (
     DEFAULT_SLICES,
     SliceSpec,
@@ -54,7 +53,6 @@ from mrsynth.data.volumes import (
     voxel_size,
 )
 from mrsynth.errors import ConfigError, DataError
-from mrsynth.utils import check_can_write, check_writable
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -105,8 +103,17 @@ def _check_options(
 
 # --------------------------------------------------------------------------- split
 def read_split_file(path: str | os.PathLike[str]) -> list[str]:
-    """Test subjects from an earlier prepared file (.npz), a JSON list/dict or a text file."""
+    """Test subjects from an earlier prepared file (.npz) or store, a JSON list/dict or a
+    text file."""
     p = Path(path)
+    if p.is_dir():
+        from mrsynth.data.store import read_index
+
+        try:
+            return [str(s) for s in read_index(p)["settings"]["test_subjects"]]
+        except (DataError, KeyError, TypeError) as exc:
+            raise ConfigError(f"Cannot read the test subjects from the store {p} ({exc}).") \
+                from exc
     if not p.is_file():
         raise ConfigError(f"Split file {p} does not exist.")
     try:
@@ -462,187 +469,35 @@ def prepare_dataset(
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     compress: bool = False,
     progress: bool | ProgressFn | None = False,
-) -> Path:
-    """Prepare normalised, subject-split axial slices from ``source`` into ``out`` (.npz).
+    workers: int | None = 1,
+    shard: str | tuple[int, int] | None = None,
+    finalize: bool = False,
+    image_dtype: str = "float16",
+) -> Path | None:
+    """Prepare normalised, subject-split axial slices from ``source`` into ``out``.
 
     ``source`` is a data set directory (BIDS, HCP-style, or ``trainA/trainB/testA/testB``)
     or ``"builtin"`` (simulated subjects; ``n_subjects`` and ``resolution`` apply to it).
-    See ``docs/data.md`` for every option. Returns ``out``. Every input problem raises
-    :class:`~mrsynth.errors.MrsynthError`; ``out`` is only ever replaced by a complete file.
+    ``out`` ending in ``.npz`` is the single file (float32, read whole); any other path a
+    store directory (written subject by subject, read lazily, images ``image_dtype``).
+    ``workers`` subjects are prepared at once in separate processes (None: the cores; a
+    script calling this with more than one must use ``if __name__ == "__main__":``). A
+    store's preparation continues where an interrupted one stopped; ``shard="i/n"``
+    prepares every n-th subject (n machines, one store) and returns None while other parts
+    are missing; ``finalize`` only writes the index once every part ran. A subject that
+    cannot be prepared is reported and skipped (``strict``: an error). See ``docs/data.md``.
+    Every input problem raises :class:`~mrsynth.errors.MrsynthError`; ``out`` only ever
+    appears complete. Returns ``out``.
     """
-    cs, hw = _check_options(contrasts, size, slice_step, downsample, test_fraction, val_fraction)
-    spec = SliceSpec.parse(slices)
-    out_path = check_can_write(out, overwrite)
-    if out_path.is_dir():
-        raise ConfigError(f"Output {out_path} is a directory; give a file name like data.npz.")
-    check_writable(out_path)  # before the work, not after it
-    warnings_out: list[str] = []
+    from mrsynth.data.prepare_parallel import prepare_store
 
-    is_builtin = str(source) == "builtin"
-    builtin_settings: dict[str, Any] | None = None
-    if is_builtin:
-        from mrsynth.data import builtin
-
-        idx, builtin_settings = builtin.index(
-            n_subjects=n_subjects, seed=seed, contrasts=cs, resolution=resolution
-        )
-    else:
-        if n_subjects is not None or resolution is not None:
-            raise ConfigError("--n-subjects and --resolution only apply to the builtin data set.")
-        idx = index_dataset(source, layout, cs)
-    for note in idx.notes:
-        warn(note, warnings_out)
-
-    found = idx.contrasts
-    missing_everywhere = [c for c in cs if c not in found]
-    if missing_everywhere:
-        raise DataError(
-            f"No subject in {idx.source} has {', '.join(missing_everywhere)} (layout {idx.layout}; "
-            f"contrasts found: {', '.join(found) or 'none'}). Choose contrasts that exist with "
-            "--contrasts."
-        )
-
-    records: list[SubjectRecord] = []
-    skipped: list[str] = []
-    for rec in idx.subjects:
-        for note in rec.notes:
-            warn(f"Subject {rec.id}: {note}", warnings_out)
-        missing = [c for c in cs if c not in rec.files]
-        if not missing:
-            records.append(rec)
-            continue
-        has = [c for c in cs if c in rec.files]
-        where = rec.describe(has[0]) if has else rec.id
-        if strict:
-            raise DataError(
-                f"Subject {rec.id} ({where}) has no {', '.join(missing)}, and --strict is set. "
-                "Add the missing file(s), remove the subject, or drop --strict to skip it "
-                "(--unpaired keeps it for unpaired models)."
-            )
-        if unpaired and has:
-            records.append(rec)
-            continue
-        skipped.append(rec.id)
-        warn(f"Subject {rec.id} has no {', '.join(missing)}; skipped (use --unpaired to keep "
-             "its other contrasts, or --strict to make this an error).", warnings_out)
-    if not records:
-        raise DataError(
-            f"No subject in {idx.source} has all of {', '.join(cs)}; nothing to prepare. "
-            "Check --contrasts, or pass --unpaired to use subjects with only some of them."
-        )
-
-    test, split_method = _resolve_test(
-        idx, records, test_subjects, split_from, test_fraction, seed, warnings_out
-    )
-    val, val_method = _resolve_val(idx, records, test, val_subjects, val_fraction, seed,
-                                   warnings_out)
-
-    update, bar = _progress_callback(progress)
-    chunks: list[tuple[SubjectRecord, _Chunk]] = []
-    try:
-        if bar is not None:
-            bar.start()
-        for i, rec in enumerate(records):
-            if update:
-                update(i, len(records), rec.id)
-            if rec.kind == "image2d":
-                chunk = _prepare_image_record(rec, cs, downsample, hw, percentiles, resample,
-                                              warnings_out)
-            else:
-                chunk = _prepare_volume_record(rec, cs, spec, slice_step, downsample, hw,
-                                               percentiles, resample, warnings_out)
-            if chunk is not None:
-                chunks.append((rec, chunk))
-        if update:
-            update(len(records), len(records), "done")
-    finally:
-        if bar is not None:
-            bar.stop()
-    if not chunks:
-        raise DataError(
-            f"No slices were selected from {idx.source} with --slices {spec.text}. Lower the "
-            "brain fraction or choose other slices."
-        )
-
-    # the folders layout fixes each image's test split; otherwise it follows the participant
-    splits = [rec.split or ("test" if rec.participant in test else "train") for rec, _ in chunks]
-    splits = ["val" if s == "train" and rec.participant in val else s
-              for (rec, _), s in zip(chunks, splits, strict=True)]
-    data = _assemble(chunks, cs, splits)
-    test_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
-                        if s == "test"})
-    train_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
-                         if s == "train"})
-    val_list = sorted({rec.participant for (rec, _), s in zip(chunks, splits, strict=True)
-                       if s == "val"})
-    if test and not test_list:
-        warn("None of the test subjects produced slices; the test split is empty.", warnings_out)
-    data.settings = {
-        "format_version": FORMAT_VERSION,
-        "mrsynth_version": __version__,
-        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": "builtin" if is_builtin else str(Path(source).resolve()),
-        "layout": idx.layout,
-        "contrasts": cs,
-        "size": list(hw),
-        "downsample": int(downsample),
-        "orientation": "RAS",
-        "plane": "axial",
-        "geometry": "slice[r, c] = canonical_downsampled[r + row0, c + col0, slice_index]",
-        "normalisation": normalisation_settings(percentiles, clip=True),
-        "slices": spec.text if idx.layout != "folders" else "all (2-D images)",
-        "slice_step": int(slice_step),
-        "seed": int(seed),
-        "test_fraction": float(test_fraction),
-        "split_method": split_method,
-        "test_subjects": test_list,
-        "train_subjects": train_list,
-        "val_fraction": float(val_fraction),
-        "val_method": val_method,
-        "val_subjects": val_list,
-        "unpaired": bool(unpaired),
-        "strict": bool(strict),
-        "resample": bool(resample),
-        "skipped_subjects": skipped,
-        "n_subjects": len(chunks),
-        "n_slices": len(data),
-        "warnings": warnings_out,
-    }
-    if builtin_settings is not None:
-        data.settings["builtin"] = builtin_settings
-    data.save(out_path, compress=compress)
-    return out_path
-
-
-def _assemble(
-    chunks: list[tuple[SubjectRecord, _Chunk]], contrasts: list[str], splits: list[str]
-) -> PreparedData:
-    n_per = [int(ch.slice_index.size) for _, ch in chunks]
-    subjects: dict[str, Any] = {}
-    for (rec, ch), split in zip(chunks, splits, strict=True):
-        subjects[rec.id] = {
-            "participant": rec.participant,
-            "kind": rec.kind,
-            "split": split,
-            "crop": [int(ch.origin[0]), int(ch.origin[1])],
-            "n_slices": int(ch.slice_index.size),
-            "slice_indices": ch.slice_index.tolist(),
-            "available": [c for c in contrasts if ch.available[c]],
-            **ch.info,
-        }
-    return PreparedData(
-        images={c: np.concatenate([ch.images[c] for _, ch in chunks]) for c in contrasts},
-        available={
-            c: np.repeat([ch.available[c] for _, ch in chunks], n_per).astype(bool)
-            for c in contrasts
-        },
-        offset={c: np.repeat([ch.offset[c] for _, ch in chunks], n_per) for c in contrasts},
-        scale={c: np.repeat([ch.scale[c] for _, ch in chunks], n_per) for c in contrasts},
-        mask=np.concatenate([ch.mask for _, ch in chunks]),
-        subject=np.repeat([rec.id for rec, _ in chunks], n_per),
-        slice_index=np.concatenate([ch.slice_index for _, ch in chunks]),
-        crop=np.repeat(np.asarray([ch.origin for _, ch in chunks], np.int32), n_per, axis=0),
-        split=np.repeat(splits, n_per),
-        paired=np.repeat([all(ch.available.values()) for _, ch in chunks], n_per).astype(bool),
-        subjects=subjects,
+    return prepare_store(
+        source, out, workers=workers, shard=shard, finalize_only=finalize,
+        image_dtype=image_dtype, strict=strict, overwrite=overwrite, compress=compress,
+        progress=progress, contrasts=contrasts, size=size, slices=slices,
+        slice_step=slice_step, downsample=downsample, test_fraction=test_fraction,
+        test_subjects=test_subjects, split_from=split_from, val_fraction=val_fraction,
+        val_subjects=val_subjects, seed=seed, layout=layout, unpaired=unpaired,
+        resample=resample, n_subjects=n_subjects, resolution=resolution,
+        percentiles=percentiles,
     )

@@ -30,6 +30,12 @@ key                         shape / dtype   meaning
 
 Why one file: it loads in well under a second and fits in memory, so training
 never decodes NIfTI per epoch, and it travels with its own provenance.
+
+Data sets that do not fit in memory are prepared as a *store* instead, a directory
+of per-subject shards (:mod:`mrsynth.data.store`). :func:`load_prepared` reads both
+(a directory is a store) into the same :class:`PreparedData`; a store's ``images``
+and ``mask`` are lazy :class:`~mrsynth.data.store.ShardedArray` views that read only
+the slices indexed.
 """
 
 from __future__ import annotations
@@ -90,7 +96,11 @@ class PreparedData:
         return int(self.mask.shape[1]), int(self.mask.shape[2])
 
     def validate(self) -> None:
-        """Check internal consistency; raise :class:`DataError` naming the file."""
+        """Check internal consistency; raise :class:`DataError` naming the file.
+
+        The value checks (images in range, masks boolean) read in-memory arrays only: a
+        store's lazy arrays were checked shard by shard when it was opened.
+        """
         where = f"Prepared file {self.path}" if self.path else "Prepared data"
         n = len(self)
         if n == 0:
@@ -109,8 +119,10 @@ class PreparedData:
                         f"{where}: {name} of {c} has shape {arr.shape}, expected {shape}. "
                         "The file is damaged or from another mrsynth version; prepare it again."
                     )
-            _check_image_range(self.images[c], f"{where}: image__{c}")
-        _check_boolean(self.mask, f"{where}: mask")
+            if isinstance(self.images[c], np.ndarray):
+                _check_image_range(self.images[c], f"{where}: image__{c}")
+        if isinstance(self.mask, np.ndarray):
+            _check_boolean(self.mask, f"{where}: mask")
         for name in ("slice_index", "split", "paired"):
             if getattr(self, name).shape != (n,):
                 raise DataError(f"{where}: {name} has the wrong length.")
@@ -312,13 +324,23 @@ def _read_stored_npz(path: Path) -> dict[str, np.ndarray] | None:
     return out
 
 
-def load_prepared(path: str | Path) -> PreparedData:
-    """Read and validate a prepared file; every problem is a :class:`DataError`."""
+def load_prepared(path: str | Path, *, verify: bool | None = None) -> PreparedData:
+    """Read and validate a prepared file or store; every problem is a :class:`DataError`.
+
+    A directory is a store, opened lazily (``verify``: see
+    :func:`mrsynth.data.store.open_store`); a ``.npz`` is read whole and always verified.
+    """
     p = Path(path)
+    if p.is_dir():
+        from mrsynth.data.store import open_store
+
+        data = open_store(p, verify=verify)
+        data.validate()
+        return data
     if not p.is_file():
         raise DataError(
-            f"Prepared data file {p} does not exist. Create it with "
-            "`mrsynth data prepare DATA --out FILE.npz` (or `mrsynth data prepare builtin`)."
+            f"Prepared data {p} does not exist. Create it with `mrsynth data prepare DATA "
+            "--out DIR` (a store) or `--out FILE.npz` (or `mrsynth data prepare builtin`)."
         )
     try:
         files = _read_stored_npz(p)

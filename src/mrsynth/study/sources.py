@@ -93,7 +93,9 @@ def scan_source(
     """All candidate images of one ``--real`` or ``--synthetic`` source."""
     p = Path(path)
     wanted = set(contrasts) if contrasts is not None else None
-    if p.is_file() and p.name.lower().endswith(".npz"):
+    from mrsynth.data.store import is_store
+
+    if (p.is_file() and p.name.lower().endswith(".npz")) or is_store(p):
         return _scan_prepared(p, kind, model, wanted)
     if p.is_dir():
         return _scan_directory(p, kind, model, wanted)
