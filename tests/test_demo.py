@@ -17,7 +17,7 @@ from mrsynth.models.base import model_names
 
 SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
          "--downsample", "3", "--slice-step", "3", "--c2st-steps", "10", "--device", "cpu",
-         "--test-subjects", "sim-002", "--val-fraction", "0.5"]
+         "--test-subjects", "sim-002", "--val-subjects", "sim-001"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,10 +45,12 @@ def test_demo_outputs_exist_and_parse(demo):
     assert len(models) == 6
     data = load_prepared(out / "data" / "prepared.npz")
     assert data.size == (36, 36) and len(set(data.subject.tolist())) == 3
-    # the given test subject, one validation subject, one training subject
+    # the given test subject, the given validation subject, one training subject
     assert data.settings["test_subjects"] == ["sim-002"]
     assert set(data.subject[data.split == "test"].tolist()) == {"sim-002"}
-    assert len(data.settings["val_subjects"]) == 1 and len(data.settings["train_subjects"]) == 1
+    assert data.settings["val_subjects"] == ["sim-001"]
+    assert set(data.subject[data.split == "val"].tolist()) == {"sim-001"}
+    assert data.settings["train_subjects"] == ["sim-003"]
     assert (data.split == "val").any() and (data.split == "train").any()
     for m in models:
         metrics = json.loads((out / "runs" / m / "metrics.json").read_text())
@@ -118,6 +120,15 @@ def test_demo_test_subjects_on_a_bids_subset(mini_bids, tmp_path, capsys):
 
     view = _subset_bids(mini_bids, tmp_path / "subset", 2, ["sub-ms19"])
     assert sorted(p.name for p in view.glob("sub-*")) == ["sub-bratscase", "sub-ms19"]
+    # validation subjects are kept too (else preparing the subset could not find them) and
+    # are not training subjects
+    view = _subset_bids(mini_bids, tmp_path / "s-val", 3, ["sub-ms19"], ["sub-met00110"])
+    assert sorted(p.name for p in view.glob("sub-*")) == [
+        "sub-bratscase", "sub-met00110", "sub-ms19"]
+    with pytest.raises(ConfigError, match="besides the 1 test and 1 validation subject"):
+        _subset_bids(mini_bids, tmp_path / "s-val2", 2, ["sub-ms19"], ["sub-met00110"])
+    with pytest.raises(ConfigError, match="--val-subjects sub-nobody not found"):
+        _subset_bids(mini_bids, tmp_path / "s3", 3, ["sub-ms19"], ["nobody"])
     with pytest.raises(ConfigError, match="leaves no training subject"):
         _subset_bids(mini_bids, tmp_path / "s2", 1 + 1, ["sub-ms19", "met00110"])
     out = tmp_path / "demo-out"
@@ -127,3 +138,18 @@ def test_demo_test_subjects_on_a_bids_subset(mini_bids, tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "--test-subjects sub-nobody not found" in err and "Traceback" not in err
     assert not (out / "data" / "prepared.npz").exists()
+
+
+def test_demo_steps_per_epoch_per_model():
+    """Simple's steps are cheap, so the demo gives it more; --steps-per-epoch N caps every
+    model at N and 0 trains full epochs."""
+    from mrsynth.demo import DEFAULT_STEPS_PER_EPOCH, _config
+
+    def cap(model, steps):
+        return _config(model, None, steps, "cpu", 0)["train"]["max_steps_per_epoch"]
+
+    assert cap("simple", None) == 300 and DEFAULT_STEPS_PER_EPOCH == 100
+    assert {m: cap(m, None) for m in model_names() if m != "simple"} == {
+        m: 100 for m in model_names() if m != "simple"}
+    assert cap("simple", 7) == cap("unit", 7) == 7
+    assert cap("simple", 0) is None and cap("cyclegan", 0) is None

@@ -250,6 +250,33 @@ def test_paper_presets_are_the_study_settings() -> None:
     assert (un["loss"]["gan"], un["loss"]["kl"], un["loss"]["recon"]) == (10, 0.1, 100)
     assert default_config("simple")["optim"]["lr"] == 1e-3
     assert default_config("pix2pix")["loss"]["l1"] == 100
+    assert (default_config("simple")["arch"]["init"],
+            default_config("simple")["train"]["lr_decay"]) == ("normal", "none")
+
+
+def test_cpu_small_presets_are_the_recipe_chosen_on_validation() -> None:
+    """The cpu-small presets (with the demo's steps per epoch) equal the candidate
+    benchmarks/tune_cpu_small.py chose for each model on the validation split."""
+    import importlib.util
+
+    from mrsynth.demo import _config
+    from mrsynth.train.config import flatten
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_cpu_small.py"
+    spec = importlib.util.spec_from_file_location("tune_cpu_small", path)
+    assert spec is not None and spec.loader is not None
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    assert sorted(tune.CHOSEN) == sorted(model_names())
+    for model, name in tune.CHOSEN.items():
+        chosen_model, over = tune.CANDIDATES[name]
+        assert chosen_model == model
+        got = flatten(_config(model, None, None, "cpu", 0))
+        assert {k: got[k] for k in over} == over, model
+        assert got["train.val_slices"] == 16
+    # changed for cpu-small only: the paper preset keeps the study's step
+    assert default_config("pix2pix", "cpu-small")["optim"]["lr"] == 5e-4
+    assert default_config("pix2pix", "paper")["optim"]["lr"] == 2e-4
 
 
 def test_linear_decay_from_epoch_101_of_200() -> None:
@@ -270,7 +297,8 @@ def test_cli_overrides_reach_the_model_and_optimiser(prepared_small: Path, tmp_p
                  str(prepared_small), "--out", str(out), "--epochs", "1", "--batch-size", "2",
                  "--max-steps-per-epoch", "2", "--seed", "7", "--set", "arch.hidden=8",
                  "--set", "arch.out_kernel=3", "--set", "optim.lr=0.005",
-                 "--set", "train.progress=false"])
+                 "--set", "train.progress=false",
+                 "--set", "train.lr_decay=none"])  # cpu-small Simple decays from epoch 1 of 1
     assert code == 0
     run = load_run(out)
     # 1x1 conv 1->8 (+bias), 3x3 conv 8->1 (+bias)

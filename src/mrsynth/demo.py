@@ -4,7 +4,8 @@ Stages, each resumed rather than redone when its final output exists:
 
 1. **prepare** the built-in simulated set (or ``--data PATH``, a BIDS/HCP data
    set) -> ``OUT/data/prepared.npz``, with the test subjects drawn from ``--seed`` or
-   given (``--test-subjects``) and a validation split (``--val-fraction``) kept out of
+   given (``--test-subjects``) and a validation split (``--val-fraction`` or
+   ``--val-subjects``) kept out of
    training for the per-epoch learning curves and the best-epoch checkpoint;
 2. **train** all six models with the ``cpu-small`` preset -> ``OUT/runs/<model>/``
    (done when its ``metrics.json`` says ``completed``; an interrupted run resumes
@@ -43,9 +44,14 @@ DEFAULT_SUBJECTS = 10
 #: Share of the non-test subjects kept for validation (per-epoch scores, best checkpoint):
 #: one of five training subjects on the shared data set, two of eight on the built-in set.
 DEFAULT_VAL_FRACTION = 0.2
-#: Training iterations per epoch in the demo (the cpu-small preset's epochs are kept): six
-#: models x 10 epochs x 100 steps fit the 10-minute budget on a 2-core CPU (docs/evaluation.md).
+#: Training iterations per epoch in the demo (the cpu-small preset's 10 epochs are kept), per
+#: model where it differs from the default: chosen with the presets' other cpu-small settings
+#: on a validation split by benchmarks/tune_cpu_small.py, at about the compute of six models x
+#: 1,000 single-patch steps (the 10-minute budget on a 2-core CPU; docs/evaluation.md). Simple's
+#: steps cost a few milliseconds, so it gets more of them. ``--steps-per-epoch N`` caps every
+#: model at N instead (0: full epochs).
 DEFAULT_STEPS_PER_EPOCH = 100
+STEPS_PER_EPOCH: dict[str, int] = {"simple": 300}
 #: torch CPU threads in the demo. Its tensors are tiny (64 px, batch 1), so a second thread
 #: gains little, while on a busy machine two OpenMP threads per process are ~10x slower than
 #: one (measured on the shared 2-core machine: 57 vs 640 ms per CycleGAN step).
@@ -75,6 +81,14 @@ def _run_completed(run_dir: Path, epochs: int) -> bool:
     return m.get("status") == "completed" and int(m.get("epochs_completed", 0)) >= epochs
 
 
+def demo_steps(model: str, steps: int | None) -> int | None:
+    """Steps per epoch the demo trains ``model`` for: ``steps`` when given (0: full epochs,
+    returned as None), else the model's demo default."""
+    if steps is None:
+        return STEPS_PER_EPOCH.get(model, DEFAULT_STEPS_PER_EPOCH)
+    return steps or None
+
+
 def _config(model: str, epochs: int | None, steps: int | None, device: str,
             seed: int) -> dict[str, Any]:
     from mrsynth.train.config import default_config, resolve_config
@@ -86,14 +100,15 @@ def _config(model: str, epochs: int | None, steps: int | None, device: str,
         decay = base["train"].get("decay_start_epoch")
         if decay is not None and decay > epochs:
             over["train.decay_start_epoch"] = None
-    if steps is not None:
-        over["train.max_steps_per_epoch"] = steps
+    over["train.max_steps_per_epoch"] = demo_steps(model, steps)
     return resolve_config(model, "cpu-small", over)
 
 
-def _subset_bids(src: Path, dest: Path, n: int, keep: Sequence[str] = ()) -> Path:
+def _subset_bids(src: Path, dest: Path, n: int, keep: Sequence[str] = (),
+                 val: Sequence[str] = ()) -> Path:
     """A BIDS view of ``n`` subjects (symbolic links), for ``--subjects``: those named in
-    ``keep`` (the test subjects) and then the first others in name order."""
+    ``keep`` (the test subjects) and ``val`` (the validation subjects), then the first
+    others in name order."""
     subs = sorted(p for p in src.glob("sub-*") if p.is_dir())
     if not subs:
         raise ConfigError(
@@ -102,19 +117,23 @@ def _subset_bids(src: Path, dest: Path, n: int, keep: Sequence[str] = ()) -> Pat
         )
     if n < 2:
         raise ConfigError("--subjects must be at least 2 (one to train on, one to test).")
+    names = {s.name for s in subs}
     wanted = {k if k.startswith("sub-") else f"sub-{k}" for k in keep}
-    missing = sorted(wanted - {s.name for s in subs})
-    if missing:
-        raise ConfigError(
-            f"--test-subjects {', '.join(missing)} not found in {src}; subjects: "
-            f"{', '.join(s.name for s in subs)}."
-        )
-    if len(wanted) >= n:
+    vals = {k if k.startswith("sub-") else f"sub-{k}" for k in val} - wanted
+    for flag, group in (("--test-subjects", wanted), ("--val-subjects", vals)):
+        missing = sorted(group - names)
+        if missing:
+            raise ConfigError(
+                f"{flag} {', '.join(missing)} not found in {src}; subjects: "
+                f"{', '.join(s.name for s in subs)}."
+            )
+    if len(wanted) + len(vals) >= n:
         raise ConfigError(
             f"--subjects {n} leaves no training subject besides the {len(wanted)} test "
-            "subject(s); raise --subjects."
+            f"and {len(vals)} validation subject(s); raise --subjects."
         )
-    subs = [s for s in subs if s.name in wanted] + [s for s in subs if s.name not in wanted]
+    first = wanted | vals
+    subs = [s for s in subs if s.name in first] + [s for s in subs if s.name not in first]
     dest.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name in ("dataset_description.json", "participants.tsv"):
@@ -154,16 +173,19 @@ def run_demo(
     size: int | None = None,
     downsample: int | None = None,
     slice_step: int = 1,
-    steps: int | None = DEFAULT_STEPS_PER_EPOCH,
+    steps: int | None = None,
     device: str = "auto",
     c2st_steps: int = 200,
     seed: int = 0,
     threads: int | None = DEFAULT_THREADS,
     test_subjects: Sequence[str] | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    val_subjects: Sequence[str] | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the demo in ``out``; returns paths and stage timings.
+
+    ``val_subjects`` names the validation subjects (then ``val_fraction`` is not used).
 
     ``threads`` sets torch's CPU threads for every stage (None or 0: torch's default, one
     per core); the previous setting is restored afterwards.
@@ -178,7 +200,7 @@ def run_demo(
                          size=size, downsample=downsample, slice_step=slice_step, steps=steps,
                          device=device, c2st_steps=c2st_steps, seed=seed,
                          test_subjects=test_subjects, val_fraction=val_fraction,
-                         console=console)
+                         val_subjects=val_subjects, console=console)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -199,6 +221,7 @@ def _run_demo(
     seed: int,
     test_subjects: Sequence[str] | None,
     val_fraction: float,
+    val_subjects: Sequence[str] | None,
     console: Console | None,
 ) -> dict[str, Any]:
     from mrsynth.data.prepare import prepare_dataset
@@ -223,13 +246,16 @@ def _run_demo(
     if downsample is not None:
         geo["downsample"] = downsample
     tests = sorted(test_subjects) if test_subjects else None
+    vals = sorted(val_subjects) if val_subjects else None
     settings: dict[str, Any] = {"data": str(data), "subjects": subjects, "size": geo["size"],
                                 "downsample": geo["downsample"], "slice_step": slice_step,
                                 "seed": seed}
     # recorded only when used, so demo directories from before these options still resume
     if tests:
         settings["test_subjects"] = tests
-    if val_fraction:
+    if vals:
+        settings["val_subjects"] = vals
+    elif val_fraction:
         settings["val_fraction"] = float(val_fraction)
     _check_same_settings(root, settings)
     timings: dict[str, float] = {}
@@ -251,11 +277,13 @@ def _run_demo(
             if not source.is_dir():
                 raise ConfigError(f"--data {data}: no such directory (a BIDS or HCP data set).")
             if subjects is not None:
-                source = _subset_bids(source, root / "data" / "subset", subjects, tests or ())
+                source = _subset_bids(source, root / "data" / "subset", subjects, tests or (),
+                                      vals or ())
         prepare_dataset(
             source, prepared, contrasts=("T1w", "T2w"), size=(geo["size"], geo["size"]),
             downsample=geo["downsample"], slice_step=slice_step, seed=seed, progress=True,
-            test_subjects=tests, val_fraction=val_fraction, **opts,
+            test_subjects=tests, val_fraction=0.0 if vals else val_fraction,
+            val_subjects=vals, **opts,
         )
     timings["prepare_s"] = _done(con, t0, f"prepared slices: {prepared}")
 
@@ -318,7 +346,8 @@ def _run_demo(
 
     history.append({"finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
                     "timings_s": timings, "torch_threads": torch.get_num_threads(),
-                    "models": names, "epochs": epochs, "steps_per_epoch": steps})
+                    "models": names, "epochs": epochs,
+                    "steps_per_epoch": {m: demo_steps(m, steps) for m in names}})
     atomic_write_json(log_path, {"data": data, "geometry": geo, "subjects": subjects,
                                  "invocations": history})
     return {"report": report, "eval": ev, "prepared": prepared, "runs": run_dirs,
@@ -367,8 +396,10 @@ def register(app: typer.Typer) -> None:
         downsample: int | None = typer.Option(None, "--downsample", min=1,
                                               help="In-plane downsampling before cropping."),
         slice_step: int = typer.Option(1, "--slice-step", min=1, help="Use every k-th slice."),
-        steps: int = typer.Option(DEFAULT_STEPS_PER_EPOCH, "--steps-per-epoch", min=0,
-                                  help="Cap training iterations per epoch (0: full epochs)."),
+        steps: int | None = typer.Option(
+            None, "--steps-per-epoch", min=0,
+            help=f"Training iterations per epoch of every model (default: "
+            f"{DEFAULT_STEPS_PER_EPOCH}, simple {STEPS_PER_EPOCH['simple']}; 0: full epochs)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         c2st_steps: int = typer.Option(200, "--c2st-steps", min=1),
         seed: int = typer.Option(0, "--seed"),
@@ -381,17 +412,23 @@ def register(app: typer.Typer) -> None:
             DEFAULT_VAL_FRACTION, "--val-fraction", min=0.0, max=0.99,
             help="Share of the non-test subjects kept out of training for validation "
             "(learning curves, best epoch); 0: none."),
+        val_subjects: str | None = typer.Option(
+            None, "--val-subjects", help="Comma-separated validation subjects instead of "
+            "--val-fraction, e.g. sub-ms07 (real subjects: a template is a poor stand-in)."),
     ) -> None:
         """The whole study in one command: prepare, train all models, evaluate, report."""
         console = Console(stderr=True)
         res = run_demo(
             out, data=data, epochs=epochs, subjects=subjects,
             models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
-            size=size, downsample=downsample, slice_step=slice_step, steps=steps or None,
+            size=size, downsample=downsample, slice_step=slice_step, steps=steps,
             device=device, c2st_steps=c2st_steps, seed=seed, threads=threads,
             test_subjects=[s.strip() for s in test_subjects.split(",") if s.strip()]
             if test_subjects else None,
-            val_fraction=val_fraction, console=console,
+            val_fraction=val_fraction,
+            val_subjects=[s.strip() for s in val_subjects.split(",") if s.strip()]
+            if val_subjects else None,
+            console=console,
         )
         out_console = Console() if sys.stdout.isatty() else Console(width=120)
         out_console.print(summary_table(res["eval"]))
