@@ -126,6 +126,19 @@ def test_user_strings_in_errors_are_printed_verbatim(monkeypatch, capsys):
     assert "/d/[bold]x[/]: Denied" in _flat(capsys.readouterr().err)
 
 
+def test_data_commands_print_paths_verbatim(mini_bids, prepared_small, tmp_path, capsys):
+    """`data info` on a folder and a prepared file whose paths look like rich markup."""
+    raw = tmp_path / "d[" / "]x [bold]"
+    shutil.copytree(mini_bids, raw)
+    assert main(["data", "info", str(raw)]) == 0
+    assert "]x [bold]" in _flat(capsys.readouterr().out)
+    copy = tmp_path / "p[" / "]q [red].npz"
+    copy.parent.mkdir()
+    shutil.copy(prepared_small, copy)
+    assert main(["data", "info", str(copy)]) == 0
+    assert "]q [red].npz" in _flat(capsys.readouterr().out)
+
+
 def test_bad_slices_say_which_forms_are_accepted(tmp_path, capsys):
     rc = main(["data", "prepare", "builtin", "--out", str(tmp_path / "x.npz"), "--slices", "-5"])
     err = _flat(capsys.readouterr().err)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mrsynth.data import DataWarning
@@ -41,8 +42,8 @@ def _print_data_warnings() -> Iterator[None]:
 
         def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
             if issubclass(category, DataWarning):
-                err_console.print(f"[yellow]Warning:[/yellow] {message}", highlight=False,
-                                  soft_wrap=True)
+                err_console.print(f"[yellow]Warning:[/yellow] {escape(str(message))}",
+                                  highlight=False, soft_wrap=True)
             else:
                 original(message, category, filename, lineno, file, line)
 
@@ -106,7 +107,7 @@ def info_cmd(
 def _print_info_table(info: DatasetInfo) -> None:
     out = _wide(console)
     table = Table(
-        title=f"{info.source}: {info.layout} layout, {len(info.subjects)} subject(s), "
+        title=f"{escape(str(info.source))}: {info.layout} layout, {len(info.subjects)} subject(s), "
         f"contrasts {', '.join(info.contrasts)}",
         title_justify="left",
     )
@@ -120,13 +121,13 @@ def _print_info_table(info: DatasetInfo) -> None:
         return f"[red]problem [{len(messages)}][/red]"
 
     for s in info.subjects:
-        subj_status = [ref(p) for p in s.problems] + [f"({n})" for n in s.notes]
+        subj_status = [ref(p) for p in s.problems] + [f"({escape(n)})" for n in s.notes]
         for i, c in enumerate(s.contrasts):
             status = [ref(c.problem)] if c.problem else []
             if i == 0:
                 status += subj_status
             table.add_row(
-                s.id if i == 0 else "",
+                escape(s.id) if i == 0 else "",
                 c.contrast,
                 "x".join(map(str, c.shape)) if c.shape else "-",
                 "x".join(f"{v:g}" for v in c.voxel_size) if c.voxel_size else "-",
@@ -137,13 +138,14 @@ def _print_info_table(info: DatasetInfo) -> None:
                 "; ".join(status) or "ok",
             )
         if not s.contrasts:
-            table.add_row(s.id, "-", "-", "-", "-", "-", "-", "", "; ".join(subj_status))
+            table.add_row(escape(s.id), "-", "-", "-", "-", "-", "-", "",
+                          "; ".join(subj_status))
         table.add_section()
     out.print(table)
     for i, m in enumerate(messages, 1):
-        out.print(f"[red][{i}][/red] {m}", highlight=False, soft_wrap=True)
+        out.print(f"[red][{i}][/red] {escape(m)}", highlight=False, soft_wrap=True)
     for n in info.notes:
-        out.print(f"[yellow]Note:[/yellow] {n}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]Note:[/yellow] {escape(n)}", highlight=False, soft_wrap=True)
     if not info.n_problems:
         out.print("[green]No problems found.[/green]")
 
@@ -184,13 +186,13 @@ def _prepared_info(path: Path, as_json: bool) -> None:
         return
     st = d.settings
     out = _wide(console)
-    table = Table(title=f"{path}: {len(d)} slices of {d.size[0]}x{d.size[1]}, "
+    table = Table(title=f"{escape(str(path))}: {len(d)} slices of {d.size[0]}x{d.size[1]}, "
                   f"contrasts {', '.join(d.contrasts)}", title_justify="left")
     for col in ("subject", "split", "slices", "paired"):
         table.add_column(col)
     for s, v in summary["subjects"].items():
         paired = bool(d.paired[d.subject == s].all())
-        table.add_row(s, v["split"], str(v["n_slices"]), "yes" if paired else "no")
+        table.add_row(escape(s), v["split"], str(v["n_slices"]), "yes" if paired else "no")
     out.print(table)
     out.print(
         f"source {st.get('source')} ({st.get('layout')}), slices {st.get('slices')} step "
@@ -293,7 +295,8 @@ def prepare_cmd(
         from mrsynth.data.store import partial_dir, progress_text
 
         console.print(
-            f"Part {shard} of {out} done in {elapsed:.1f} s ({progress_text(partial_dir(out))}); "
+            f"Part {shard} of {escape(str(out))} done in {elapsed:.1f} s "
+            f"({progress_text(partial_dir(out))}); "
             "the last part to finish writes the index (or run the same command with "
             "--finalize once every part has run).", highlight=False, soft_wrap=True)
         return
@@ -308,7 +311,8 @@ def prepare_cmd(
     failed = st.get("failed_subjects") or {}
     failed_txt = f"; {len(failed)} subject(s) failed and were skipped" if failed else ""
     console.print(
-        f"Wrote {path} ({kind}): {len(d)} slices ({n_train} train, {n_val} val, {n_test} test) of "
+        f"Wrote {escape(str(path))} ({kind}): {len(d)} slices ({n_train} train, {n_val} val, "
+        f"{n_test} test) of "
         f"{d.size[0]}x{d.size[1]}, contrasts {', '.join(d.contrasts)}, "
         f"{len(st['train_subjects'])} train{val_txt} / {len(st['test_subjects'])} test "
         f"subjects (test: {', '.join(st['test_subjects']) or 'none'}){failed_txt} in "
@@ -357,8 +361,8 @@ def convert_cmd(
     else:
         write_store_from(load_prepared(src), dest, image_dtype=dtype)
     if not quiet:
-        console.print(f"Wrote {dest} from {src} in {time.perf_counter() - t0:.1f} s.",
-                      highlight=False, soft_wrap=True)
+        console.print(f"Wrote {escape(str(dest))} from {escape(str(src))} in "
+                      f"{time.perf_counter() - t0:.1f} s.", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
