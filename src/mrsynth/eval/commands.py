@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
         runs: list[Path] = typer.Option(..., "--runs", callback=_no_option_names,
                                         help="Run directories (--runs A B C or repeated)."),
         more_runs: list[Path] | None = typer.Argument(None, hidden=True),
-        data: Path = typer.Option(..., "--data", help="Prepared data, a store or a .npz file (its test split)."),
+        data: Path = typer.Option(..., "--data",
+                                  help="Prepared data, a store or a .npz file (its test split)."),
         out: Path = typer.Option(..., "--out", help="Evaluation directory to create."),
         mask: str = typer.Option("image", "--mask",
                                  help="Primary region: image (whole slice, as the study) or "

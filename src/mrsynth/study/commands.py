@@ -29,8 +29,8 @@ def register(app: typer.Typer) -> None:
 @study_app.command("create")
 def create(
     real: Path = typer.Option(
-        ..., "--real", help="Prepared data (a store or a .npz file; its test split) or a directory of real "
-        "images."
+        ..., "--real", help="Prepared data (a store or a .npz file; its test split) or a "
+        "directory of real images."
     ),
     synthetic: list[str] = typer.Option(
         ..., "--synthetic", help="NAME=DIR of one model's synthetic images; repeat per model."

@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
         model: str = typer.Option(None, "--model", help="Model name (see `mrsynth models`)."),
-        data: Path = typer.Option(None, "--data", help="Prepared data: a store directory or a .npz file."),
+        data: Path = typer.Option(None, "--data",
+                                  help="Prepared data: a store directory or a .npz file."),
         out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
         preset: str = typer.Option("paper", "--preset", help="paper (the study) or cpu-small."),
         epochs: int = typer.Option(None, "--epochs", help="Number of epochs."),
