@@ -132,11 +132,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    text = json.dumps(obj, indent=2, default=_json_default)
+    text = json.dumps(obj, indent=2, default=json_default)
     atomic_write_text(path, text + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for paths and numpy values in configs and provenance."""
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "tolist"):

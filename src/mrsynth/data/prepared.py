@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from mrsynth.errors import DataError
-from mrsynth.utils import atomic_path
+from mrsynth.utils import atomic_path, json_default
 
 FORMAT_VERSION = 1
 
@@ -190,8 +190,8 @@ class PreparedData:
         self.validate()
         arrays: dict[str, Any] = {
             "format_version": np.asarray(FORMAT_VERSION),
-            "settings": np.asarray(json.dumps(self.settings, default=_json_default)),
-            "subjects": np.asarray(json.dumps(self.subjects, default=_json_default)),
+            "settings": np.asarray(json.dumps(self.settings, default=json_default)),
+            "subjects": np.asarray(json.dumps(self.subjects, default=json_default)),
             "mask": self.mask.astype(bool),
             "subject": self.subject.astype(str),
             "slice_index": self.slice_index.astype(np.int32),
@@ -209,14 +209,6 @@ class PreparedData:
         with atomic_path(dest, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             (np.savez_compressed if compress else np.savez)(fh, **arrays)
         return dest
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _check_image_range(arr: np.ndarray, what: str) -> None:
@@ -246,7 +238,8 @@ def _check_boolean(arr: np.ndarray, what: str) -> None:
                         "is damaged. Re-run `mrsynth data prepare` to write it again.")
 
 
-def _sha256(arr: np.ndarray) -> str:
+def sha256_array(arr: np.ndarray) -> str:
+    """sha256 of an array's bytes in C order (the convention of every checksum we store)."""
     a = np.ascontiguousarray(arr)
     return hashlib.sha256(memoryview(a).cast("B") if a.size else b"").hexdigest()
 
@@ -258,7 +251,7 @@ def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     """
     names = sorted(k for k in arrays if k != "checksums")
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda k: _sha256(np.asarray(arrays[k])), names))
+        digests = list(pool.map(lambda k: sha256_array(np.asarray(arrays[k])), names))
     return dict(zip(names, digests, strict=True))
 
 

@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mrsynth.data.prepared import sha256_array
 from mrsynth.errors import DataError
+from mrsynth.utils import json_default
 
 if TYPE_CHECKING:
     from mrsynth.data.prepared import PreparedData
@@ -79,25 +81,11 @@ def shard_key(record_id: str) -> str:
     return f"{safe}-{hashlib.sha1(record_id.encode()).hexdigest()[:8]}"
 
 
-def sha256_array(arr: np.ndarray) -> str:
-    """sha256 of an array's bytes in C order (same convention as the ``.npz`` checksums)."""
-    a = np.ascontiguousarray(arr)
-    return hashlib.sha256(memoryview(a).cast("B") if a.size else b"").hexdigest()
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temporary file + rename) that never leaves half a file."""
     from mrsynth.utils import atomic_write_text
 
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=json_default))
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -164,7 +152,7 @@ def write_shard(root: Path, key: str, arrays: dict[str, np.ndarray], meta: dict[
         meta["checksums"][name] = sha256_array(arr)
         meta["shapes"][name] = [int(s) for s in arr.shape]
     (tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True,
-                                            default=_json_default))
+                                            default=json_default))
     final = shards / key
     try:
         os.rename(tmp, final)
@@ -193,7 +181,7 @@ def write_index(root: Path, index: dict[str, Any]) -> None:
 
 def _index_digest(body: dict[str, Any]) -> str:
     text = json.dumps({k: v for k, v in body.items() if k != "index_sha256"}, sort_keys=True,
-                      default=_json_default)
+                      default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -609,8 +597,8 @@ def store_to_npz(store: str | os.PathLike[str], out: str | os.PathLike[str], *,
     index = read_index(root)
     small: dict[str, np.ndarray] = {
         "format_version": np.asarray(FORMAT_VERSION),
-        "settings": np.asarray(json.dumps(data.settings, default=_json_default)),
-        "subjects": np.asarray(json.dumps(data.subjects, default=_json_default)),
+        "settings": np.asarray(json.dumps(data.settings, default=json_default)),
+        "subjects": np.asarray(json.dumps(data.subjects, default=json_default)),
         "subject": data.subject.astype(str),
         "slice_index": data.slice_index.astype(np.int32),
         "crop": data.crop.astype(np.int32),
