@@ -172,6 +172,7 @@ def test_verdict_a_model_equal_to_the_truth_beats_the_baseline_one_equal_to_it_d
         beat, _, rest = line.partition("Not better:")
         assert "beat baseline_intensity inside the brain: truth" in beat
         assert "copycat" not in beat and "copycat" in rest
+        assert "p < 0.001, Holm < 0.001" in beat and "p = 1.000, Holm = 1.000" in rest
 
 
 def test_verdict_without_the_baseline_says_so():

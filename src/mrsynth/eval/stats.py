@@ -251,8 +251,8 @@ def verdict_lines(verdict_rows: Sequence[dict[str, Any]], directions: Sequence[s
             continue
         def item(v: dict[str, Any]) -> str:
             return (f"{v['model']} ({METRIC_LABELS[v['metric']]} {fmt(_num(v['model_mean']))} "
-                    f"vs {fmt(_num(v['baseline_mean']))}, p = {fmt_p(_num(v['p_value']))}, "
-                    f"Holm {fmt_p(_num(v['p_holm']))})")
+                    f"vs {fmt(_num(v['baseline_mean']))}, {p_clause('p', _num(v['p_value']))}, "
+                    f"{p_clause('Holm', _num(v['p_holm']))})")
         win = [item(v) for v in vr if _truthy(v["beats"])]
         lose = [item(v) for v in vr if not _truthy(v["beats"])]
         where = "inside the brain" if vr[0]["region"] == "brain" else "on the whole image"
@@ -290,6 +290,12 @@ def fmt_p(p: float) -> str:
     if p is None or not math.isfinite(p):
         return "n/a"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_clause(name: str, p: float) -> str:
+    """``p = 0.012`` or ``p < 0.001`` for a sentence (``fmt_p`` is for table cells)."""
+    text = fmt_p(p)
+    return f"{name} < {text[1:]}" if text.startswith("<") else f"{name} = {text}"
 
 
 def summary_table(
