@@ -200,7 +200,8 @@ def test_validation_metrics_match_a_recomputation(completed):
         psnr = 10 * np.log10(peak ** 2 / np.mean((s[m] - q[m]) ** 2))
         assert float(r["mae"]) == pytest.approx(mae, rel=0.02)
         assert float(r["psnr"]) == pytest.approx(psnr, rel=0.02)
-        assert 0 < float(r["ssim"]) < 1 and float(r["through_plane_mae"]) > 0
+        # SSIM lies in [-1, 1]; this barely trained tiny run can score below 0
+        assert -1 < float(r["ssim"]) < 1 and float(r["through_plane_mae"]) > 0
         side = json.loads((out / r["output"].replace(".nii.gz", ".json")).read_text())
         assert side["ValidationMetrics"]["mae"] == pytest.approx(float(r["mae"]))
 
