@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,10 @@ def test_demo_outputs_exist_and_parse(demo):
     for m in models:
         assert m in stdout
     assert "MAE" in stdout and "PSNR" in stdout
+    # baselines marked as such, and the report's verdict, on the console too
+    assert all(re.search(rf"{b}\W+baseline\W", stdout) for b in BASELINES)
+    for d in ("T1w2T2w", "T2w2T1w"):
+        assert f"Verdict: {d}: " in stdout
 
 
 def test_demo_rerun_resumes_finished_stages(demo, capsys):

@@ -31,6 +31,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mrsynth.errors import ConfigError
@@ -366,18 +367,35 @@ def summary_table(eval_dir: Path) -> Table:
     where = "whole image" if region == "image" else "brain mask"
     table = Table(title=f"Test-set metrics (z-scored, {where}; mean ± std)")
     table.add_column("model")
+    table.add_column("kind")
     table.add_column("direction")
     for m in metrics:
         table.add_column(METRIC_LABELS[m], justify="right")
-    cells: dict[tuple[str, str], dict[str, str]] = {}
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in rows:
         if r["metric"] in metrics:
-            cells.setdefault((r["model"], r["direction"]), {})[r["metric"]] = (
+            key = (r["model"], r.get("kind", "model"), r["direction"])
+            cells.setdefault(key, {})[r["metric"]] = (
                 f"{float(r['mean']):.3f} ± {float(r['std']):.3f}"
             )
-    for (model, direction), c in cells.items():
-        table.add_row(model, direction, *[c.get(m, "n/a") for m in metrics])
+    for (model, kind, direction), c in cells.items():
+        table.add_row(model, kind, direction, *[c.get(m, "n/a") for m in metrics],
+                      style="dim" if kind == "baseline" else None)
     return table
+
+
+def verdict_text(eval_dir: Path) -> list[str]:
+    """The report's opening verdict (which models beat the lookup table inside the brain)."""
+    from mrsynth.eval.report import read_csv
+    from mrsynth.eval.stats import verdict_lines
+
+    path = eval_dir / "verdict.csv"
+    if not path.is_file():
+        return []
+    man = json.loads((eval_dir / "eval.json").read_text())
+    rows = read_csv(path)
+    directions = list(man.get("directions", {})) or sorted({r["direction"] for r in rows})
+    return verdict_lines(rows, directions)
 
 
 def register(app: typer.Typer) -> None:
@@ -432,5 +450,7 @@ def register(app: typer.Typer) -> None:
         )
         out_console = Console() if sys.stdout.isatty() else Console(width=120)
         out_console.print(summary_table(res["eval"]))
+        for line in verdict_text(res["eval"]):
+            out_console.print(f"Verdict: {escape(line)}", highlight=False, soft_wrap=True)
         typer.echo(f"Report: {res['report'].resolve()}")
         typer.echo(f"Total time: {res['timings']['total_s']:.1f} s")
