@@ -9,10 +9,14 @@ subjects in a fresh process and records
   are the exact peaks (``getrusage``) of the parent and of the largest worker;
 * ``seconds`` (wall clock, including worker start-up) and ``subjects_per_s``;
 * ``bytes_on_disk`` of the finished store;
-* ``train_images_per_s_streaming`` / ``train_images_per_s_in_memory``: null -- training
-  does not stream from the store yet (issue 13 item 3): the trainer reads the store
-  through the same lazy arrays but gathers the training split into memory first, so
-  there is no streaming path to time side by side.
+* ``train_images_per_s_streaming`` / ``train_images_per_s_in_memory`` (rows of at most
+  ``--train-subjects`` subjects, else null): ``cpu-small`` CycleGAN trained from the
+  row's store for ``--train-steps`` steps with ``train.data_on_device`` false (DataLoader,
+  default workers min(4, cores); ``..._streaming_0_workers``: read in the training process)
+  and true, alternated twice side by side in this process; the best epoch images/s of each
+  (``metrics.json``; the epoch includes starting the loader's workers). ``--train-only``
+  measures just that on a fresh 2 mm, 10-subject store and fills the matching row of the
+  existing result file.
 
     .venv/bin/python benchmarks/data_scale.py                      # the default plan
     .venv/bin/python benchmarks/data_scale.py --rows 1mm:10:1 2mm:200:2
@@ -86,7 +90,8 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def run_row(resolution: float, subjects: int, workers: int, tmp: Path) -> dict[str, Any]:
+def run_row(resolution: float, subjects: int, workers: int, tmp: Path,
+            train_steps: int = 0) -> dict[str, Any]:
     out = tmp / f"s{subjects}-{workers}.mrs"
     script = tmp / "child.py"
     script.write_text(CHILD)
@@ -109,6 +114,7 @@ def run_row(resolution: float, subjects: int, workers: int, tmp: Path) -> dict[s
     got = json.loads(stdout.strip().splitlines()[-1])
     index = json.loads((out / "store.json").read_text())
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    speed = train_speed(out, train_steps, tmp) if train_steps else {}
     shutil.rmtree(out)
     return {
         "resolution_mm": resolution, "subjects": subjects, "slices": index["n_slices"],
@@ -119,7 +125,29 @@ def run_row(resolution: float, subjects: int, workers: int, tmp: Path) -> dict[s
         "subjects_per_s": round(subjects / got["seconds"], 3),
         "bytes_on_disk": nbytes,
         "train_images_per_s_streaming": None, "train_images_per_s_in_memory": None,
+        **speed,
     }
+
+
+def train_speed(store: Path, steps: int, tmp: Path) -> dict[str, float]:
+    """Best images/s of streamed and resident cpu-small training from ``store``, measured
+    alternately (so both see the same machine load)."""
+    from mrsynth.train.config import resolve_config
+    from mrsynth.train.trainer import train
+
+    best = {"streaming": 0.0, "in_memory": 0.0, "streaming_0_workers": 0.0}
+    for rep in range(2):
+        for name, on_device, workers in (("in_memory", True, None), ("streaming", False, None),
+                                         ("streaming_0_workers", False, 0)):
+            cfg = resolve_config("cyclegan", "cpu-small", {
+                "train.epochs": 1, "train.max_steps_per_epoch": steps, "train.val_slices": 0,
+                "train.progress": False, "train.data_on_device": on_device,
+                "train.loader_workers": workers, "train.checkpoint_every_minutes": 0})
+            out = train(cfg, store, tmp / f"train_{name}_{rep}", overwrite=True)
+            ips = json.loads((out / "metrics.json").read_text())["epochs"][0]["images_per_s"]
+            best[name] = max(best[name], float(ips))
+            shutil.rmtree(out)
+    return {f"train_images_per_s_{k}": round(v, 2) for k, v in best.items()}
 
 
 def run_control(tmp: Path) -> dict[str, Any]:
@@ -149,13 +177,33 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=list(DEFAULT_ROWS),
                     help="RESOLUTION:SUBJECTS:WORKERS, e.g. 1mm:10:2")
     ap.add_argument("--no-control", dest="control", action="store_false")
+    ap.add_argument("--train-subjects", type=int, default=10,
+                    help="time training from the store for rows of at most this many subjects")
+    ap.add_argument("--train-steps", type=int, default=80)
+    ap.add_argument("--train-only", action="store_true",
+                    help="only time training on a fresh 2 mm, 10-subject store; keep the rows")
     args = ap.parse_args()
+    if args.train_only:
+        args.rows, args.control = [], False
+        old = json.loads(RESULTS.read_text())
+        args.control_kept = old.get("control")
     rows = [] if args.rows else json.loads(RESULTS.read_text())["rows"]
-    control = None
+    control = getattr(args, "control_kept", None)
     with tempfile.TemporaryDirectory() as tmpd:
+        if args.train_only:
+            from mrsynth.data.prepare_parallel import prepare_store
+
+            store = Path(tmpd) / "t.mrs"
+            prepare_store("builtin", store, n_subjects=10, resolution=2.0, workers=2, seed=0)
+            speed = train_speed(store, args.train_steps, Path(tmpd))
+            print(speed, flush=True)
+            for r in rows:
+                if (r["resolution_mm"], r["subjects"]) == (2.0, 10):
+                    r.update(speed)
         for spec in args.rows:
             res, n, w = spec.split(":")
-            row = run_row(float(res.removesuffix("mm")), int(n), int(w), Path(tmpd))
+            row = run_row(float(res.removesuffix("mm")), int(n), int(w), Path(tmpd),
+                          args.train_steps if int(n) <= args.train_subjects else 0)
             rows.append(row)
             print(row, flush=True)
         if args.control:
@@ -185,8 +233,10 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, 2 cores shared with other engineers (noisy)",
               "command": "prepare_store('builtin', OUT, n_subjects=N, resolution=R, workers=W) "
                          "at the defaults (256x256, every slice with >= 10 % brain, float16)",
-              "train_fields_null_because": "training does not stream from the store yet "
-                                           "(issue 13 item 3)",
+              "train_command": "cpu-small cyclegan, epochs 1, max_steps_per_epoch "
+                               f"{args.train_steps}, data_on_device false (default loader "
+                               "workers, and 0) vs true, alternated twice, best of each; "
+                               "null: not measured",
               "rows": rows, "summary": summary, "control": control}
     print(f"\n{'res':>4} {'subj':>5} {'slices':>7} {'workers':>7} {'peak MB':>8} "
           f"{'parent MB':>9} {'worker MB':>9} {'s':>7} {'subj/s':>7} {'GB disk':>8}")

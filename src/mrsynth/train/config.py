@@ -78,6 +78,12 @@ _BASE: dict[str, Any] = {
         "fused_adam": True,
         "num_threads": None,
         "progress": True,
+        # Training slices resident on the device (true), read batch by batch from the prepared
+        # store by a DataLoader (false), or "auto": resident when they take at most a quarter
+        # of the free device memory (on CPU: of the available RAM).
+        "data_on_device": "auto",
+        # DataLoader worker processes when streaming (None: min(4, cores); 0: in the trainer).
+        "loader_workers": None,
     },
 }
 
@@ -165,11 +171,11 @@ RESUMABLE_KEYS = frozenset({
     "train.log_every",
     "train.samples", "train.checkpoint_every_minutes", "train.keep_every_epochs",
     "train.progress", "train.num_threads", "train.max_steps_per_epoch", "train.channels_last",
-    "train.compile", "train.fused_adam",
+    "train.compile", "train.fused_adam", "train.data_on_device", "train.loader_workers",
 })
 
 #: Settings that take true, false or "auto".
-_BOOL_OR_AUTO = ("train.channels_last",)
+_BOOL_OR_AUTO = ("train.channels_last", "train.data_on_device")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -179,6 +185,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if key in _BOOL_OR_AUTO:
         if isinstance(value, bool) or value == "auto":
             return value
+        if value in ("true", "false"):  # `--set key=true` keeps text for a text default
+            return value == "true"
         raise ConfigError(f"Setting {key} must be true, false or auto, got {value!r}.")
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -278,6 +286,10 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                         "whole slices): the generators downsample twice")
     if not 0.0 <= t["patch_brain_fraction"] <= 1.0:
         problems.append("train.patch_brain_fraction must be between 0 and 1")
+    workers = t["loader_workers"]
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
+                                or workers < 0):
+        problems.append("train.loader_workers must be an integer >= 0 (or null: min(4, cores))")
     if t["val_slices"] < 0:
         problems.append("train.val_slices must be >= 0 (0: no per-epoch validation)")
     from mrsynth.models.base import get_model_class

@@ -1,9 +1,11 @@
 """Training slices as device tensors, and the per-epoch index sampler.
 
-The prepared slices of a run fit in memory (the study's 900 + 900 slices at 304x256 are
-560 MB in fp32), so they are moved to the training device once and each batch is a gather
-with indices drawn by a ``torch.Generator``: no DataLoader, no worker processes, no copies per
-step. The sampler's generator state is checkpointed, so a resumed run sees the same order.
+When the prepared slices of a run fit (the study's 900 + 900 slices at 304x256 are 560 MB
+in fp32; ``train.data_on_device``) they are moved to the training device once and each batch
+is a gather with indices drawn by a ``torch.Generator``: no DataLoader, no copies per step.
+Otherwise the same indices select the slices a DataLoader reads from the store
+(:mod:`mrsynth.train.loader`). The sampler's generator state is checkpointed, so a resumed
+run sees the same order.
 With ``train.patch_size`` each batch is a crop of the resident slices at windows drawn by a
 :class:`~mrsynth.data.patches.PatchSampler` (:class:`EpochDraws` holds both generators).
 """
@@ -43,10 +45,13 @@ def resample(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 @dataclass
 class TrainingSlices:
-    """Images of the two contrasts (N,1,h,w) on the device; aligned rows when ``paired``."""
+    """Images of the two contrasts (N,1,h,w) on the device; aligned rows when ``paired``.
 
-    A: Tensor
-    B: Tensor
+    Streaming (``train.data_on_device`` false) leaves ``A``/``B`` None: batches are read from
+    ``data`` at the store rows ``rows_A``/``rows_B`` (:mod:`mrsynth.train.loader`)."""
+
+    A: Tensor | None
+    B: Tensor | None
     paired: bool
     source_size: tuple[int, int]
     size: tuple[int, int]
@@ -63,6 +68,27 @@ class TrainingSlices:
     #: 2.5-D: the sample slices' stacks (n, 2k+1, h, w), the generators' inputs for the grid
     sample_in_A: Tensor | None = None
     sample_in_B: Tensor | None = None
+    #: rows of the prepared data the training rows come from (row i of A is rows_A[i])
+    rows_A: np.ndarray | None = None
+    rows_B: np.ndarray | None = None
+    #: the prepared data the batches are read from when streaming (else None)
+    data: PreparedData | None = None
+
+    @property
+    def n_A(self) -> int:
+        return int(self.rows_A.size) if self.rows_A is not None else int(self.A.shape[0])
+
+    @property
+    def n_B(self) -> int:
+        return int(self.rows_B.size) if self.rows_B is not None else int(self.B.shape[0])
+
+
+def training_bytes(data: PreparedData, contrasts: tuple[str, str], model_name: str,
+                   needs_paired: bool, image_size: int | None) -> int:
+    """Bytes the run's training slices take resident on the device (fp32, internal size)."""
+    rows_a, rows_b, _ = select_training_slices(data, contrasts, model_name, needs_paired)
+    h, w = internal_size(data.size, image_size)
+    return int(rows_a.size + rows_b.size) * h * w * 4
 
 
 def _describe(data: PreparedData) -> str:
@@ -133,9 +159,16 @@ def load_training_slices(
     channels_last: bool = False,
     n_samples: int = 4,
     context: int = 0,
+    on_device: bool = True,
 ) -> TrainingSlices:
     """The run's training slices on ``device``; ``context`` > 0 (2.5-D) adds the neighbour
-    tables of the rows and the sample slices' stacks (:mod:`mrsynth.data.context`)."""
+    tables of the rows and the sample slices' stacks (:mod:`mrsynth.data.context`).
+    ``on_device`` False: only the masks, samples and row indices (batches are streamed)."""
+    if not on_device and context:
+        raise ConfigError(
+            f"arch.context_slices={context} (2.5-D) needs the training slices on the device; "
+            "set train.data_on_device=true (or auto) or train with arch.context_slices=0."
+        )
     rows_a, rows_b, paired = select_training_slices(data, contrasts, model_name, needs_paired)
     a, b = contrasts
     src = data.size
@@ -168,8 +201,8 @@ def load_training_slices(
         stacks = _context_stacks(data, rows_a, rows_b, sa, sb, contrasts, context, info,
                                  to_dev, device)
     return TrainingSlices(
-        A=to_dev(a, rows_a),
-        B=to_dev(b, rows_b),
+        A=to_dev(a, rows_a) if on_device else None,
+        B=to_dev(b, rows_b) if on_device else None,
         paired=paired,
         source_size=src,
         size=size,
@@ -179,6 +212,9 @@ def load_training_slices(
         mask_A=masks(rows_a),
         mask_B=masks(rows_b),
         **stacks,
+        rows_A=rows_a,
+        rows_B=rows_b,
+        data=None if on_device else data,
     )
 
 

@@ -127,13 +127,14 @@ class TrainStepper:
     :class:`LossAccumulator` (no host sync).
     """
 
-    def __init__(self, setup: TrainingSetup, A: Tensor, B: Tensor,
+    def __init__(self, setup: TrainingSetup, A: Tensor | None, B: Tensor | None,
                  patch: tuple[int, int] | None = None,
                  tables: tuple[Tensor, Tensor] | None = None) -> None:
         self.setup = setup
         self.fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
-        self.A = A.to(setup.device).contiguous(memory_format=self.fmt)
-        self.B = B.to(setup.device).contiguous(memory_format=self.fmt)
+        # None when streaming: batches then come whole from the loader (:meth:`step_batch`)
+        self.A = None if A is None else A.to(setup.device).contiguous(memory_format=self.fmt)
+        self.B = None if B is None else B.to(setup.device).contiguous(memory_format=self.fmt)
         self.patch = patch
         #: 2.5-D: neighbour tables of A's and B's rows; batches then also hold the stacks
         self.tables = None if tables is None else tuple(t.to(setup.device) for t in tables)
@@ -144,6 +145,7 @@ class TrainStepper:
         """The step's inputs: whole slices, or crops at windows ``wa``/``wb`` (batch, 2);
         2.5-D runs also get ``A_stack``/``B_stack``, each row with its neighbours cropped at
         the row's window (:func:`mrsynth.data.context.gather_stack`)."""
+        assert self.A is not None and self.B is not None, "streamed runs use step_batch"
         if wa is None or wb is None or self.patch is None:
             out = {"A": self.A.index_select(0, ia), "B": self.B.index_select(0, ib)}
         else:
@@ -163,9 +165,29 @@ class TrainStepper:
 
     def step(self, ia: Tensor, ib: Tensor, wa: Tensor | None = None,
              wb: Tensor | None = None) -> dict[str, Tensor]:
+        step_begin(self.setup.compile_report)
+        return self._run(self.batch(ia, ib, wa, wb))
+
+    def step_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One iteration on a batch streamed from the store (on the host, maybe pinned).
+
+        It gets the strides the resident path's batch has: a crop is laid out as
+        :func:`~mrsynth.data.patches.crop` lays it out ((B,1,h,w) with channel stride 1, which
+        the convolutions take for channels-last); the kernels, and so the bits of the
+        result, follow the strides."""
         s = self.setup
         step_begin(s.compile_report)
-        batch = self.batch(ia, ib, wa, wb)
+        out = {}
+        for k, v in batch.items():
+            v = v.to(s.device, non_blocking=True)
+            if self.patch is not None:
+                v = v.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format) \
+                    .permute(0, 3, 1, 2)
+            out[k] = v.contiguous(memory_format=self.fmt)
+        return self._run(out)
+
+    def _run(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        s = self.setup
         losses = s.model.train_step(batch, s.ctx)  # type: ignore[operator]
         s.ctx.end_iteration()
         self.losses.add(losses)

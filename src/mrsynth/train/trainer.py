@@ -65,7 +65,9 @@ from mrsynth.train.dataset import (
     load_training_slices,
     patch_sampler,
     resample,
+    training_bytes,
 )
+from mrsynth.train.loader import StepBatches, decide_on_device, default_workers, step_loader
 from mrsynth.train.logging import SAMPLES_DIR, EpochProgress, LossLog, Metrics, save_sample_grid
 from mrsynth.train.resume import (
     Position,
@@ -247,10 +249,19 @@ class Trainer:
             self._check_same_data(data.settings)
         options = FastOptions.from_config(cfg, self.device)
         dd.local_batch_size(self.batch, info.world_size)  # splits evenly?
+        # resident slices, or batches streamed from the store (train.data_on_device)
+        self.on_device = decide_on_device(
+            t["data_on_device"],
+            training_bytes(data, self.contrasts, cls.name, cls.needs_paired,
+                           cfg["data"]["image_size"]), self.device)
+        if t["data_on_device"] == "auto" and context_slices(cfg):
+            self.on_device = True  # 2.5-D gathers neighbour stacks from resident slices
+        self.loader_workers = (default_workers() if t["loader_workers"] is None
+                               else int(t["loader_workers"]))
         self.slices = load_training_slices(
             data, self.contrasts, cls.name, cls.needs_paired, cfg["data"]["image_size"],
             self.device, options.channels_last, int(t["samples"]),
-            context=context_slices(cfg),
+            context=context_slices(cfg), on_device=self.on_device,
         )
         if not self.resuming:  # data and options are fine: now (re)create the run dir
             check_out_dir(out, overwrite)
@@ -272,7 +283,7 @@ class Trainer:
         # The sampler draws the global batch (and its patch windows) with the run's seed on
         # every rank; each rank trains on its share (distributed.shard_batch).
         self.sampler = EpochDraws(
-            EpochSampler(self.slices.A.shape[0], self.slices.B.shape[0], self.slices.paired,
+            EpochSampler(self.slices.n_A, self.slices.n_B, self.slices.paired,
                          self.batch, int(cfg["seed"]), t["max_steps_per_epoch"]),
             patch_sampler(self.slices, t["patch_size"], t["patch_brain_fraction"],
                           int(cfg["seed"])),
@@ -356,9 +367,15 @@ class Trainer:
         self.progress.start(epoch, self.epochs, steps, start)
         t_epoch = t_log = time.perf_counter()
         lr = self._lr()
+        batches = None if self.on_device else iter(step_loader(
+            StepBatches(self.slices, self.contrasts, ia, ib, wa, wb, self.patch), start,
+            self.loader_workers, self.device))
         for s in range(start, steps):
-            self.stepper.step(ia[s], ib[s], None if wa is None else wa[s],
-                              None if wb is None else wb[s])
+            if batches is None:
+                self.stepper.step(ia[s], ib[s], None if wa is None else wa[s],
+                                  None if wb is None else wb[s])
+            else:
+                self.stepper.step_batch(next(batches))
             pos.step, pos.iteration = s + 1, pos.iteration + 1
             self.progress.advance()
             if self.stepper.losses.count >= self.log_every or pos.step == steps:
@@ -704,6 +721,8 @@ class Trainer:
             "compile_note": setup.compile_report.reason,
             "channels_last": setup.options.channels_last,
             "adam": setup.adam,
+            "data_on_device": self.on_device,
+            "loader_workers": 0 if self.on_device else self.loader_workers,
         }
 
 
