@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import csv
 import io
 import json
 import shutil
@@ -19,6 +18,7 @@ from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.baselines import BASELINES
 from mrsynth.eval.metrics import METRICS, image_metrics
+from mrsynth.eval.report import read_csv
 from test_eval_fixtures import tiny_run
 
 MODELS = ("cyclegan", "simple")
@@ -31,11 +31,6 @@ DIRECTIONS = ("T1w2T2w", "T2w2T1w")
 def _single_thread():
     with one_torch_thread():
         yield
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def test_per_image_metrics_match_an_independent_recomputation(evaluation, prepar
     data = load_prepared(prepared_small)
     test = data.split_view("test")
     n_test = len(test)
-    rows = _csv(evaluation / "per_image.csv")
+    rows = read_csv(evaluation / "per_image.csv")
     assert len(rows) == n_test * len(ALL) * len(DIRECTIONS) * 2  # two regions
     assert {r["model"] for r in rows} == set(ALL)
     assert {(r["model"], r["kind"]) for r in rows} == {
@@ -103,8 +98,8 @@ def test_synthetic_slices_are_the_runs_translations(evaluation, runs, prepared_s
 
 
 def test_summary_and_wilcoxon_agree_with_the_per_image_rows(evaluation):
-    rows = _csv(evaluation / "per_image.csv")
-    summary = _csv(evaluation / "summary.csv")
+    rows = read_csv(evaluation / "per_image.csv")
+    summary = read_csv(evaluation / "summary.csv")
     assert len(summary) == len(ALL) * len(DIRECTIONS) * 2 * len(METRICS)
     for s in summary:
         vals = np.array([float(r[s["metric"]]) for r in rows if r["model"] == s["model"]
@@ -113,7 +108,7 @@ def test_summary_and_wilcoxon_agree_with_the_per_image_rows(evaluation):
         assert float(s["mean"]) == pytest.approx(vals.mean(), rel=1e-9)
         assert float(s["median"]) == pytest.approx(np.median(vals), rel=1e-9)
         assert float(s["ci_low"]) <= float(s["mean"]) <= float(s["ci_high"])
-    tests = _csv(evaluation / "wilcoxon.csv")
+    tests = read_csv(evaluation / "wilcoxon.csv")
     t = next(t for t in tests if t["region"] == "image" and t["direction"] == "T1w2T2w"
              and t["metric"] == "mae")
     a = {(r["subject"], r["slice"]): float(r["mae"]) for r in rows if r["model"] == t["model_a"]
@@ -130,7 +125,7 @@ def test_summary_and_wilcoxon_agree_with_the_per_image_rows(evaluation):
 
 
 def test_timing_c2st_figures_and_manifest(evaluation, runs):
-    timing = _csv(evaluation / "timing.csv")
+    timing = read_csv(evaluation / "timing.csv")
     assert {(t["model"], t["direction"]) for t in timing} == {
         (m, d) for m in ALL for d in DIRECTIONS}
     for t in timing:
@@ -141,7 +136,7 @@ def test_timing_c2st_figures_and_manifest(evaluation, runs):
                  ["epochs"]]
         assert float(t["train_s_per_epoch"]) == pytest.approx(np.mean(walls))
         assert float(t["inference_ms_per_slice"]) > 0
-    c2st = _csv(evaluation / "c2st.csv")
+    c2st = read_csv(evaluation / "c2st.csv")
     assert len(c2st) == len(ALL) * len(DIRECTIONS)
     for c in c2st:
         assert 0.0 <= float(c["ci_low"]) <= float(c["accuracy"]) <= float(c["ci_high"]) <= 1.0
@@ -292,7 +287,7 @@ def test_human_study_accuracy_is_reported_beside_c2st(evaluation, runs, prepared
     assert main(["evaluate", "--runs", str(runs["cyclegan"]), str(runs["simple"]),
                  "--data", str(prepared_small), "--out", str(out), "--device", "cpu",
                  "--c2st-steps", "5", "--study", str(study)]) == 0
-    rows = {(c["model"], c["direction"]): c for c in _csv(out / "c2st.csv")}
+    rows = {(c["model"], c["direction"]): c for c in read_csv(out / "c2st.csv")}
     # 8 real images over 2 contrasts, 8 synthetic over 2 models x 2 contrasts
     for m in MODELS:
         for d in DIRECTIONS:
@@ -348,7 +343,7 @@ def test_baselines_are_the_documented_predictions(evaluation, prepared_small):
             assert np.all(mean[~m] == -1) and np.allclose(mean[m], test.images[tgt][i][m].mean(),
                                                           atol=1e-5)
     # baseline_mean's in-brain MAE is the mean |z| of the real slice inside the brain
-    rows = [r for r in _csv(evaluation / "per_image.csv")
+    rows = [r for r in read_csv(evaluation / "per_image.csv")
             if r["model"] == "baseline_mean" and r["region"] == "brain"]
     by_key = {(str(s), int(k)): i for i, (s, k) in enumerate(zip(test.subject, test.slice_index,
                                                                    strict=True))}
@@ -360,16 +355,16 @@ def test_baselines_are_the_documented_predictions(evaluation, prepared_small):
 
 
 def test_baselines_are_in_every_output_and_marked(evaluation, tmp_path):
-    summary = _csv(evaluation / "summary.csv")
+    summary = read_csv(evaluation / "summary.csv")
     assert {(s["model"], s["kind"]) for s in summary} >= {(b, "baseline") for b in BASELINES}
-    tests = _csv(evaluation / "wilcoxon.csv")
+    tests = read_csv(evaluation / "wilcoxon.csv")
     pairs = {frozenset((t["model_a"], t["model_b"])) for t in tests}
     assert {frozenset(p) for p in
             [(a, b) for i, a in enumerate(ALL) for b in ALL[i + 1:]]} == pairs
     assert all((t["kind_a"] == "baseline") == t["model_a"].startswith("baseline_")
                for t in tests)
     for name in ("c2st", "timing"):
-        assert {(r["model"], r["kind"]) for r in _csv(evaluation / f"{name}.csv")} == {
+        assert {(r["model"], r["kind"]) for r in read_csv(evaluation / f"{name}.csv")} == {
             *((m, "model") for m in MODELS), *((b, "baseline") for b in BASELINES)}
     md = (evaluation / "summary.md").read_text()
     assert md.index("## Verdict") < md.index("## Region")
@@ -389,7 +384,7 @@ def test_baselines_are_in_every_output_and_marked(evaluation, tmp_path):
         assert f"<td>{b}</td><td>baseline</td>" in html  # summary tables
         assert f"<span class='base'>{b} (baseline)</span>" in html  # Wilcoxon table
     # findings: no study model but cyclegan and simple -> the pairwise claims are evaluated
-    claims = {r["claim"]: r["status"] for r in _csv(evaluation / "findings.csv")}
+    claims = {r["claim"]: r["status"] for r in read_csv(evaluation / "findings.csv")}
     assert set(claims) == {"generators_s_best", "simple_worst", "cyclegan_unit_equal",
                            "t1_better_than_t2"}
     assert claims["generators_s_best"] == "not evaluated"
@@ -398,8 +393,8 @@ def test_baselines_are_in_every_output_and_marked(evaluation, tmp_path):
 
 
 def test_verdict_is_the_one_sided_test_against_the_lookup_table(evaluation):
-    rows = _csv(evaluation / "per_image.csv")
-    verdict = _csv(evaluation / "verdict.csv")
+    rows = read_csv(evaluation / "per_image.csv")
+    verdict = read_csv(evaluation / "verdict.csv")
     assert {(v["model"], v["direction"]) for v in verdict} == {
         (m, d) for m in MODELS for d in DIRECTIONS}
     for v in verdict:

@@ -8,7 +8,6 @@ metrics cannot see raise the through-plane error.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ from helpers import one_torch_thread
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval import evaluate as ev
 from mrsynth.eval.baselines import BASELINES
-from mrsynth.eval.report import build_report
+from mrsynth.eval.report import build_report, read_csv
 from mrsynth.eval.volume import (
     VOLUME_METRICS,
     neighbour_pair_errors,
@@ -38,11 +37,6 @@ PAIR = ("T1w", "T2w")
 def _single_thread():
     with one_torch_thread():
         yield
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +185,19 @@ def test_slice_wise_jumps_raise_the_through_plane_error_not_the_slice_metrics(fa
     out, labels = fabricated
     sm, ju = labels["smooth"], labels["jumpy"]
     per = {(r["model"], r["direction"], r["region"], r["subject"], r["slice"]): float(r["mae"])
-           for r in _csv(out / "per_image.csv")}
+           for r in read_csv(out / "per_image.csv")}
     pairs = [(k, (ju, *k[1:])) for k in per if k[0] == sm]
     assert pairs
     for a, b in pairs:  # the same per-slice MAE, both regions
         assert per[b] == pytest.approx(per[a], rel=1e-4, abs=1e-6)
-    vol = {(r["model"], r["direction"], r["subject"]): r for r in _csv(out / "volume.csv")}
+    vol = {(r["model"], r["direction"], r["subject"]): r for r in read_csv(out / "volume.csv")}
     keys = [k for k in vol if k[0] == sm]
     assert len(keys) == 4  # two directions x two test subjects
     for k in keys:
         s, j = vol[k], vol[(ju, *k[1:])]
         assert float(j["through_plane_mae"]) > 3 * float(s["through_plane_mae"])
         assert float(j["through_plane_ratio"]) > 3 * float(s["through_plane_ratio"])
-    tests = {(t["model"], t["direction"]): t for t in _csv(out / "volume_tests.csv")}
+    tests = {(t["model"], t["direction"]): t for t in read_csv(out / "volume_tests.csv")}
     assert {t[0] for t in tests} == {sm, ju}
     for d in ("T1w2T2w", "T2w2T1w"):
         assert float(tests[(ju, d)]["model_mean"]) > 3 * float(tests[(sm, d)]["model_mean"])
@@ -213,7 +207,7 @@ def test_volume_csv_with_baselines_matches_stacking_the_saved_synthetic_slices(
         fabricated, test_split):
     out, labels = fabricated
     _, test = test_split
-    rows = _csv(out / "volume.csv")
+    rows = read_csv(out / "volume.csv")
     models = {*labels.values(), *BASELINES}
     subjects = sorted(set(test.subject.tolist()))
     assert {(r["model"], r["kind"]) for r in rows} == {
