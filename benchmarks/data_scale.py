@@ -11,8 +11,9 @@ subjects in a fresh process and records
 * ``bytes_on_disk`` of the finished store;
 * ``train_images_per_s_streaming`` / ``train_images_per_s_in_memory`` (rows of at most
   ``--train-subjects`` subjects, else null): ``cpu-small`` CycleGAN trained from the
-  row's store for ``--train-steps`` steps with ``train.data_on_device`` false (DataLoader,
-  default workers min(4, cores); ``..._streaming_0_workers``: read in the training process)
+  row's store for ``--train-steps`` steps with ``train.data_on_device`` false (the default
+  ``train.loader_workers``, which on a CPU reads in the training process;
+  ``..._streaming_2_workers``: two DataLoader worker processes)
   and true, alternated twice side by side in this process; the best epoch images/s of each
   (``metrics.json``; the epoch includes starting the loader's workers). ``--train-only``
   measures just that on a fresh 2 mm, 10-subject store and fills the matching row of the
@@ -21,8 +22,9 @@ subjects in a fresh process and records
     .venv/bin/python benchmarks/data_scale.py                      # the default plan
     .venv/bin/python benchmarks/data_scale.py --rows 1mm:10:1 2mm:200:2
 
-A row is ``RESOLUTION:SUBJECTS:WORKERS``. The default plan takes about 10 minutes on the
-2-core development machine, which other engineers share, so times are noisy (+-20 %).
+A row is ``RESOLUTION:SUBJECTS:WORKERS[:REPEATS]`` (with repeats, the run of median time
+is kept and every run's seconds are listed). The default plan takes about 8 minutes on
+an idle 2-core machine; times on a shared machine are noisy (+-20 %).
 ``--control`` (on by default) also times two independent one-worker runs (2 mm, 10
 subjects) side by side against one alone: ``parallel_capacity`` = 2 x alone / together is
 about 2 on an idle 2-core machine and says how much a second worker can gain at all.
@@ -47,7 +49,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "data_scale.json"
-DEFAULT_ROWS = ("1mm:10:1", "1mm:10:2", "1mm:40:2", "2mm:10:2", "2mm:200:2")
+DEFAULT_ROWS = ("1mm:10:1:3", "1mm:10:2:3", "1mm:40:2", "1mm:200:2", "2mm:10:2:3",
+                "2mm:200:2")
 
 CHILD = """
 import json, resource, sys, time
@@ -129,16 +132,27 @@ def run_row(resolution: float, subjects: int, workers: int, tmp: Path,
     }
 
 
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median time (its memory too), with every run's seconds and peak RSS."""
+    order = sorted(runs, key=lambda r: r["seconds"])
+    row = dict(order[(len(order) - 1) // 2])
+    row.update({k: v for r in runs for k, v in r.items() if k.startswith("train_") and v})
+    if len(runs) > 1:
+        row["seconds_runs"] = [r["seconds"] for r in runs]
+        row["peak_rss_mb_runs"] = [r["peak_rss_mb"] for r in runs]
+    return row
+
+
 def train_speed(store: Path, steps: int, tmp: Path) -> dict[str, float]:
     """Best images/s of streamed and resident cpu-small training from ``store``, measured
     alternately (so both see the same machine load)."""
     from mrsynth.train.config import resolve_config
     from mrsynth.train.trainer import train
 
-    best = {"streaming": 0.0, "in_memory": 0.0, "streaming_0_workers": 0.0}
+    best = {"streaming": 0.0, "in_memory": 0.0, "streaming_2_workers": 0.0}
     for rep in range(2):
         for name, on_device, workers in (("in_memory", True, None), ("streaming", False, None),
-                                         ("streaming_0_workers", False, 0)):
+                                         ("streaming_2_workers", False, 2)):
             cfg = resolve_config("cyclegan", "cpu-small", {
                 "train.epochs": 1, "train.max_steps_per_epoch": steps, "train.val_slices": 0,
                 "train.progress": False, "train.data_on_device": on_device,
@@ -180,6 +194,13 @@ def main() -> None:
     ap.add_argument("--train-subjects", type=int, default=10,
                     help="time training from the store for rows of at most this many subjects")
     ap.add_argument("--train-steps", type=int, default=80)
+    ap.add_argument("--update", action="store_true",
+                    help="keep the result file's other rows (and control, unless redone); "
+                         "the rows run replace those of the same resolution/subjects/workers")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each row this many times; the row is the run of median time")
+    ap.add_argument("--machine", default="idle development machine",
+                    help="how busy the machine was, for the result file")
     ap.add_argument("--train-only", action="store_true",
                     help="only time training on a fresh 2 mm, 10-subject store; keep the rows")
     args = ap.parse_args()
@@ -187,7 +208,9 @@ def main() -> None:
         args.rows, args.control = [], False
         old = json.loads(RESULTS.read_text())
         args.control_kept = old.get("control")
-    rows = [] if args.rows else json.loads(RESULTS.read_text())["rows"]
+    rows = [] if args.rows and not args.update else json.loads(RESULTS.read_text())["rows"]
+    if args.update:
+        args.control_kept = json.loads(RESULTS.read_text()).get("control")
     control = getattr(args, "control_kept", None)
     with tempfile.TemporaryDirectory() as tmpd:
         if args.train_only:
@@ -201,14 +224,22 @@ def main() -> None:
                 if (r["resolution_mm"], r["subjects"]) == (2.0, 10):
                     r.update(speed)
         for spec in args.rows:
-            res, n, w = spec.split(":")
-            row = run_row(float(res.removesuffix("mm")), int(n), int(w), Path(tmpd),
-                          args.train_steps if int(n) <= args.train_subjects else 0)
+            res, n, w, *rep_n = spec.split(":")
+            repeats = int(rep_n[0]) if rep_n else args.repeats
+            runs = [run_row(float(res.removesuffix("mm")), int(n), int(w), Path(tmpd),
+                            args.train_steps if int(n) <= args.train_subjects and rep == 0
+                            else 0)
+                    for rep in range(repeats)]
+            row = median_row(runs)
+            rows = [r for r in rows if (r["resolution_mm"], r["subjects"], r["workers"])
+                    != (row["resolution_mm"], row["subjects"], row["workers"])]
             rows.append(row)
             print(row, flush=True)
         if args.control:
             control = run_control(Path(tmpd))
             print(control, flush=True)
+
+    rows.sort(key=lambda r: (r["resolution_mm"], r["subjects"], r["workers"]))
 
     def find(res: float, n: int, w: int) -> dict | None:
         return next((r for r in rows if (r["resolution_mm"], r["subjects"], r["workers"])
@@ -230,13 +261,13 @@ def main() -> None:
             if one and two:
                 summary[f"{res:g}mm_{n}_subjects_speedup_2_workers"] = round(
                     two["subjects_per_s"] / one["subjects_per_s"], 3)
-    result = {"machine": f"{platform.machine()}, 2 cores shared with other engineers (noisy)",
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores ({args.machine})",
               "command": "prepare_store('builtin', OUT, n_subjects=N, resolution=R, workers=W) "
                          "at the defaults (256x256, every slice with >= 10 % brain, float16)",
               "train_command": "cpu-small cyclegan, epochs 1, max_steps_per_epoch "
                                f"{args.train_steps}, data_on_device false (default loader "
-                               "workers, and 0) vs true, alternated twice, best of each; "
-                               "null: not measured",
+                               "workers: 0 on a CPU, and 2) vs true, alternated twice, best of "
+                               "each; null: not measured",
               "rows": rows, "summary": summary, "control": control}
     print(f"\n{'res':>4} {'subj':>5} {'slices':>7} {'workers':>7} {'peak MB':>8} "
           f"{'parent MB':>9} {'worker MB':>9} {'s':>7} {'subj/s':>7} {'GB disk':>8}")

@@ -33,6 +33,52 @@ def test_templates_load_offline(monkeypatch: pytest.MonkeyPatch):
     assert t["CSF"][brain > 0.5].mean() > 0.05 and t["WM"].sum() > 0
 
 
+def test_templates_are_nilearns_maps_read_without_importing_nilearn_datasets(
+        tmp_path: Path) -> None:
+    """The maps read straight from nilearn's package files equal what nilearn's own loaders
+    return (GM/WM scaled to [0, 1]; brain = T1 template > 0.2), and a worker that simulates
+    a subject never imports ``nilearn.datasets`` (~135 MB of RAM per prepare worker)."""
+    import subprocess
+    import sys
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nilearn import datasets
+
+    gm = datasets.load_mni152_gm_template(resolution=1)
+    wm = datasets.load_mni152_wm_template(resolution=1)
+    mask = datasets.load_mni152_brain_mask(resolution=1)
+    assert np.array_equal(builtin._template_file(builtin._GM_FILE), gm.get_fdata())
+    assert np.array_equal(builtin._template_file(builtin._WM_FILE), wm.get_fdata())
+    t1 = builtin._template_image(builtin._T1_FILE)
+    t1_data = np.asarray(t1.dataobj, np.float32) / np.asarray(t1.dataobj).max()
+    assert np.array_equal(t1_data > 0.2, mask.get_fdata() > 0)
+    assert np.array_equal(t1.affine, mask.affine)
+    code = ("import sys\nfrom mrsynth.data import builtin\n"
+            "builtin.simulate_subject(0, contrasts=('T1w',))\n"
+            "print('nilearn.datasets' in sys.modules, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_deformation_in_slabs_equals_the_whole_grid() -> None:
+    """The deformation's affine part, computed a few planes at a time to bound a worker's
+    memory, equals the whole-volume matrix product bit for bit, whatever the slab size."""
+    rng = np.random.default_rng(0)
+    shape = (37, 41, 29)
+    centre = (np.asarray(shape, np.float64) - 1) / 2.0
+    for _ in range(3):
+        m = np.linalg.qr(rng.normal(size=(3, 3)))[0] * rng.uniform(0.9, 1.1)
+        shift = rng.normal(0, 2.0, 3)
+        grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
+        whole = (m @ (grid - centre[:, None].astype(np.float32))) + (centre + shift)[:, None]
+        whole = whole.reshape(3, *shape).astype(np.float32)
+        for slab in (1, 41 * 29 * 5, 10**9):  # one plane, 5 planes (uneven), all at once
+            assert np.array_equal(builtin._affine_coords(shape, m, centre, shift, slab), whole)
+
+
 @pytest.fixture(scope="module")
 def subject() -> dict:
     return builtin.simulate_subject(0, seed=0, contrasts=("T1w", "T2w", "PDw", "FLAIR"),

@@ -257,3 +257,16 @@ def test_cli_prepares_shards_finalizes_inspects_and_converts(reference: Path, tm
     np.testing.assert_array_equal(load_prepared(npz).mask, b.mask[:])
     assert main(["data", "convert", str(npz), str(back), "-q"]) != 0  # exists
     assert "--overwrite" in " ".join(capsys.readouterr().err.split())
+
+
+def test_workers_run_one_numeric_library_thread_each(monkeypatch) -> None:
+    """Each worker process caps OpenMP/OpenBLAS/MKL at one thread (N workers x N library
+    threads would only contend for the cores); the parent's environment is restored."""
+    from mrsynth.data import prepare_parallel as pp
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    seen: list[str | None] = []
+    pp._run_pool([0, 1, 2], lambda i: (pp._THREAD_VARS[i],), 2, seen.append, fn=os.getenv)
+    assert seen == ["1", "1", "1"]
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ

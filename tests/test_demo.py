@@ -158,3 +158,34 @@ def test_demo_steps_per_epoch_per_model():
         m: 100 for m in model_names() if m != "simple"}
     assert cap("simple", 7) == cap("unit", 7) == 7
     assert cap("simple", 0) is None and cap("cyclegan", 0) is None
+
+
+def test_demo_trains_models_in_parallel_processes_with_the_same_weights(tmp_path, capsys):
+    """--jobs 2 trains two models at once in spawned processes: the same weights and losses
+    as --jobs 1 (one after the other in the demo's process), and demo.json says how."""
+    from test_train_resume import assert_same_weights, loss_rows
+
+    small = [*SMALL, "--models", "generators_s,cyclegan"]
+    for jobs in (1, 2):
+        assert main(["demo", "--out", str(tmp_path / f"j{jobs}"), *small,
+                     "--jobs", str(jobs)]) == 0
+        inv = json.loads((tmp_path / f"j{jobs}" / "demo.json").read_text())["invocations"]
+        assert inv[-1]["jobs"] == jobs
+    err = capsys.readouterr().err
+    assert "2 models at a time" in err
+    for m in ("generators_s", "cyclegan"):
+        a, b = tmp_path / "j1" / "runs" / m, tmp_path / "j2" / "runs" / m
+        assert_same_weights(a, b)
+        assert loss_rows(a) == loss_rows(b)
+
+
+def test_default_demo_jobs_use_the_cores(monkeypatch):
+    from mrsynth import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo, "torch_threads", lambda: 1)
+    assert demo.default_jobs("cpu") == 2
+    monkeypatch.setattr(demo, "torch_threads", lambda: 2)
+    assert demo.default_jobs("cpu") == 1
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 64)
+    assert demo.default_jobs("cpu") == 4

@@ -282,3 +282,43 @@ def test_findings_with_absent_models_say_not_evaluated():
     flair = [{**r, "direction": r["direction"].replace("T2w", "FLAIR")} for r in rows]
     found = _by_claim(findings(flair, models, ("T1w", "FLAIR")))
     assert found["t1_better_than_t2"]["status"] == NOT_EVALUATED
+
+
+def test_lut_of_a_large_training_split_reads_a_bounded_sample(data, monkeypatch):
+    """Past ``max_voxels`` training brain voxels the fit stops reading slices (a seeded
+    random order of them, so every subject contributes) and the table stays close to the
+    one fitted on every voxel; the whole split is never loaded at once."""
+    rows = np.flatnonzero((data.split == "train") & data.paired)
+    full = bl.fit_on_training_split(data, "T1w", "T2w")
+    per_slice = int(np.asarray(data.mask[rows]).sum()) / rows.size
+    cap = int(per_slice * rows.size / 3)  # a third of the training voxels
+    monkeypatch.setattr(bl, "LUT_CHUNK_SLICES", 8)
+    read: list[int] = []
+
+    class Counting:
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __getitem__(self, key):
+            out = self.arr[key]
+            read.append(len(out))
+            return out
+
+    sampled = data.select(np.arange(len(data)))
+    sampled.mask = Counting(data.mask)
+    lut = bl.fit_on_training_split(sampled, "T1w", "T2w", max_voxels=cap)
+    assert lut is not None and lut.counts.sum() == cap
+    assert sum(read) < rows.size / 2  # about a third of the slices' masks, not all
+    assert max(read) <= 8
+    subjects = set(data.subject[rows].tolist())
+    assert len(subjects) > 1
+    # on every training voxel, the sampled table's absolute error is close to the full
+    # table's, which is the smallest any per-bin map can have there (per-bin medians)
+    m = np.asarray(data.mask[rows])
+    x, y = data.images["T1w"][rows][m], data.images["T2w"][rows][m]
+    full_err = np.abs(y - full.table[bl.lut_bin(x)]).mean()
+    sample_err = np.abs(y - lut.table[bl.lut_bin(x)]).mean()
+    assert full_err <= sample_err < 1.03 * full_err, (full_err, sample_err)
+    # the sample is a property of the file: the same voxels every time
+    again = bl.fit_on_training_split(data, "T1w", "T2w", max_voxels=cap)
+    np.testing.assert_array_equal(again.table, lut.table)

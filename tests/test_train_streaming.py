@@ -39,7 +39,7 @@ def store(prepared_small: Path, tmp_path_factory) -> Path:
     return st.write_store_from(load_prepared(prepared_small), out)
 
 
-def config(model: str, on_device: Any, workers: int = 0, image_size: int | None = None,
+def config(model: str, on_device: Any, workers: int | None = 0, image_size: int | None = None,
            patch: int = 32, **extra: Any) -> dict[str, Any]:
     return resolve_config(model, "cpu-small", {
         "train.epochs": 2, "train.max_steps_per_epoch": 4, "train.batch_size": 2,
@@ -147,3 +147,19 @@ def test_data_on_device_and_loader_workers_are_validated(store: Path) -> None:
     with pytest.raises(ConfigError, match="needs the training slices on the device"):
         load_training_slices(load_prepared(store), ("T1w", "T2w"), "cyclegan", False, None,
                              torch.device("cpu"), context=1, on_device=False)
+
+
+def test_default_loader_workers_read_in_the_trainer_on_a_cpu(store: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """``train.loader_workers`` null: a CPU run reads in the training process (worker
+    processes only take cores from the training step); CUDA gets min(4, cores - 1)."""
+    from mrsynth.train import loader
+
+    out = train(config("generators_s", False, None, **{"train.epochs": 1}), store,
+                tmp_path / "default")
+    assert execution(out)["loader_workers"] == 0
+    monkeypatch.setattr(loader.os, "cpu_count", lambda: 16)
+    assert loader.default_workers(torch.device("cuda")) == 4
+    monkeypatch.setattr(loader.os, "cpu_count", lambda: 2)
+    assert loader.default_workers(torch.device("cuda")) == 1
+    assert loader.default_workers(torch.device("cpu")) == 0

@@ -390,3 +390,31 @@ def test_best_checkpoint_follows_the_argmin(small_with_val: Path, tmp_path: Path
     assert [e["validation"][SCORE_KEY] for e in doc["epochs"]] == [0.5, 0.3, 0.4, 0.2]
     assert doc["validation"]["best_epoch"] == 4
     assert load_run(run, checkpoint="best").epoch == 4
+
+
+def test_validation_slices_of_a_store_read_only_the_validation_masks(
+        with_val: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a store, choosing the validation slices reads the masks of the validation split
+    only (and the same slices as from the single file), not the whole data set's."""
+    from mrsynth.data import store as st
+
+    store = st.write_store_from(load_prepared(with_val), tmp_path / "v.mrs")
+    data = load_prepared(store)
+    n_val = int((data.split == "val").sum())
+    assert 0 < n_val < len(data)
+    read: list[int] = []
+    get = st.ShardedArray.__getitem__
+
+    def counting(self, key):
+        out = get(self, key)
+        if self.what.startswith("mask"):
+            read.append(int(np.prod(out.shape[:-2])) if out.ndim >= 2 else 1)
+        return out
+
+    monkeypatch.setattr(st.ShardedArray, "__getitem__", counting)
+    val = pick_validation_slices(data, ("T1w", "T2w"), 4)
+    whole = pick_validation_slices(load_prepared(with_val), ("T1w", "T2w"), 4)
+    assert val is not None and whole is not None
+    np.testing.assert_array_equal(val.rows, whole.rows)
+    np.testing.assert_array_equal(val.mask, whole.mask)
+    assert 0 < sum(read) <= n_val + 4, (read, n_val)

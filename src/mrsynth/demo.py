@@ -22,9 +22,10 @@ records each invocation's stage wall times (a resumed invocation is fast).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,72 @@ STEPS_PER_EPOCH: dict[str, int] = {"simple": 300}
 #: gains little, while on a busy machine two OpenMP threads per process are ~10x slower than
 #: one (measured on the shared 2-core machine: 57 vs 640 ms per CycleGAN step).
 DEFAULT_THREADS = 1
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def default_jobs(device: str) -> int:
+    """Models trained at once: on a CPU one process per core's worth of torch threads
+    (each model's tensors are too small for one process to use more than a thread or
+    two well), at most 4; on a GPU one (the models take turns on the device)."""
+    from mrsynth.train.speed import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, torch_threads())))
+
+
+def _train_job(model: str, cfg: dict[str, Any], prepared: str, run_dir: str, resume: bool,
+               threads: int) -> float:
+    """One demo model trained in a worker process (no progress bars: several interleave)."""
+    import torch
+
+    from mrsynth.train.trainer import train
+
+    torch.set_num_threads(threads)
+    cfg = {**cfg, "train": {**cfg["train"], "progress": False}}
+    t = time.perf_counter()
+    train(cfg, prepared, run_dir, resume=resume, console=Console(stderr=True, quiet=True))
+    return time.perf_counter() - t
+
+
+def train_in_parallel(todo: Sequence[tuple[str, dict[str, Any], Path, bool]], prepared: Path,
+                      jobs: int, threads: int) -> Iterator[tuple[str, float]]:
+    """Train the demo's models ``jobs`` at a time in spawned processes; yield (model,
+    seconds) as each finishes. A model that fails stops the others (their checkpoints stay,
+    so rerunning the demo resumes them) and its error is raised here. Each run is the same
+    computation as in the demo's own process (same config, seed and thread count), so its
+    weights are too."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from mrsynth.data.prepare_parallel import _die_with_parent
+
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                               initializer=_die_with_parent)
+    try:
+        pending = {pool.submit(_train_job, m, cfg, str(prepared), str(rd), resume, threads): m
+                   for m, cfg, rd, resume in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                m = pending.pop(fut)
+                yield m, fut.result()
+    except BaseException:
+        # stopped (Ctrl-C, SIGTERM) or a model failed: the running trainers checkpoint on
+        # SIGTERM and exit, so a rerun resumes them
+        import signal
+
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _stage(console: Console, i: int, n: int, title: str) -> float:
@@ -179,6 +246,7 @@ def run_demo(
     c2st_steps: int = 200,
     seed: int = 0,
     threads: int | None = DEFAULT_THREADS,
+    jobs: int | None = None,
     test_subjects: Sequence[str] | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     val_subjects: Sequence[str] | None = None,
@@ -189,7 +257,9 @@ def run_demo(
     ``val_subjects`` names the validation subjects (then ``val_fraction`` is not used).
 
     ``threads`` sets torch's CPU threads for every stage (None or 0: torch's default, one
-    per core); the previous setting is restored afterwards.
+    per core); the previous setting is restored afterwards. ``jobs`` models train at once
+    in separate processes (None or 0: :func:`default_jobs`; 1: one after the other in this
+    process).
     """
     import torch
 
@@ -199,7 +269,7 @@ def run_demo(
     try:
         return _run_demo(out, data=data, epochs=epochs, subjects=subjects, models=models,
                          size=size, downsample=downsample, slice_step=slice_step, steps=steps,
-                         device=device, c2st_steps=c2st_steps, seed=seed,
+                         device=device, c2st_steps=c2st_steps, seed=seed, jobs=jobs,
                          test_subjects=test_subjects, val_fraction=val_fraction,
                          val_subjects=val_subjects, console=console)
     finally:
@@ -220,6 +290,7 @@ def _run_demo(
     device: str,
     c2st_steps: int,
     seed: int,
+    jobs: int | None,
     test_subjects: Sequence[str] | None,
     val_fraction: float,
     val_subjects: Sequence[str] | None,
@@ -290,8 +361,8 @@ def _run_demo(
 
     # ---- 2. train
     t0 = _stage(con, 2, n_stages, f"train {len(names)} models (cpu-small preset)")
-    trained_now = False
     run_dirs = []
+    todo: list[tuple[str, dict[str, Any], Path, bool]] = []
     for i, m in enumerate(names, start=1):
         rd = root / "runs" / m
         run_dirs.append(rd)
@@ -300,12 +371,22 @@ def _run_demo(
         if _run_completed(rd, ep):
             _say(con, f"[{i}/{len(names)}] {m}: already trained ({ep} epochs); reusing it.")
             continue
-        tm = time.perf_counter()
         resume = (rd / "config.json").is_file()
         _say(con, f"[{i}/{len(names)}] {m}: {'resuming' if resume else 'training'} {ep} epoch(s)")
-        train(cfg, prepared, rd, resume=resume, console=con)
-        trained_now = True
-        timings[f"train_{m}_s"] = _done(con, tm, f"{m} trained")
+        todo.append((m, cfg, rd, resume))
+    trained_now = bool(todo)
+    n_jobs = min(jobs if jobs else default_jobs(device), len(todo))
+    if n_jobs > 1:
+        _say(con, f"  {n_jobs} models at a time, each in its own process "
+                  f"({torch_threads()} torch thread(s) each); progress per model as it ends")
+        for m, secs in train_in_parallel(todo, prepared, n_jobs, torch_threads()):
+            timings[f"train_{m}_s"] = secs
+            _say(con, f"[green]✓[/green] {m} trained ({secs:.1f} s)")
+    else:
+        for m, cfg, rd, resume in todo:
+            tm = time.perf_counter()
+            train(cfg, prepared, rd, resume=resume, console=con)
+            timings[f"train_{m}_s"] = _done(con, tm, f"{m} trained")
     timings["train_s"] = _done(con, t0, "all models trained")
 
     # ---- 3. evaluate
@@ -347,7 +428,7 @@ def _run_demo(
 
     history.append({"finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
                     "timings_s": timings, "torch_threads": torch.get_num_threads(),
-                    "models": names, "epochs": epochs,
+                    "models": names, "epochs": epochs, "jobs": n_jobs,
                     "steps_per_epoch": {m: demo_steps(m, steps) for m in names}})
     atomic_write_json(log_path, {"data": data, "geometry": geo, "subjects": subjects,
                                  "invocations": history})
@@ -423,6 +504,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(DEFAULT_THREADS, "--threads", min=0,
                                     help="CPU threads for torch (0: one per core)."),
+        jobs: int = typer.Option(
+            0, "--jobs", min=0, help="Models trained at once, each in its own process (0: "
+            "on a CPU, cores / --threads, at most 4; on a GPU 1)."),
         test_subjects: str | None = typer.Option(
             None, "--test-subjects", help="Comma-separated test subjects (default: drawn from "
             "--seed), e.g. sub-ms19,sub-fg6692."),
@@ -440,7 +524,7 @@ def register(app: typer.Typer) -> None:
             out, data=data, epochs=epochs, subjects=subjects,
             models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
             size=size, downsample=downsample, slice_step=slice_step, steps=steps,
-            device=device, c2st_steps=c2st_steps, seed=seed, threads=threads,
+            device=device, c2st_steps=c2st_steps, seed=seed, threads=threads, jobs=jobs,
             test_subjects=[s.strip() for s in test_subjects.split(",") if s.strip()]
             if test_subjects else None,
             val_fraction=val_fraction,

@@ -23,7 +23,7 @@ real data.
 from __future__ import annotations
 
 import functools
-import warnings
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -85,6 +85,44 @@ def signal(contrast: str, t1: np.ndarray | float, t2: np.ndarray | float,
     return pd * recovery * np.exp(-te / t2)
 
 
+# ICBM152 2009 files in nilearn's package data: read with nibabel directly, since importing
+# nilearn.datasets costs ~135 MB of RAM per process (it pulls in scikit-learn and pandas),
+# which every `prepare --workers` process would pay.
+_GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
+_WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def _template_image(name: str) -> nib.Nifti1Image:
+    """One of nilearn's shipped template files, found without importing nilearn."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / name
+        if path.is_file():
+            try:
+                return nib.load(path)
+            except Exception as exc:  # pragma: no cover - a damaged installation
+                raise DataError(
+                    f"Cannot read the MNI ICBM152 template {path} shipped with nilearn "
+                    f"({exc}). Reinstall mrsynth's dependencies (`make test` re-creates .venv)."
+                ) from exc
+    raise DataError(
+        f"Cannot find the MNI ICBM152 template {name} that the nilearn package ships "
+        f"(looked in {', '.join(map(str, roots)) or 'no nilearn installation'}). Install "
+        "mrsynth's dependencies (`make test` re-creates .venv)."
+    )
+
+
+def _template_file(name: str) -> np.ndarray:
+    """A probability map scaled to [0, 1] as nilearn's load_mni152_*_template() does."""
+    data = np.asarray(_template_image(name).dataobj).astype(np.float32)
+    data /= data.max()
+    return data
+
+
 @functools.lru_cache(maxsize=2)
 def templates(resolution: float = DEFAULT_RESOLUTION) -> dict[str, Any]:
     """GM, WM, CSF fractions and brain mask of ICBM152 2009 from nilearn's package files,
@@ -93,23 +131,15 @@ def templates(resolution: float = DEFAULT_RESOLUTION) -> dict[str, Any]:
         raise ConfigError(
             f"--resolution {resolution:g} is not available for the builtin set; choose 1 or 2 (mm)."
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from nilearn import datasets
-
-            gm_img = datasets.load_mni152_gm_template(resolution=1)
-            wm_img = datasets.load_mni152_wm_template(resolution=1)
-            brain_img = datasets.load_mni152_brain_mask(resolution=1)
-    except Exception as exc:  # pragma: no cover - depends on the installation
-        raise DataError(
-            f"Cannot load the MNI ICBM152 templates shipped with nilearn ({exc}). Reinstall "
-            "mrsynth's dependencies (`make test` re-creates .venv)."
-        ) from exc
-    gm = np.asarray(gm_img.get_fdata(), np.float32)
-    wm = np.asarray(wm_img.get_fdata(), np.float32)
-    brain = np.asarray(brain_img.get_fdata(), np.float32)
-    affine = np.asarray(brain_img.affine, np.float64)
+    gm = _template_file(_GM_FILE)
+    wm = _template_file(_WM_FILE)
+    t1_img = _template_image(_T1_FILE)
+    # nilearn's load_mni152_brain_mask(): the T1 template scaled to [0, 1], above 0.2
+    t1 = np.asarray(t1_img.dataobj).astype(np.float32)
+    t1 /= t1.max()
+    brain = (t1 > 0.2).astype(np.float32)
+    del t1
+    affine = np.asarray(t1_img.affine, np.float64)
     margin = 8
     idx = np.argwhere(brain > 0)
     lo = np.maximum(idx.min(0) - margin, 0)
@@ -155,13 +185,28 @@ def _deformation(shape: tuple[int, ...], rng: np.random.Generator, resolution: f
     coarse = rng.normal(0, v["deform_mm"] / resolution, (3, *n_ctrl))
     # cubic-spline upsampling, one axis at a time (separable, so cheap)
     mats = [_spline_matrix(c, s) for c, s in zip(n_ctrl, shape, strict=True)]
-    grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    coords = (m @ (grid - centre[:, None].astype(np.float32))) + (centre + shift)[:, None]
-    coords = coords.reshape(3, *shape).astype(np.float32)
+    coords = _affine_coords(shape, m, centre, shift)
     for ax in range(3):
         field = np.einsum("ia,abc->ibc", mats[0], coarse[ax])
         field = np.einsum("jb,ibc->ijc", mats[1], field)
         coords[ax] += np.einsum("kc,ijc->ijk", mats[2], field).astype(np.float32)
+    return coords
+
+
+def _affine_coords(shape: tuple[int, ...], m: np.ndarray, centre: np.ndarray,
+                   shift: np.ndarray, slab_voxels: int = 1 << 20) -> np.ndarray:
+    """float32 (3, X, Y, Z) coordinates ``m @ (index - centre) + centre + shift``, computed
+    a few x-planes (about ``slab_voxels`` voxels) at a time: a whole-volume float64 index
+    grid would cost ~0.3 GB at 1 mm in every ``prepare --workers`` process."""
+    coords = np.empty((3, *shape), np.float32)
+    c32, offset = centre[:, None].astype(np.float32), (centre + shift)[:, None]
+    step = max(1, slab_voxels // max(1, shape[1] * shape[2]))
+    for x0 in range(0, shape[0], step):
+        x1 = min(shape[0], x0 + step)
+        grid = np.indices((x1 - x0, *shape[1:]), dtype=np.float32).reshape(3, -1)
+        grid[0] += x0
+        part = (m @ (grid - c32)) + offset
+        coords[:, x0:x1] = part.reshape(3, x1 - x0, *shape[1:])
     return coords
 
 

@@ -325,7 +325,12 @@ def prepare_subjects(part: Path, plan: Plan, todo: list[int], *, image_dtype: st
     return results
 
 
-def _run_pool(todo: list[int], args: Any, workers: int, done: Any) -> None:
+#: Environment variables that cap the numeric libraries' threads in a worker process.
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _run_pool(todo: list[int], args: Any, workers: int, done: Any,
+              fn: Any = prepare_subject) -> None:
     import multiprocessing as mp
 
     # spawn: a clean interpreter per worker (no forked threads or locks of the parent)
@@ -333,11 +338,16 @@ def _run_pool(todo: list[int], args: Any, workers: int, done: Any) -> None:
                                mp_context=mp.get_context("spawn"), initializer=_die_with_parent)
     pending: set[Future] = set()
     queue = deque(todo)
+    # one BLAS/OpenMP thread per worker: the workers are the parallelism, and N workers x
+    # N library threads only contend for the cores (workers start with the environment of
+    # their first submit, inside this block)
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: "1" for k in _THREAD_VARS})
     try:
         # at most two tasks per worker in flight: results stream back in bounded memory
         while queue or pending:
             while queue and len(pending) < 2 * workers:
-                pending.add(pool.submit(prepare_subject, *args(queue.popleft())))
+                pending.add(pool.submit(fn, *args(queue.popleft())))
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 done(fut.result())
@@ -349,6 +359,12 @@ def _run_pool(todo: list[int], args: Any, workers: int, done: Any) -> None:
                 p.kill()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     pool.shutdown(wait=True)
 
 

@@ -42,6 +42,12 @@ BASELINES: tuple[str, ...] = (BASELINE_IDENTITY, BASELINE_INTENSITY, BASELINE_ME
 LUT_BINS = 128
 #: Prediction outside the brain (the prepared data's background value).
 BACKGROUND = -1.0
+#: At most this many training brain voxels enter the lookup table (about 0.4 GB while
+#: fitting): a training split with more is read in a seeded random order of slices until the
+#: cap, so a store of any size is fitted in bounded memory; below it the fit is exact.
+LUT_MAX_VOXELS = 20_000_000
+#: Training slices read per chunk while collecting the voxels.
+LUT_CHUNK_SLICES = 64
 
 
 def lut_bin(x: np.ndarray, bins: int = LUT_BINS) -> np.ndarray:
@@ -98,22 +104,49 @@ def fit_intensity_lut(
 
 
 def fit_on_training_split(
-    data: PreparedData, source: str, target: str, bins: int = LUT_BINS
+    data: PreparedData, source: str, target: str, bins: int = LUT_BINS,
+    max_voxels: int = LUT_MAX_VOXELS,
 ) -> IntensityLUT | None:
     """The table for ``source -> target`` from the paired training slices; None if there are none.
 
     Only ``split == "train"`` slices with both contrasts enter, so the test
-    split (what the table is scored on) never influences it.
+    split (what the table is scored on) never influences it. The slices are read
+    :data:`LUT_CHUNK_SLICES` at a time and only their brain voxels kept; past
+    :data:`LUT_MAX_VOXELS` voxels the rest are not read (the slices are taken in a
+    random order fixed by the file, so the sample spans the subjects). Below the cap
+    the table is exactly the one fitted on every training voxel.
     """
     rows = np.flatnonzero(
         (data.split == "train")
         & data.available[source].astype(bool)
         & data.available[target].astype(bool)
     )
-    if rows.size == 0 or not data.mask[rows].any():
+    x, y = _training_voxels(data, source, target, rows, max_voxels)
+    if x.size == 0:
         return None
-    return fit_intensity_lut(data.images[source][rows], data.images[target][rows],
-                             data.mask[rows], bins)
+    return fit_intensity_lut(x, y, np.ones(x.shape, bool), bins)
+
+
+def _training_voxels(data: PreparedData, source: str, target: str, rows: np.ndarray,
+                     max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source and target values (float32) of the brain voxels of ``rows``, chunk by chunk."""
+    order = np.random.default_rng(rows.size).permutation(rows)
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    n = 0
+    for i in range(0, order.size, LUT_CHUNK_SLICES):
+        chunk = np.sort(order[i:i + LUT_CHUNK_SLICES])  # sorted: sequential shard reads
+        m = np.asarray(data.mask[chunk], dtype=bool)
+        if not m.any():
+            continue
+        xs.append(np.asarray(data.images[source][chunk], dtype=np.float32)[m])
+        ys.append(np.asarray(data.images[target][chunk], dtype=np.float32)[m])
+        n += xs[-1].size
+        if n >= max_voxels:
+            break
+    if not xs:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(xs)[:max_voxels], np.concatenate(ys)[:max_voxels]
 
 
 def predict_identity(source: np.ndarray) -> np.ndarray:

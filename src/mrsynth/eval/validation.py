@@ -67,9 +67,13 @@ def pick_validation_slices(
     a, b = contrasts
     if k <= 0 or a not in data.images or b not in data.images:
         return None
-    has_brain = data.mask.reshape(len(data), -1).sum(axis=1) >= 2
-    sel = np.flatnonzero((data.split == "val") & data.available[a].astype(bool)
-                         & data.available[b].astype(bool) & has_brain)
+    cand = np.flatnonzero((data.split == "val") & data.available[a].astype(bool)
+                          & data.available[b].astype(bool))
+    if cand.size == 0:
+        return None
+    # only the validation split's masks are read (a store's masks stay on disk)
+    masks = np.asarray(data.mask[cand], dtype=bool)
+    sel = cand[masks.reshape(cand.size, -1).sum(axis=1) >= 2]
     if sel.size == 0:
         return None
     rows = sel[np.unique(np.linspace(0, sel.size - 1, min(k, sel.size)).round().astype(int))]

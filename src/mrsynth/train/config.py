@@ -82,7 +82,8 @@ _BASE: dict[str, Any] = {
         # store by a DataLoader (false), or "auto": resident when they take at most a quarter
         # of the free device memory (on CPU: of the available RAM).
         "data_on_device": "auto",
-        # DataLoader worker processes when streaming (None: min(4, cores); 0: in the trainer).
+        # DataLoader worker processes when streaming (None: 0 on a CPU, min(4, cores - 1) on
+        # CUDA; 0: read in the training process).
         "loader_workers": None,
     },
 }
@@ -289,7 +290,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     workers = t["loader_workers"]
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
                                 or workers < 0):
-        problems.append("train.loader_workers must be an integer >= 0 (or null: min(4, cores))")
+        problems.append("train.loader_workers must be an integer >= 0 (or null: 0 on a CPU, "
+                        "min(4, cores - 1) on CUDA)")
     if t["val_slices"] < 0:
         problems.append("train.val_slices must be >= 0 (0: no per-epoch validation)")
     from mrsynth.models.base import get_model_class
