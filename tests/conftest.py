@@ -50,6 +50,17 @@ def prepared_small(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
 
 
+@pytest.fixture(scope="session")
+def prepared_context(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every brain slice of the real shared volumes (neighbours kept), 64x64, with a
+    validation subject: what a 2.5-D model needs (``prepared_small`` keeps every 4th)."""
+    from mrsynth.data.prepare import prepare_dataset
+
+    return prepare_dataset(mrpaired, tmp_path_factory.mktemp("ctx") / "ctx64.npz",
+                           contrasts=("T1w", "T2w"), size=(64, 64), downsample=4,
+                           test_subjects=SMALL_TEST_SUBJECTS, val_fraction=0.2, seed=0)
+
+
 def _write_halved(src: Path, dest: Path) -> None:
     """Save ``src`` at half resolution (every 2nd voxel), keeping its orientation and dtype."""
     import nibabel as nib

@@ -172,18 +172,8 @@ def test_context_slices_setting_is_validated(bad: Any) -> None:
 
 
 # ---------------------------------------------------------------------- a 2.5-D run end to end
+#: the test split of the ``prepared_context`` fixture (conftest)
 CONTEXT_TEST_SUBJECTS = ("sub-ms19", "sub-met00110")
-
-
-@pytest.fixture(scope="module")
-def prepared_context(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every brain slice of the real shared volumes (neighbours kept), 64x64, with a
-    validation subject: what a 2.5-D model needs (``prepared_small`` keeps every 4th)."""
-    from mrsynth.data.prepare import prepare_dataset
-
-    return prepare_dataset(mrpaired, tmp_path_factory.mktemp("ctx") / "ctx64.npz",
-                           contrasts=("T1w", "T2w"), size=(64, 64), downsample=4,
-                           test_subjects=CONTEXT_TEST_SUBJECTS, val_fraction=0.2, seed=0)
 
 
 def run_config(model: str, epochs: int, k: int = 1) -> dict[str, Any]:

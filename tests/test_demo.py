@@ -180,12 +180,12 @@ def test_demo_trains_models_in_parallel_processes_with_the_same_weights(tmp_path
 
 
 def test_default_demo_jobs_use_the_cores(monkeypatch):
-    from mrsynth import demo
+    from mrsynth import demo, utils
 
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(utils, "available_cores", lambda: 2)
     monkeypatch.setattr(demo, "torch_threads", lambda: 1)
     assert demo.default_jobs("cpu") == 2
     monkeypatch.setattr(demo, "torch_threads", lambda: 2)
     assert demo.default_jobs("cpu") == 1
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(utils, "available_cores", lambda: 64)
     assert demo.default_jobs("cpu") == 4

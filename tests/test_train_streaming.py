@@ -39,6 +39,13 @@ def store(prepared_small: Path, tmp_path_factory) -> Path:
     return st.write_store_from(load_prepared(prepared_small), out)
 
 
+@pytest.fixture(scope="module")
+def context_store(prepared_context: Path, tmp_path_factory) -> Path:
+    """Every slice (neighbours kept, for 2.5-D) as a store."""
+    out = tmp_path_factory.mktemp("store") / "ctx.mrs"
+    return st.write_store_from(load_prepared(prepared_context), out)
+
+
 def config(model: str, on_device: Any, workers: int | None = 0, image_size: int | None = None,
            patch: int = 32, **extra: Any) -> dict[str, Any]:
     return resolve_config(model, "cpu-small", {
@@ -56,19 +63,25 @@ def execution(run: Path) -> dict[str, Any]:
     return json.loads((run / "config.json").read_text())["history"][-1]
 
 
-@pytest.mark.parametrize("model,image_size,patch", [("generators_s", None, 32),
-                                                    ("cyclegan", 32, 16)])
+@pytest.mark.parametrize("model,image_size,patch,context", [
+    ("generators_s", None, 32, 0), ("cyclegan", 32, 16, 0),
+    ("generators_s", None, 32, 1), ("cyclegan", 32, 16, 1)])
 def test_streamed_batches_train_the_same_weights_as_resident_slices(
-    model: str, image_size: int | None, patch: int, store: Path, tmp_path: Path
+    model: str, image_size: int | None, patch: int, context: int, store: Path, tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """generators_s at the prepared size (only the patch windows are read) and cyclegan
-    downsampled (whole slices read, resampled, cropped): 0 and 2 loader workers give the
-    resident run's weights and losses exactly."""
-    resident = train(config(model, True, image_size=image_size, patch=patch), store,
+    downsampled (whole slices read, resampled, cropped), in 2-D and 2.5-D (each row's
+    neighbours read and cropped at its window): 0 and 2 loader workers give the resident
+    run's weights and losses exactly."""
+    extra = {"arch.context_slices": context}
+    if context:
+        store = request.getfixturevalue("context_store")
+    resident = train(config(model, True, image_size=image_size, patch=patch, **extra), store,
                      tmp_path / "resident")
     assert execution(resident)["data_on_device"] is True
     for workers in (0, 2):
-        out = train(config(model, False, workers, image_size, patch), store,
+        out = train(config(model, False, workers, image_size, patch, **extra), store,
                     tmp_path / f"stream{workers}")
         assert execution(out)["data_on_device"] is False
         assert execution(out)["loader_workers"] == workers
@@ -144,9 +157,7 @@ def test_data_on_device_and_loader_workers_are_validated(store: Path) -> None:
         resolve_config("cyclegan", "cpu-small", {"train.data_on_device": "sometimes"})
     with pytest.raises(ConfigError, match="loader_workers must be an integer >= 0"):
         resolve_config("cyclegan", "cpu-small", {"train.loader_workers": -1})
-    with pytest.raises(ConfigError, match="needs the training slices on the device"):
-        load_training_slices(load_prepared(store), ("T1w", "T2w"), "cyclegan", False, None,
-                             torch.device("cpu"), context=1, on_device=False)
+
 
 
 def test_default_loader_workers_read_in_the_trainer_on_a_cpu(store: Path, tmp_path: Path,
@@ -158,8 +169,10 @@ def test_default_loader_workers_read_in_the_trainer_on_a_cpu(store: Path, tmp_pa
     out = train(config("generators_s", False, None, **{"train.epochs": 1}), store,
                 tmp_path / "default")
     assert execution(out)["loader_workers"] == 0
-    monkeypatch.setattr(loader.os, "cpu_count", lambda: 16)
+    from mrsynth import utils
+
+    monkeypatch.setattr(utils, "available_cores", lambda: 16)
     assert loader.default_workers(torch.device("cuda")) == 4
-    monkeypatch.setattr(loader.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(utils, "available_cores", lambda: 2)
     assert loader.default_workers(torch.device("cuda")) == 1
     assert loader.default_workers(torch.device("cpu")) == 0

@@ -74,7 +74,9 @@ def default_jobs(device: str) -> int:
 
     if resolve_device(device).type != "cpu":
         return 1
-    return max(1, min(4, (os.cpu_count() or 1) // max(1, torch_threads())))
+    from mrsynth.utils import available_cores
+
+    return max(1, min(4, available_cores() // max(1, torch_threads())))
 
 
 def _train_job(model: str, cfg: dict[str, Any], prepared: str, run_dir: str, resume: bool,

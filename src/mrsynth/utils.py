@@ -259,3 +259,12 @@ def environment_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
     return info
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and batch
+    schedulers set), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

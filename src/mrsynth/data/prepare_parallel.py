@@ -53,10 +53,9 @@ PLAN_FORMAT = "mrsynth-store-plan"
 
 def default_workers() -> int:
     """The cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    from mrsynth.utils import available_cores
+
+    return available_cores()
 
 
 def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int] | None:

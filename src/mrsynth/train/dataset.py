@@ -164,11 +164,6 @@ def load_training_slices(
     """The run's training slices on ``device``; ``context`` > 0 (2.5-D) adds the neighbour
     tables of the rows and the sample slices' stacks (:mod:`mrsynth.data.context`).
     ``on_device`` False: only the masks, samples and row indices (batches are streamed)."""
-    if not on_device and context:
-        raise ConfigError(
-            f"arch.context_slices={context} (2.5-D) needs the training slices on the device; "
-            "set train.data_on_device=true (or auto) or train with arch.context_slices=0."
-        )
     rows_a, rows_b, paired = select_training_slices(data, contrasts, model_name, needs_paired)
     a, b = contrasts
     src = data.size

@@ -58,7 +58,9 @@ def default_workers(device: torch.device) -> int:
     in ``benchmarks/data_scale.py``: 2 workers ran at 84 % of the resident speed, 0 at 97 %)."""
     if device.type == "cpu":
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    from mrsynth.utils import available_cores
+
+    return max(1, min(4, available_cores() - 1))
 
 
 class StepBatches(Dataset):
@@ -72,6 +74,9 @@ class StepBatches(Dataset):
         assert slices.data is not None and slices.rows_A is not None and slices.rows_B is not None
         self.images = {k: slices.data.images[c] for k, c in zip("AB", contrasts, strict=True)}
         self.rows = {"A": slices.rows_A, "B": slices.rows_B}
+        # 2.5-D: each training row's 2k+1 neighbours (indices into the training rows)
+        self.tables = None if slices.table_A is None or slices.table_B is None else {
+            "A": slices.table_A.cpu().numpy(), "B": slices.table_B.cpu().numpy()}
         self.idx = {"A": ia.cpu().numpy(), "B": ib.cpu().numpy()}
         self.win = None if wa is None or wb is None or patch is None else {
             "A": wa.cpu().numpy(), "B": wb.cpu().numpy()}
@@ -82,18 +87,24 @@ class StepBatches(Dataset):
     def __len__(self) -> int:
         return int(self.idx["A"].shape[0])
 
-    def _read(self, key: str, s: int) -> Tensor:
-        rows = self.rows[key][self.idx[key][s]]
+    def _read(self, key: str, s: int, local: np.ndarray | None = None) -> Tensor:
+        """(B, C, h, w): the step's rows (C = 1), or with ``local`` (B, C) training-row
+        indices, each row's stack of neighbours, all cropped at the row's window."""
+        local = self.idx[key][s][:, None] if local is None else local
+        rows = self.rows[key][local]  # (B, C) store rows
         images = self.images[key]
+        b, c = rows.shape
         if self.win is not None and self.patch is not None and not self.resized:
             ph, pw = self.patch  # windows are in the prepared grid: read only the windows
             out = np.stack([np.asarray(images[int(r), y:y + ph, x:x + pw], dtype=np.float32)
-                            for r, (y, x) in zip(rows, self.win[key][s], strict=True)])
-            return torch.from_numpy(out)[:, None]
+                            for stack, (y, x) in zip(rows, self.win[key][s], strict=True)
+                            for r in stack])
+            return torch.from_numpy(out).reshape(b, c, ph, pw)
         # the same conversion and resampling as the resident slices (per slice, so the same
         # values whatever the batch)
-        x = torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(images[rows.reshape(-1)], dtype=np.float32))
         x = torch.cat([resample(x[i:i + 1, None], self.size) for i in range(x.shape[0])])
+        x = x.reshape(b, c, *x.shape[-2:])
         if self.win is not None and self.patch is not None:
             ph, pw = self.patch
             x = torch.stack([x[i, :, y:y + ph, xx:xx + pw] for i, (y, xx) in
@@ -101,7 +112,13 @@ class StepBatches(Dataset):
         return x.contiguous()
 
     def __getitem__(self, s: int) -> dict[str, Tensor]:
-        return {"A": self._read("A", s), "B": self._read("B", s)}
+        out = {"A": self._read("A", s), "B": self._read("B", s)}
+        if self.tables is not None:
+            from mrsynth.data.context import STACK_SUFFIX
+
+            for key in "AB":
+                out[key + STACK_SUFFIX] = self._read(key, s, self.tables[key][self.idx[key][s]])
+        return out
 
 
 def step_loader(dataset: StepBatches, start: int, workers: int,

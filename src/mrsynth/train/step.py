@@ -180,7 +180,7 @@ class TrainStepper:
         out = {}
         for k, v in batch.items():
             v = v.to(s.device, non_blocking=True)
-            if self.patch is not None:
+            if self.patch is not None and v.shape[1] == 1:  # (a 2.5-D stack is contiguous)
                 v = v.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format) \
                     .permute(0, 3, 1, 2)
             out[k] = v.contiguous(memory_format=self.fmt)

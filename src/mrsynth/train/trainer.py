@@ -254,8 +254,6 @@ class Trainer:
             t["data_on_device"],
             training_bytes(data, self.contrasts, cls.name, cls.needs_paired,
                            cfg["data"]["image_size"]), self.device)
-        if t["data_on_device"] == "auto" and context_slices(cfg):
-            self.on_device = True  # 2.5-D gathers neighbour stacks from resident slices
         self.loader_workers = (default_workers(self.device) if t["loader_workers"] is None
                                else int(t["loader_workers"]))
         self.slices = load_training_slices(
