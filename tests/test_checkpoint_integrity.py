@@ -215,3 +215,30 @@ def test_a_damaged_kept_checkpoint_points_to_an_older_one_or_says_there_is_none(
     overwrite_float(kept / ckpt.WEIGHTS, float("nan"))
     with pytest.raises(ckpt.CheckpointError, match="keeps no other checkpoint"):
         load_run(run_copy, checkpoint=2)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_keeps_the_previous(
+        run_copy: Path, prepared_small: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A full disk while a checkpoint is written: exit 2 with a message that names the
+    checkpoint, says the previous one is unchanged and how to resume; no temporary directory
+    is left and the previous checkpoint still loads and resumes."""
+    import errno
+
+    latest = run_copy / "checkpoints" / "latest"
+    before = {p.name: p.read_bytes() for p in latest.iterdir()}
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    rc = main(["train", "--out", str(run_copy), "--resume", "--set", "train.epochs=4"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2, err
+    assert f"Cannot write the checkpoint {latest}" in err and "No space left" in err
+    assert "previous checkpoint is unchanged" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert not list((run_copy / "checkpoints").glob(".tmp-*"))
+    assert {p.name: p.read_bytes() for p in latest.iterdir()} == before
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run_copy), "--resume", "--set", "train.epochs=4"]) == 0
+    assert json.loads((latest / "meta.json").read_text())["epoch"] == 4

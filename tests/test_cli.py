@@ -244,6 +244,11 @@ _SLOW_WRITE = textwrap.dedent("""
 """)
 
 
+def _default_signals() -> None:
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
                          ids=lambda s: s.name)
 def test_a_signal_during_the_final_write_leaves_no_temporary_file(sig, mini_bids, tmp_path):
@@ -254,6 +259,9 @@ def test_a_signal_during_the_final_write_leaves_no_temporary_file(sig, mini_bids
          str(out_dir / "x.npz"), "--size", "64", "64", "--downsample", "4", "--slice-step", "8",
          "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: under nohup (or as a background job) the test process itself
+        # ignores SIGHUP (SIGINT), and mrsynth rightly keeps a signal its parent ignores
+        preexec_fn=_default_signals,
     )
     try:
         line = proc.stdout.readline()  # blocks until the write has started

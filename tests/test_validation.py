@@ -418,3 +418,31 @@ def test_validation_slices_of_a_store_read_only_the_validation_masks(
     np.testing.assert_array_equal(val.rows, whole.rows)
     np.testing.assert_array_equal(val.mask, whole.mask)
     assert 0 < sum(read) <= n_val + 4, (read, n_val)
+
+
+def test_split_from_carries_the_validation_subjects(with_val: Path, mini_bids: Path,
+                                                   tmp_path: Path) -> None:
+    """``--split-from`` an earlier file (or store, or JSON dict) reuses its validation
+    subjects as well as its test subjects, whatever the seed; a validation split given
+    anew (--val-fraction / --val-subjects) wins."""
+    from mrsynth.data import store as st
+
+    old = load_prepared(with_val).settings
+    store = st.write_store_from(load_prepared(with_val), tmp_path / "v.mrs")
+    spec = tmp_path / "split.json"
+    spec.write_text(json.dumps({"test_subjects": old["test_subjects"],
+                                "val_subjects": old["val_subjects"]}))
+    for i, src in enumerate((with_val, store, spec)):
+        out = tmp_path / f"again{i}.npz"
+        assert main(["data", "prepare", str(mini_bids), "--out", str(out), "--size", "128",
+                     "128", "--slice-step", "6", "--seed", "99", "--split-from", str(src),
+                     "-q"]) == 0
+        new = load_prepared(out).settings
+        assert new["test_subjects"] == old["test_subjects"], src
+        assert new["val_subjects"] == old["val_subjects"], src
+    other = sorted(set(old["train_subjects"]))
+    out = tmp_path / "given.npz"
+    assert main(["data", "prepare", str(mini_bids), "--out", str(out), "--size", "128", "128",
+                 "--slice-step", "6", "--split-from", str(with_val), "--val-subjects",
+                 other[0], "-q"]) == 0
+    assert load_prepared(out).settings["val_subjects"] == [other[0]]

@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if signals.signum is not None:  # Ctrl-C or SIGTERM: outputs in progress were removed
         name = signal.Signals(signals.signum).name
-        err_console.print(f"Interrupted ({name}); unfinished outputs were removed.")
+        err_console.print(f"Interrupted ({name}): files being written were removed; finished "
+                          "ones are kept (train, data prepare, complete and demo continue where "
+                          "they stopped when the same command is run again).")
         return 128 + signals.signum
     return int(rc) if isinstance(rc, int) else 0
 

@@ -226,8 +226,9 @@ def prepare_cmd(
         None, "--test-subjects", help="Subjects for the test split (repeat or comma-separate); "
         "overrides --test-fraction."),
     split_from: Path | None = typer.Option(
-        None, "--split-from", help="Reuse the test subjects of an earlier prepared file (.npz), "
-        "a JSON list or a text file."),
+        None, "--split-from", help="Reuse the test subjects of an earlier prepared file (.npz) "
+        "or store, a JSON list or a text file; and its validation subjects, unless "
+        "--val-fraction or --val-subjects is given."),
     val_fraction: float = typer.Option(
         0.0, "--val-fraction", help="Fraction of the non-test subjects kept out of training as "
         "a validation split (per-epoch scores, best checkpoint); 0: none."),

@@ -107,10 +107,8 @@ def read_split_file(path: str | os.PathLike[str]) -> list[str]:
     text file."""
     p = Path(path)
     if p.is_dir():
-        from mrsynth.data.store import read_index
-
         try:
-            return [str(s) for s in read_index(p)["settings"]["test_subjects"]]
+            return [str(s) for s in _store_settings(p)["test_subjects"]]
         except (DataError, KeyError, TypeError) as exc:
             raise ConfigError(f"Cannot read the test subjects from the store {p} ({exc}).") \
                 from exc
@@ -152,6 +150,34 @@ def split_participants(
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(names))
     return sorted(names[i] for i in order[:n_test])
+
+
+def _store_settings(path: Path) -> dict[str, Any]:
+    from mrsynth.data.store import read_index
+
+    return dict(read_index(path)["settings"])
+
+
+def read_split_val(path: str | os.PathLike[str]) -> list[str]:
+    """Validation subjects recorded in an earlier prepared file (.npz), store or JSON dict
+    (``val_subjects``); [] when it has none (a JSON list or text file names test subjects
+    only). ``--split-from`` reuses them unless the validation split is given anew."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            vals = _store_settings(p).get("val_subjects")
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                vals = json.loads(str(z["settings"])).get("val_subjects")
+        elif p.suffix == ".json":
+            obj = json.loads(p.read_text())
+            vals = obj.get("val_subjects") if isinstance(obj, dict) else None
+        else:
+            vals = None
+    except (OSError, ValueError, KeyError, TypeError, DataError) as exc:
+        raise ConfigError(f"Cannot read the validation subjects from split file {p} ({exc}).") \
+            from exc
+    return [str(s) for s in vals or []]
 
 
 def _resolve_test(

@@ -165,6 +165,10 @@ def make_plan(
         )
     test, split_method = _resolve_test(idx, records, test_subjects, split_from, test_fraction,
                                        seed, notes)
+    if split_from is not None and not val_subjects and val_fraction <= 0:
+        from mrsynth.data.prepare import read_split_val
+
+        val_subjects = read_split_val(split_from) or None  # the earlier file's, if any
     val, val_method = _resolve_val(idx, records, test, val_subjects, val_fraction, seed, notes)
     splits = [rec.split or ("test" if rec.participant in test else "train") for rec in records]
     splits = ["val" if s == "train" and rec.participant in val else s

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mrsynth.errors import RunError
+from mrsynth.errors import OutputError, RunError
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
@@ -93,8 +93,11 @@ def save_checkpoint(
     """Write ``root/name`` atomically; returns its path."""
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    except OSError as exc:
+        raise _write_error(root / name, exc) from exc
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(
@@ -118,19 +121,39 @@ def save_checkpoint(
         _fsync_dir(tmp)
         final = root / name
         _swap_into_place(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(root / name, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
+def _write_error(dest: Path, exc: OSError) -> OutputError:
+    """A checkpoint that cannot be written: which, why, and that the run can resume."""
+    why = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(dest) else ""
+    return OutputError(
+        f"Cannot write the checkpoint {dest}: {why}{where}. The previous checkpoint is "
+        f"unchanged; free space or fix the permissions of {dest.parent}, then continue with "
+        f"`mrsynth train --out {dest.parent.parent} --resume`."
+    )
+
+
 def copy_checkpoint(root: Path, src: str, dst: str) -> Path:
     """Keep a copy of a checkpoint under another name (e.g. ``epoch_0050``), atomically."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst}-", dir=root))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst}-", dir=root))
+    except OSError as exc:
+        raise _write_error(root / dst, exc) from exc
     try:
         shutil.rmtree(tmp)
         shutil.copytree(root / src, tmp)
         _swap_into_place(tmp, root / dst)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(root / dst, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
