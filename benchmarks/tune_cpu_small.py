@@ -128,6 +128,22 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "generators_s-lr5e-4-b2-p96": ("generators_s", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
                                                     "train.batch_size": 2,
                                                     "train.patch_size": 96}),
+    # --- round 4 (unpaired GANs invert the contrast at this budget): discriminators that
+    # see more background, and CycleGAN's identity term (0.5 x the cycle weight)
+    "cyclegan-lr5e-4-b1-pbf0.5": ("cyclegan", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                               "train.patch_brain_fraction": 0.5}),
+    "cyclegan-lr5e-4-b1-idt5": ("cyclegan", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                             "loss.identity": 5.0}),
+    # --- round 5: resize convolutions instead of transposed ones (arch.upsample=resize; the
+    # checkerboard shows in the synthetic views), each on its model's chosen recipe
+    "generators_s-lr5e-4-b1-resize": ("generators_s", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                                       "arch.upsample": "resize"}),
+    "pix2pix-lr5e-4-b1-resize": ("pix2pix", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                             "arch.upsample": "resize"}),
+    "cyclegan_s-lr5e-4-b1-resize": ("cyclegan_s", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                                   "arch.upsample": "resize"}),
+    "cyclegan-lr5e-4-b1-resize": ("cyclegan", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                               "arch.upsample": "resize"}),
 }
 
 

@@ -413,3 +413,46 @@ def test_models_cli_lists_parameters_and_conv_layers(capsys) -> None:
     assert "2,849,537" in out and all(m in out for m in MODELS)
     small = {r["model"]: r for r in model_table("cpu-small")}
     assert small["cyclegan"]["networks"]["G_A2B"]["parameters"] == resnet_generator(16, 3)
+
+
+def _up_path(gen: nn.Module) -> nn.Sequential:
+    """The first upsampling step of a ResNet generator (before its norm)."""
+    layers = list(gen.model)
+    for i, m in enumerate(layers):
+        if isinstance(m, nn.ConvTranspose2d):
+            return nn.Sequential(m)
+        if isinstance(m, nn.Upsample):
+            return nn.Sequential(*layers[i:i + 3])
+    raise AssertionError("no upsampling layer")
+
+
+@pytest.mark.parametrize("model", ["cyclegan", "cyclegan_s", "pix2pix", "generators_s"])
+def test_resize_convolution_upsamples_without_a_checkerboard(model: str) -> None:
+    """``arch.upsample=resize`` (the study's ``use_resize_convolution``): every ResNet model
+    upsamples by nearest neighbour + 3x3 convolution instead of a transposed convolution, with
+    the same parameter count. On a constant feature map with constant weights the transposed
+    convolution's output alternates with period 2 (its taps cover output pixels unevenly);
+    the resize convolution's is constant away from the border."""
+    from mrsynth.models.blocks import ResnetGenerator
+
+    base = resolve_config(model, "cpu-small", {"train.patch_size": None})
+    resized = resolve_config(model, "cpu-small", {"arch.upsample": "resize"})
+    assert base["arch"]["upsample"] == "transpose"  # the study's default
+    a, b = build_model(base), build_model(resized)
+    assert count_parameters(a) == count_parameters(b)
+    gens = [m for m in b.modules() if isinstance(m, ResnetGenerator)]
+    assert gens and not any(isinstance(m, nn.ConvTranspose2d) for g in gens for m in g.modules())
+    x = torch.ones(1, 64, 8, 8)  # 4 ngf channels into the first upsampling
+    with torch.no_grad():
+        for gen, periodic in ((ResnetGenerator(1, 1, 16, 1), True),
+                              (ResnetGenerator(1, 1, 16, 1, upsample="resize"), False)):
+            up = _up_path(gen)
+            for m in up.modules():
+                if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+            y = up(x)[0, 0, 2:-2, 2:-2]
+            assert y.shape == (12, 12)
+            assert bool(y.max() - y.min() > 1.0) is periodic, y
+        with pytest.raises(ConfigError, match="arch.upsample must be one of transpose, resize"):
+            resolve_config(model, "cpu-small", {"arch.upsample": "bilinear"})

@@ -109,12 +109,22 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+#: ``arch.upsample`` of the ResNet generators: transposed convolutions (the study's
+#: default) or resize convolutions.
+UPSAMPLING = ("transpose", "resize")
+
+
 class ResnetGenerator(nn.Module):
     """The study's CycleGAN generator (24 conv layers with 9 blocks).
 
     reflect-pad 3, c7 ngf, two stride-2 c3 (2ngf, 4ngf), ``n_blocks`` residual blocks at 4ngf,
     two stride-2 transposed c3 (2ngf, ngf), reflect-pad 3, c7 to ``out_channels``, tanh.
     Inputs whose sides are not multiples of 4 are padded with background and cropped back.
+
+    ``upsample="resize"`` replaces each transposed convolution by nearest-neighbour
+    upsampling and a reflect-padded c3 ("resize convolution", the study's code's
+    ``use_resize_convolution``, off there by default): a stride-2 transposed 3x3
+    convolution covers output pixels unevenly, which leaves a checkerboard.
     """
 
     def __init__(
@@ -124,19 +134,23 @@ class ResnetGenerator(nn.Module):
         ngf: int = 32,
         n_blocks: int = 9,
         norm: str = "instance",
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"unknown upsample {upsample!r} ({', '.join(UPSAMPLING)})")
 
         def down(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), norm_layer(norm, cout),
                     nn.ReLU(inplace=True)]
 
         def up(cin: int, cout: int) -> list[nn.Module]:
-            return [
-                nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1),
-                norm_layer(norm, cout),
-                nn.ReLU(inplace=True),
-            ]
+            if upsample == "resize":
+                conv: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest"),
+                                         nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3)]
+            else:
+                conv = [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)]
+            return [*conv, norm_layer(norm, cout), nn.ReLU(inplace=True)]
 
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),

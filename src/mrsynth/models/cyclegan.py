@@ -44,9 +44,9 @@ from mrsynth.models.blocks import (
 #: Architecture and optimiser settings shared by the ResNet-generator models.
 RESNET_ARCH = {
     "paper": {"ngf": 32, "n_blocks": 9, "ndf": 64, "d_layers": 3, "norm": "instance",
-              "init": "normal", "context_slices": 0},
+              "init": "normal", "context_slices": 0, "upsample": "transpose"},
     "cpu-small": {"ngf": 16, "n_blocks": 3, "ndf": 16, "d_layers": 3, "norm": "instance",
-                  "init": "normal", "context_slices": 0},
+                  "init": "normal", "context_slices": 0, "upsample": "transpose"},
 }
 #: Adam: the study's step for ``paper``; ``cpu-small``'s short runs (1,000 steps in the demo)
 #: learn faster at 5e-4, chosen on a validation split (benchmarks/tune_cpu_small.py).
@@ -87,8 +87,9 @@ class ResnetGanPair(GeneratorPairModel):
         super().__init__(config)
         a = self.arch
         c = self.in_channels
-        self.G_A2B = ResnetGenerator(c, 1, a["ngf"], a["n_blocks"], a["norm"])
-        self.G_B2A = ResnetGenerator(c, 1, a["ngf"], a["n_blocks"], a["norm"])
+        up = a.get("upsample", "transpose")
+        self.G_A2B = ResnetGenerator(c, 1, a["ngf"], a["n_blocks"], a["norm"], up)
+        self.G_B2A = ResnetGenerator(c, 1, a["ngf"], a["n_blocks"], a["norm"], up)
         # Only the CycleGAN family has the setting (pix2pix's BCE needs logits, no sigmoid).
         kind = a.get("discriminator", "patchgan")
         d_in = c + 1 if self.conditional else 1

@@ -32,4 +32,5 @@ class GeneratorsSupervised(PairedL1Model):
 
     def make_generator(self) -> nn.Module:
         a = self.arch
-        return ResnetGenerator(self.in_channels, 1, a["ngf"], a["n_blocks"], a["norm"])
+        return ResnetGenerator(self.in_channels, 1, a["ngf"], a["n_blocks"], a["norm"],
+                               a.get("upsample", "transpose"))
