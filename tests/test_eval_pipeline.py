@@ -410,3 +410,55 @@ def test_verdict_is_the_one_sided_test_against_the_lookup_table(evaluation):
         assert float(v["model_mean"]) == pytest.approx(x.mean())
         assert float(v["baseline_mean"]) == pytest.approx(y.mean())
         assert (v["beats"] == "True") == (float(v["p_holm"]) < 0.05)
+
+
+def test_max_subjects_evaluates_a_seeded_sample_read_lazily_from_a_store(
+        tmp_path_factory, prepared_small, tmp_path, monkeypatch, capsys):
+    """``evaluate --max-subjects 1`` on a store with two test subjects scores the slices of
+    one, drawn with --seed and recorded in eval.json, and reads no image of the other; a
+    test split that cannot fit in memory is refused before it is read, with that advice."""
+    from mrsynth.data import store as stm
+    from mrsynth.train import loader
+
+    run = tiny_run(tmp_path_factory, prepared_small, "simple")
+    data = load_prepared(prepared_small)
+    store = stm.write_store_from(data, tmp_path / "s.mrs")
+    tests = sorted(set(data.subject[data.split == "test"].tolist()))
+    assert len(tests) == 2
+    read_rows: list[np.ndarray] = []
+    get = stm.ShardedArray.__getitem__
+
+    def counting(self, key):
+        if self.what.startswith("image__") and not isinstance(key, int | tuple):
+            read_rows.append(np.atleast_1d(np.arange(self.shape[0])[key]))
+        return get(self, key)
+
+    monkeypatch.setattr(stm.ShardedArray, "__getitem__", counting)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--runs", str(run), "--data", str(store), "--out", str(out),
+                 "--device", "cpu", "--c2st-steps", "2", "--max-subjects", "1",
+                 "--seed", "3"]) == 0
+    man = json.loads((out / "eval.json").read_text())
+    assert len(man["test_subjects"]) == 1 and man["test_subjects"][0] in tests
+    assert man["test_sample"] == {"test_subjects_available": 2, "max_subjects": 1}
+    other = next(s for s in tests if s not in man["test_subjects"])
+    lazy = load_prepared(store)
+    other_rows = set(np.flatnonzero(lazy.subject == other).tolist())
+    assert read_rows and not other_rows & set(np.concatenate(read_rows).tolist())
+    assert {r["subject"] for r in read_csv(out / "per_image.csv")} == set(man["test_subjects"])
+    assert "a sample of 2" in capsys.readouterr().err
+    # the same seed draws the same subject
+    again = tmp_path / "ev2"
+    assert main(["evaluate", "--runs", str(run), "--data", str(store), "--out", str(again),
+                 "--device", "cpu", "--c2st-steps", "2", "--max-subjects", "1",
+                 "--seed", "3"]) == 0
+    assert json.loads((again / "eval.json").read_text())["test_subjects"] == \
+        man["test_subjects"]
+    # too little memory: refused up front, nothing written
+    monkeypatch.setattr(loader, "free_memory", lambda device: 10_000)
+    capsys.readouterr()
+    assert main(["evaluate", "--runs", str(run), "--data", str(store), "--out",
+                 str(tmp_path / "ev3"), "--device", "cpu"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "needs about" in err and "--max-subjects" in err and "Traceback" not in err
+    assert not (tmp_path / "ev3").exists()

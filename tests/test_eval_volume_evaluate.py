@@ -42,7 +42,7 @@ def _single_thread():
 @pytest.fixture(scope="module")
 def test_split(prepared_small):
     data = load_prepared(prepared_small)
-    return data, ev._paired_test(data, PAIR)
+    return data, ev._paired_test(data, PAIR)[0]
 
 
 def _by_hand(test, subject: str, arr: np.ndarray) -> np.ndarray:

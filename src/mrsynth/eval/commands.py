@@ -102,6 +102,9 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing EVAL_DIR."),
         stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
         checkpoint: str = typer.Option("latest", "--checkpoint", help=CHECKPOINT_HELP),
+        max_subjects: int | None = typer.Option(
+            None, "--max-subjects", min=1, help="Evaluate a sample of this many test subjects "
+            "drawn with --seed (default: all); for test splits too large for memory."),
     ) -> None:
         """Score runs on the test split: metrics, statistics, timing, C2ST, figures."""
         from mrsynth.eval.evaluate import evaluate, summary_markdown
@@ -112,7 +115,8 @@ def register(app: typer.Typer) -> None:
         ev = evaluate(all_runs, data, out, region=region, bins=bins,
                       batch_size=batch_size, device=str(resolve_device(device)),
                       c2st_steps=c2st_steps, seed=seed, study=study, overwrite=overwrite,
-                      stochastic=stochastic, checkpoint=checkpoint, log=_log)
+                      stochastic=stochastic, checkpoint=checkpoint,
+                      max_subjects=max_subjects, log=_log)
         typer.echo(summary_markdown(ev))
         typer.echo(f"Evaluation written to {ev}")
 

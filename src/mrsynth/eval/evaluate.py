@@ -137,19 +137,56 @@ def train_timing(metrics: dict[str, Any] | None) -> tuple[float, int | None, str
     return float(np.mean(walls)), len(walls), device
 
 
-def _paired_test(data: PreparedData, contrasts: Sequence[str]) -> PreparedData:
-    test = data.split_view("test")
-    sel = np.ones(len(test), dtype=bool)
+#: Bytes per test pixel while evaluating: both contrasts, one synthetic direction and the
+#: mask resident (float32 x 3 + bool), with headroom for the metrics' temporaries.
+EVAL_BYTES_PER_PIXEL = 24
+
+
+def _paired_test(data: PreparedData, contrasts: Sequence[str], max_subjects: int | None = None,
+                 seed: int = 0) -> tuple[PreparedData, dict[str, Any]]:
+    """The paired test slices in (subject, slice) order, read from the (lazy) store only
+    now: with ``max_subjects``, those of a seeded sample of the test subjects. Also says
+    which subjects were kept out of how many."""
+    if not data.has_split("test"):
+        data.split_view("test")  # raises the usual message
+    sel = data.split == "test"
     for c in contrasts:
-        sel &= test.available[c].astype(bool)
-    if not sel.any():
+        sel = sel & data.available[c].astype(bool)
+    rows = np.flatnonzero(sel)
+    if rows.size == 0:
         raise DataError(
             f"The prepared data {data.path} has no test slices with both {contrasts[0]} and "
             f"{contrasts[1]}; evaluation needs paired test images. Prepare paired data."
         )
-    test = test.select(sel)
-    order = np.lexsort((test.slice_index, test.subject))  # deterministic order
-    return test.select(order)
+    subjects = np.unique(data.subject[rows])
+    sample = {"test_subjects_available": int(subjects.size), "max_subjects": max_subjects}
+    if max_subjects is not None and subjects.size > max_subjects:
+        keep = np.sort(np.random.default_rng(seed).choice(subjects, max_subjects,
+                                                          replace=False))
+        rows = rows[np.isin(data.subject[rows], keep)]
+    rows = rows[np.lexsort((data.slice_index[rows], data.subject[rows]))]  # deterministic
+    _check_fits(data, rows, max_subjects)
+    return data.select(rows), sample
+
+
+def _check_fits(data: PreparedData, rows: np.ndarray, max_subjects: int | None) -> None:
+    """Refuse, before reading it, a test split that cannot be held in memory."""
+    import torch
+
+    from mrsynth.train.loader import free_memory
+
+    need = int(rows.size) * int(np.prod(data.size)) * EVAL_BYTES_PER_PIXEL
+    free = free_memory(torch.device("cpu"))
+    if free is not None and need > free:
+        n_subj = len(set(data.subject[rows].tolist()))
+        per = max(1, need // max(1, n_subj))
+        raise DataError(
+            f"The {'sampled ' if max_subjects else ''}test split of {data.path} ({rows.size} "
+            f"slices of {n_subj} subjects) needs about {need / 1e9:.1f} GB to evaluate, more "
+            f"than the {free / 1e9:.1f} GB of memory available. Evaluate a seeded sample of "
+            f"its subjects with --max-subjects {max(1, int(free // per) // 2)} (the paired "
+            "tests need tens of subjects, not thousands)."
+        )
 
 
 def _translate_all(
@@ -235,6 +272,7 @@ def evaluate(
     overwrite: bool = False,
     stochastic: bool = False,
     checkpoint: str | int = "latest",
+    max_subjects: int | None = None,
     log: Log = _noop,
 ) -> Path:
     """Evaluate runs on ``data_path``'s test split; return ``out_dir`` (see module docstring).
@@ -243,7 +281,13 @@ def evaluate(
     score on the validation split, never the test split) or an epoch number.
 
     ``stochastic`` keeps latent noise and dropout on at inference (UNIT, as the study's Keras
-    port did), drawn from ``seed``; the runs' entries in ``eval.json`` record it."""
+    port did), drawn from ``seed``; the runs' entries in ``eval.json`` record it.
+
+    ``max_subjects`` evaluates a sample of that many test subjects drawn with ``seed`` (for
+    test splits too large to hold in memory; only their slices are read from a store)."""
+    if max_subjects is not None and max_subjects < 1:
+        raise ConfigError(f"--max-subjects {max_subjects}: give at least 1 (or leave it out "
+                          "to evaluate every test subject).")
     if region not in REGIONS:
         raise ConfigError(f"Unknown mask/region {region!r}; use one of {', '.join(REGIONS)}.")
     if not run_dirs:
@@ -282,9 +326,12 @@ def evaluate(
 
         torch.manual_seed(seed)
     human = human_accuracy(Path(study) if study else None)
-    test = _paired_test(data, pair)
+    test, sample = _paired_test(data, pair, max_subjects, seed)
     dirs = directions(pair)
-    log(f"{len(test)} paired test slices from {len(set(test.subject.tolist()))} subjects")
+    n_subj = len(set(test.subject.tolist()))
+    log(f"{len(test)} paired test slices from {n_subj} subjects"
+        + (f" (a sample of {sample['test_subjects_available']}, --max-subjects)"
+           if n_subj < sample["test_subjects_available"] else ""))
     luts = {d.label: bl.fit_on_training_split(data, d.source, d.target) for d in dirs}
 
     parent = out.parent
@@ -295,6 +342,7 @@ def evaluate(
                                   batch_size=batch_size, device=device, c2st_steps=c2st_steps,
                                   seed=seed, human=human, study=study, log=log)
         manifest["data"] = {"path": str(Path(data_path).resolve()), "settings": data.settings}
+        manifest["test_sample"] = sample
         atomic_write_json(work / "eval.json", manifest)
         _replace_dir(work, out)
     except BaseException:
