@@ -144,6 +144,12 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
                                                    "arch.upsample": "resize"}),
     "cyclegan-lr5e-4-b1-resize": ("cyclegan", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
                                                "arch.upsample": "resize"}),
+    # --- round 6: the unpaired GANs with twice the steps (the demo's parallel training left
+    # part of its budget unused)
+    "cyclegan-lr5e-4-b1-s200": ("cyclegan", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                             "train.max_steps_per_epoch": 200}),
+    "unit-s200": ("unit", {**OLD, "optim.lr": 1e-4, "arch.init": "normal",
+                           "train.max_steps_per_epoch": 200}),
 }
 
 
