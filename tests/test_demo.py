@@ -189,3 +189,49 @@ def test_default_demo_jobs_use_the_cores(monkeypatch):
     assert demo.default_jobs("cpu") == 1
     monkeypatch.setattr(utils, "available_cores", lambda: 64)
     assert demo.default_jobs("cpu") == 4
+
+
+def test_sigterm_stops_parallel_training_with_checkpoints_and_a_rerun_resumes(tmp_path):
+    """SIGTERM to a demo training two models in worker processes: each worker checkpoints
+    and stops (none keeps training as an orphan), the demo exits 143, and the same command
+    run again resumes both runs to completion."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).parent / "mrsynth"
+    out = tmp_path / "d"
+    args = [str(exe), "demo", "--out", str(out), *SMALL, "--epochs", "20",
+            "--steps-per-epoch", "0", "--models", "cyclegan,unit", "--jobs", "2"]
+    metas = [out / "runs" / m / "checkpoints" / "latest" / "meta.json" for m in ("cyclegan",
+                                                                              "unit")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if all(json.loads(p.read_text())["epoch"] >= 2 for p in metas):
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, "the demo ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Interrupted (SIGTERM)" in err and "Traceback" not in err
+    stopped = [json.loads(p.read_text())["epoch"] for p in metas]
+    assert all(e < 20 for e in stopped)
+    time.sleep(2)  # an orphaned worker would still be writing checkpoints
+    assert [json.loads(p.read_text())["epoch"] for p in metas] == stopped
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count(": resuming 20 epoch(s)") == 2
+    for m in ("cyclegan", "unit"):
+        metrics = json.loads((out / "runs" / m / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["epochs_completed"] == 20
