@@ -115,11 +115,15 @@ def main() -> None:
                     help="in-plane block averaging (the demo: 2, slices 128 px; 1: 256 px)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1],
                     help="context slices of the 2.5-D models (each against k=0)")
+    ap.add_argument("--through-plane", type=float, default=0.0,
+                    help="loss.through_plane of the 2.5-D models (0: off)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mrsynth-context-"))
     suffix = "" if args.steps == 100 and not args.epochs else f"-steps{args.steps}"
     if args.downsample != 2:
         suffix += f"-downsample{args.downsample}"
+    if args.through_plane:
+        suffix += f"-tp{args.through_plane:g}"
     side = 256 // args.downsample
     work.mkdir(parents=True, exist_ok=True)
     prepared = work / f"real{side}.npz"
@@ -137,12 +141,15 @@ def main() -> None:
     ks = [0, *[k for k in args.ks if k]]
     for seed in args.seeds:
         for k in ks:
-            over = {"arch.context_slices": k, "seed": seed, "train.max_steps_per_epoch":
+            tp = args.through_plane if k else 0.0
+            over = {"arch.context_slices": k, "loss.through_plane": tp, "seed": seed,
+                    "train.max_steps_per_epoch":
                     args.steps, "train.num_threads": 1, "train.progress": False}
             if args.epochs:
                 over["train.epochs"] = args.epochs
             cfg = resolve_config(MODEL, "cpu-small", over)
-            run_dir = work / (f"{MODEL}-k{k}-seed{seed}-steps{args.steps}" + (
+            run_dir = work / (f"{MODEL}-k{k}-seed{seed}-steps{args.steps}"
+                              + (f"-tp{tp:g}" if tp else "") + (
                 f"-downsample{args.downsample}" if args.downsample != 2 else ""))
             if not (run_dir / "checkpoints" / "latest").is_dir():
                 train(cfg, prepared, run_dir, overwrite=True)

@@ -211,3 +211,40 @@ def test_study2018_scores_are_sigmoids_under_the_least_squares_loss(batch) -> No
     assert ((s > 0) & (s < 1)).all()
     # The generator's adversarial term for these scores is mean((s - 1)^2) < 1.
     assert lsgan(s, 1.0) < 1
+
+
+@pytest.mark.parametrize("model", ["generators_s", "simple"])
+def test_through_plane_loss_matches_a_hand_computation(model, batch) -> None:
+    """``loss.through_plane`` (2.5-D paired L1 models): the step adds w x the mean absolute
+    difference between the synthetic and the real change to each row's next slice, both
+    directions, each next slice translated from its own stack."""
+    A, B = batch
+    k = 1
+    over = [f"{key}={v}" for key, v in tiny_arch(model).items()] + [
+        f"arch.context_slices={k}", "loss.through_plane=0.7"]
+    torch.manual_seed(0)
+    m = build_model(resolve_config(model, "cpu-small", over)).train()
+    assert m.wants_next_slice
+    snap = copy.deepcopy(m)
+    g = torch.Generator().manual_seed(5)
+    stack = {key: torch.randn(2, 2 * k + 1, *A.shape[-2:], generator=g) for key in "AB"}
+    nxt = {key: torch.randn(2, 1, *A.shape[-2:], generator=g) for key in "AB"}
+    nxt_stack = {key: torch.randn(2, 2 * k + 1, *A.shape[-2:], generator=g) for key in "AB"}
+    batch5 = {"A": A, "B": B, "A_stack": stack["A"], "B_stack": stack["B"],
+              "A_next": nxt["A"], "B_next": nxt["B"],
+              "A_next_stack": nxt_stack["A"], "B_next_stack": nxt_stack["B"]}
+    ctx = RecordingContext(m.build_optimizers())
+    got = m.train_step(batch5, ctx)
+    with torch.no_grad():
+        fb, fa = snap.G_A2B(stack["A"]), snap.G_B2A(stack["B"])
+        nb, na = snap.G_A2B(nxt_stack["A"]), snap.G_B2A(nxt_stack["B"])
+        tp = mae(nb - fb, nxt["B"] - B) + mae(na - fa, nxt["A"] - A)
+        want_G = mae(fb, B) + mae(fa, A) + 0.7 * tp
+    torch.testing.assert_close(got["through_plane"], tp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ctx.stepped["G"], want_G, rtol=1e-5, atol=1e-6)
+    # off by default, and refused without neighbours
+    assert not build_model(resolve_config(model, "cpu-small", over[:-1])).wants_next_slice
+    from mrsynth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the neighbouring slices"):
+        resolve_config(model, "cpu-small", ["loss.through_plane=1"])

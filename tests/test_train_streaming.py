@@ -63,18 +63,22 @@ def execution(run: Path) -> dict[str, Any]:
     return json.loads((run / "config.json").read_text())["history"][-1]
 
 
-@pytest.mark.parametrize("model,image_size,patch,context", [
-    ("generators_s", None, 32, 0), ("cyclegan", 32, 16, 0),
-    ("generators_s", None, 32, 1), ("cyclegan", 32, 16, 1)])
+@pytest.mark.parametrize("model,image_size,patch,context,tp", [
+    ("generators_s", None, 32, 0, 0.0), ("cyclegan", 32, 16, 0, 0.0),
+    ("generators_s", None, 32, 1, 0.0), ("cyclegan", 32, 16, 1, 0.0),
+    ("generators_s", None, 32, 1, 0.5)])
 def test_streamed_batches_train_the_same_weights_as_resident_slices(
-    model: str, image_size: int | None, patch: int, context: int, store: Path, tmp_path: Path,
-    request: pytest.FixtureRequest,
+    model: str, image_size: int | None, patch: int, context: int, tp: float, store: Path,
+    tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
     """generators_s at the prepared size (only the patch windows are read) and cyclegan
     downsampled (whole slices read, resampled, cropped), in 2-D and 2.5-D (each row's
-    neighbours read and cropped at its window): 0 and 2 loader workers give the resident
-    run's weights and losses exactly."""
-    extra = {"arch.context_slices": context}
+    neighbours read and cropped at its window; with the through-plane loss also each row's
+    next slice and its stack): 0 and 2 loader workers give the resident run's weights and
+    losses exactly."""
+    extra: dict[str, Any] = {"arch.context_slices": context}
+    if tp:
+        extra["loss.through_plane"] = tp
     if context:
         store = request.getfixturevalue("context_store")
     resident = train(config(model, True, image_size=image_size, patch=patch, **extra), store,

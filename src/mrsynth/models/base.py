@@ -247,17 +247,48 @@ class PairedL1Model(GeneratorPairModel):
     def make_generator(self) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def config_problems(cls, cfg: dict[str, Any]) -> list[str]:
+        problems = super().config_problems(cfg)
+        w = cfg["loss"].get("through_plane", 0.0)
+        if not isinstance(w, int | float) or isinstance(w, bool) or w < 0:
+            problems.append("loss.through_plane must be a number >= 0 (0: off)")
+        elif w > 0 and not cfg["arch"].get("context_slices", 0):
+            problems.append("loss.through_plane compares each slice's change to the next "
+                            "slice with the real one, so it needs the neighbouring slices: "
+                            "set arch.context_slices >= 1 (2.5-D) too")
+        return problems
+
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"G": self.adam(self.generator_parameters())}
 
+    @property
+    def wants_next_slice(self) -> bool:
+        """Whether each batch must also hold every row's next slice (``A_next``, ``B_next``
+        and their stacks): the through-plane loss of a 2.5-D run."""
+        return float(self.loss_cfg.get("through_plane", 0.0)) > 0 and self.in_channels > 1
+
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         real_A, real_B = batch["A"], batch["B"]
+        w_tp = float(self.loss_cfg.get("through_plane", 0.0))
+        out: dict[str, Tensor] = {}
         with ctx.autocast():
-            mae_A2B = l1(self.G_A2B(self.source(batch, "A")), real_B)
-            mae_B2A = l1(self.G_B2A(self.source(batch, "B")), real_A)
+            fake_B = self.G_A2B(self.source(batch, "A"))
+            fake_A = self.G_B2A(self.source(batch, "B"))
+            mae_A2B = l1(fake_B, real_B)
+            mae_B2A = l1(fake_A, real_A)
             loss = self.loss_cfg["l1"] * (mae_A2B + mae_B2A)
+            if w_tp > 0 and self.wants_next_slice:
+                # through-plane: the change to the next slice, synthetic against real
+                next_B = self.G_A2B(batch["A_next" + STACK_SUFFIX])
+                next_A = self.G_B2A(batch["B_next" + STACK_SUFFIX])
+                tp = (l1(next_B - fake_B, batch["B_next"] - real_B)
+                      + l1(next_A - fake_A, batch["A_next"] - real_A))
+                loss = loss + w_tp * tp
+                out["through_plane"] = tp.detach()
         ctx.step("G", loss)
-        return {"G": loss.detach(), "mae_A2B": mae_A2B.detach(), "mae_B2A": mae_B2A.detach()}
+        return {"G": loss.detach(), "mae_A2B": mae_A2B.detach(), "mae_B2A": mae_B2A.detach(),
+                **out}
 
 
 def check_direction(direction: str) -> str:

@@ -25,7 +25,7 @@ class GeneratorsSupervised(PairedL1Model):
 
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
-        cfg = resnet_preset(preset, {"l1": 1.0})
+        cfg = resnet_preset(preset, {"l1": 1.0, "through_plane": 0.0})
         for key in ("ndf", "d_layers"):
             cfg["arch"].pop(key)
         return cfg

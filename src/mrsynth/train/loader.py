@@ -70,13 +70,14 @@ class StepBatches(Dataset):
 
     def __init__(self, slices: TrainingSlices, contrasts: tuple[str, str], ia: Tensor,
                  ib: Tensor, wa: Tensor | None, wb: Tensor | None,
-                 patch: tuple[int, int] | None) -> None:
+                 patch: tuple[int, int] | None, next_slice: bool = False) -> None:
         assert slices.data is not None and slices.rows_A is not None and slices.rows_B is not None
         self.images = {k: slices.data.images[c] for k, c in zip("AB", contrasts, strict=True)}
         self.rows = {"A": slices.rows_A, "B": slices.rows_B}
         # 2.5-D: each training row's 2k+1 neighbours (indices into the training rows)
         self.tables = None if slices.table_A is None or slices.table_B is None else {
             "A": slices.table_A.cpu().numpy(), "B": slices.table_B.cpu().numpy()}
+        self.next_slice = next_slice and self.tables is not None
         self.idx = {"A": ia.cpu().numpy(), "B": ib.cpu().numpy()}
         self.win = None if wa is None or wb is None or patch is None else {
             "A": wa.cpu().numpy(), "B": wb.cpu().numpy()}
@@ -117,7 +118,13 @@ class StepBatches(Dataset):
             from mrsynth.data.context import STACK_SUFFIX
 
             for key in "AB":
-                out[key + STACK_SUFFIX] = self._read(key, s, self.tables[key][self.idx[key][s]])
+                table = self.tables[key]
+                out[key + STACK_SUFFIX] = self._read(key, s, table[self.idx[key][s]])
+                if self.next_slice:  # each row's next slice and its stack (through-plane)
+                    k = (table.shape[1] - 1) // 2
+                    after = table[self.idx[key][s], k + 1]
+                    out[key + "_next"] = self._read(key, s, after[:, None])
+                    out[key + "_next" + STACK_SUFFIX] = self._read(key, s, table[after])
         return out
 
 

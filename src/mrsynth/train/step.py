@@ -157,10 +157,23 @@ class TrainStepper:
             from mrsynth.data.context import STACK_SUFFIX, gather_stack
 
             patch = None if wa is None or wb is None else self.patch
+            nxt = getattr(self.setup.model, "wants_next_slice", False)
             for key, images, table, rows, win in (("A", self.A, self.tables[0], ia, wa),
                                                   ("B", self.B, self.tables[1], ib, wb)):
                 out[key + STACK_SUFFIX] = gather_stack(images, table, rows, win, patch) \
                     .contiguous(memory_format=self.fmt)
+                if nxt:  # each row's next slice (its own, at an edge) and its stack
+                    k = (table.shape[1] - 1) // 2
+                    after = table.index_select(0, rows.to(table.device))[:, k + 1]
+                    if win is None or patch is None:
+                        one = images.index_select(0, after)
+                    else:
+                        from mrsynth.data.patches import crop
+
+                        one = crop(images, after, win, patch)
+                    out[key + "_next"] = one.contiguous(memory_format=self.fmt)
+                    out[key + "_next" + STACK_SUFFIX] = gather_stack(
+                        images, table, after, win, patch).contiguous(memory_format=self.fmt)
         return out
 
     def step(self, ia: Tensor, ib: Tensor, wa: Tensor | None = None,

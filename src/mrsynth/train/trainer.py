@@ -366,7 +366,8 @@ class Trainer:
         t_epoch = t_log = time.perf_counter()
         lr = self._lr()
         batches = None if self.on_device else iter(step_loader(
-            StepBatches(self.slices, self.contrasts, ia, ib, wa, wb, self.patch), start,
+            StepBatches(self.slices, self.contrasts, ia, ib, wa, wb, self.patch,
+                        next_slice=getattr(self.setup.model, "wants_next_slice", False)), start,
             self.loader_workers, self.device))
         for s in range(start, steps):
             if batches is None:
