@@ -191,10 +191,13 @@ def test_default_demo_jobs_use_the_cores(monkeypatch):
     assert demo.default_jobs("cpu") == 4
 
 
-def test_sigterm_stops_parallel_training_with_checkpoints_and_a_rerun_resumes(tmp_path):
-    """SIGTERM to a demo training two models in worker processes: each worker checkpoints
-    and stops (none keeps training as an orphan), the demo exits 143, and the same command
-    run again resumes both runs to completion."""
+@pytest.mark.parametrize("how", ["SIGTERM to the demo", "Ctrl-C at the terminal"])
+def test_a_signal_stops_parallel_training_with_checkpoints_and_a_rerun_resumes(how, tmp_path):
+    """SIGTERM to a demo training two models in worker processes, or SIGINT to its whole
+    process group as a terminal's Ctrl-C sends it: each worker gets one SIGTERM from the
+    demo, checkpoints and stops (none keeps training as an orphan), the demo exits 143 or
+    130, and the same command run again resumes both runs to completion."""
+    import os
     import signal
     import subprocess
     import sys
@@ -206,8 +209,14 @@ def test_sigterm_stops_parallel_training_with_checkpoints_and_a_rerun_resumes(tm
             "--steps-per-epoch", "0", "--models", "cyclegan,unit", "--jobs", "2"]
     metas = [out / "runs" / m / "checkpoints" / "latest" / "meta.json" for m in ("cyclegan",
                                                                               "unit")]
+    def as_from_a_terminal() -> None:
+        os.setpgrp()  # its own process group, as a shell's foreground job
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+                            preexec_fn=as_from_a_terminal)
+    sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -218,15 +227,21 @@ def test_sigterm_stops_parallel_training_with_checkpoints_and_a_rerun_resumes(tm
                 pass
             time.sleep(0.2)
         assert proc.poll() is None, "the demo ended before it could be interrupted"
-        proc.send_signal(signal.SIGTERM)
+        if sig == signal.SIGTERM:
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)  # the demo and anything left in its group
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, err
-    assert "Interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert proc.returncode == 128 + sig, err
+    assert f"Interrupted ({sig.name})" in err and "Traceback" not in err
     stopped = [json.loads(p.read_text())["epoch"] for p in metas]
     assert all(e < 20 for e in stopped)
+    # the workers saved where the signal found them (mid-epoch), not only at an epoch's end:
+    # a worker hit by two signals stops without saving
+    assert any(json.loads(p.read_text())["step_in_epoch"] > 0 for p in metas)
     time.sleep(2)  # an orphaned worker would still be writing checkpoints
     assert [json.loads(p.read_text())["epoch"] for p in metas] == stopped
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)

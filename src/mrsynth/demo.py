@@ -79,6 +79,16 @@ def default_jobs(device: str) -> int:
     return max(1, min(4, available_cores() // max(1, torch_threads())))
 
 
+def _train_worker_init() -> None:
+    """A training worker: killed with the demo, and in its own process group, so a Ctrl-C
+    at the terminal reaches only the demo, which then sends each worker one SIGTERM (a
+    trainer that got both would take the second as "stop without saving")."""
+    from mrsynth.data.prepare_parallel import _die_with_parent
+
+    _die_with_parent()
+    os.setpgrp()
+
+
 def _train_job(model: str, cfg: dict[str, Any], prepared: str, run_dir: str, resume: bool,
                threads: int) -> float:
     """One demo model trained in a worker process (no progress bars: several interleave)."""
@@ -103,10 +113,8 @@ def train_in_parallel(todo: Sequence[tuple[str, dict[str, Any], Path, bool]], pr
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from mrsynth.data.prepare_parallel import _die_with_parent
-
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                               initializer=_die_with_parent)
+                               initializer=_train_worker_init)
     try:
         pending = {pool.submit(_train_job, m, cfg, str(prepared), str(rd), resume, threads): m
                    for m, cfg, rd, resume in todo}
