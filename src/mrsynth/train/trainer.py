@@ -146,6 +146,7 @@ def train(
     own_group = not dd.initialized()
     info, device = dd.init(resolve_device(config["device"]))
     finished = False
+    trainer: Trainer | None = None
     try:
         if not resume:
             check_out_dir(out, overwrite)
@@ -157,7 +158,12 @@ def train(
         finished = True
         return run
     finally:
+        trainer = None  # noqa: F841 - the DDP model and its pending gloo work go first
         if own_group:
+            if info.distributed:
+                import gc
+
+                gc.collect()  # ... while the process group they belong to still exists
             dd.shutdown(wait=finished)
 
 
