@@ -83,9 +83,9 @@ def _train_worker_init() -> None:
     """A training worker: killed with the demo, and in its own process group, so a Ctrl-C
     at the terminal reaches only the demo, which then sends each worker one SIGTERM (a
     trainer that got both would take the second as "stop without saving")."""
-    from mrsynth.data.prepare_parallel import _die_with_parent
+    from mrsynth.utils import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     os.setpgrp()
 
 

@@ -108,7 +108,7 @@ def read_split_file(path: str | os.PathLike[str]) -> list[str]:
     p = Path(path)
     if p.is_dir():
         try:
-            return [str(s) for s in _store_settings(p)["test_subjects"]]
+            return [str(s) for s in _prepared_settings(p)["test_subjects"]]
         except (DataError, KeyError, TypeError) as exc:
             raise ConfigError(f"Cannot read the test subjects from the store {p} ({exc}).") \
                 from exc
@@ -116,9 +116,7 @@ def read_split_file(path: str | os.PathLike[str]) -> list[str]:
         raise ConfigError(f"Split file {p} does not exist.")
     try:
         if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                settings = json.loads(str(z["settings"]))
-            return [str(s) for s in settings["test_subjects"]]
+            return [str(s) for s in _prepared_settings(p)["test_subjects"]]
         text = p.read_text()
         if p.suffix == ".json":
             obj = json.loads(text)
@@ -152,10 +150,14 @@ def split_participants(
     return sorted(names[i] for i in order[:n_test])
 
 
-def _store_settings(path: Path) -> dict[str, Any]:
-    from mrsynth.data.store import read_index
+def _prepared_settings(path: Path) -> dict[str, Any]:
+    """The settings recorded in a prepared store (a directory) or ``.npz`` file."""
+    if path.is_dir():
+        from mrsynth.data.store import read_index
 
-    return dict(read_index(path)["settings"])
+        return dict(read_index(path)["settings"])
+    with np.load(path, allow_pickle=False) as z:
+        return dict(json.loads(str(z["settings"])))
 
 
 def read_split_val(path: str | os.PathLike[str]) -> list[str]:
@@ -164,11 +166,8 @@ def read_split_val(path: str | os.PathLike[str]) -> list[str]:
     only). ``--split-from`` reuses them unless the validation split is given anew."""
     p = Path(path)
     try:
-        if p.is_dir():
-            vals = _store_settings(p).get("val_subjects")
-        elif p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                vals = json.loads(str(z["settings"])).get("val_subjects")
+        if p.is_dir() or p.suffix == ".npz":
+            vals = _prepared_settings(p).get("val_subjects")
         elif p.suffix == ".json":
             obj = json.loads(p.read_text())
             vals = obj.get("val_subjects") if isinstance(obj, dict) else None

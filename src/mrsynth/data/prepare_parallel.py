@@ -47,6 +47,7 @@ from mrsynth.data.normalise import settings as normalisation_settings
 from mrsynth.data.readers import SubjectRecord, index_dataset
 from mrsynth.data.slicing import DEFAULT_SLICES, SliceSpec
 from mrsynth.errors import ConfigError, DataError, MrsynthError, OutputExistsError
+from mrsynth.utils import die_with_parent
 
 PLAN_FORMAT = "mrsynth-store-plan"
 
@@ -219,15 +220,6 @@ def _same_plan(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- one subject
-def _die_with_parent() -> None:
-    """Worker initializer: on Linux, be killed when the parent dies (kill -9 included)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def prepare_subject(root: str, rec: SubjectRecord, key: str, split: str,
                     options: dict[str, Any], image_dtype: str) -> dict[str, Any]:
     """Prepare one subject into its shard (or its ``failed/`` note); return a small summary.
@@ -338,7 +330,7 @@ def _run_pool(todo: list[int], args: Any, workers: int, done: Any,
 
     # spawn: a clean interpreter per worker (no forked threads or locks of the parent)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)),
-                               mp_context=mp.get_context("spawn"), initializer=_die_with_parent)
+                               mp_context=mp.get_context("spawn"), initializer=die_with_parent)
     pending: set[Future] = set()
     queue = deque(todo)
     # one BLAS/OpenMP thread per worker: the workers are the parallelism, and N workers x

@@ -165,6 +165,12 @@ class TranslationModel(nn.Module):
     def load_aux_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
         del state, device
 
+    @property
+    def wants_next_slice(self) -> bool:
+        """Whether each batch must also hold every row's next slice (``A_next``, ``B_next``)
+        and its stack; only the through-plane loss of 2.5-D paired L1 models does."""
+        return False
+
     # ------------------------------------------------------------------ shared helpers
     def source(self, batch: dict[str, Tensor], key: str) -> Tensor:
         """The generator input of domain ``key`` (``A``/``B``): the slices themselves in
@@ -264,8 +270,6 @@ class PairedL1Model(GeneratorPairModel):
 
     @property
     def wants_next_slice(self) -> bool:
-        """Whether each batch must also hold every row's next slice (``A_next``, ``B_next``
-        and their stacks): the through-plane loss of a 2.5-D run."""
         return float(self.loss_cfg.get("through_plane", 0.0)) > 0 and self.in_channels > 1
 
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:

@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +88,31 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _staged(root: Path, name: str) -> Iterator[Path]:
+    """A temporary directory beside ``root/name`` to build a checkpoint in (the block swaps
+    it into place). If the block fails the directory is removed, and an ``OSError`` (disk
+    full, permissions) becomes an :class:`OutputError` that names the checkpoint."""
+    tmp: Path | None = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+        yield tmp
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _write_error(root / name, exc) from exc
+        raise
+
+
 def save_checkpoint(
     root: Path, name: str, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]
 ) -> Path:
     """Write ``root/name`` atomically; returns its path."""
     from safetensors.torch import save_file
 
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    except OSError as exc:
-        raise _write_error(root / name, exc) from exc
-    try:
+    with _staged(root, name) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(
             tensors,
@@ -121,12 +135,6 @@ def save_checkpoint(
         _fsync_dir(tmp)
         final = root / name
         _swap_into_place(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(root / name, exc) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -143,20 +151,10 @@ def _write_error(dest: Path, exc: OSError) -> OutputError:
 
 def copy_checkpoint(root: Path, src: str, dst: str) -> Path:
     """Keep a copy of a checkpoint under another name (e.g. ``epoch_0050``), atomically."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst}-", dir=root))
-    except OSError as exc:
-        raise _write_error(root / dst, exc) from exc
-    try:
+    with _staged(root, dst) as tmp:
         shutil.rmtree(tmp)
         shutil.copytree(root / src, tmp)
         _swap_into_place(tmp, root / dst)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(root / dst, exc) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root / dst
 
 

@@ -119,12 +119,13 @@ class StepBatches(Dataset):
 
             for key in "AB":
                 table = self.tables[key]
-                out[key + STACK_SUFFIX] = self._read(key, s, table[self.idx[key][s]])
-                if self.next_slice:  # each row's next slice and its stack (through-plane)
+                stack = self._read(key, s, table[self.idx[key][s]])
+                out[key + STACK_SUFFIX] = stack
+                if self.next_slice:  # each row's next slice (in its stack) and that one's stack
                     k = (table.shape[1] - 1) // 2
-                    after = table[self.idx[key][s], k + 1]
-                    out[key + "_next"] = self._read(key, s, after[:, None])
-                    out[key + "_next" + STACK_SUFFIX] = self._read(key, s, table[after])
+                    out[key + "_next"] = stack[:, k + 1:k + 2].contiguous()
+                    out[key + "_next" + STACK_SUFFIX] = self._read(
+                        key, s, table[table[self.idx[key][s], k + 1]])
         return out
 
 

@@ -157,7 +157,7 @@ class TrainStepper:
             from mrsynth.data.context import STACK_SUFFIX, gather_stack
 
             patch = None if wa is None or wb is None else self.patch
-            nxt = getattr(self.setup.model, "wants_next_slice", False)
+            nxt = self.setup.model.wants_next_slice
             for key, images, table, rows, win in (("A", self.A, self.tables[0], ia, wa),
                                                   ("B", self.B, self.tables[1], ib, wb)):
                 out[key + STACK_SUFFIX] = gather_stack(images, table, rows, win, patch) \

@@ -373,7 +373,7 @@ class Trainer:
         lr = self._lr()
         batches = None if self.on_device else iter(step_loader(
             StepBatches(self.slices, self.contrasts, ia, ib, wa, wb, self.patch,
-                        next_slice=getattr(self.setup.model, "wants_next_slice", False)), start,
+                        next_slice=self.model.wants_next_slice), start,
             self.loader_workers, self.device))
         for s in range(start, steps):
             if batches is None:
