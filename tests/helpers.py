@@ -120,3 +120,23 @@ def assert_close_losses(got: list[dict[str, float]], ref: list[dict[str, float]]
         assert g.keys() == r.keys()
         for k in r:
             assert abs(g[k] - r[k]) <= tol * max(abs(r[k]), 1e-3), (step, k, g[k], r[k])
+
+
+def signal_during_step(monkeypatch: Any, model_cls: type, n: int) -> Any:
+    """Make the process receive SIGTERM during the ``n``-th training step of ``model_cls``
+    (counted from now), as ``kill`` from outside would: the trainer then checkpoints and
+    stops. Returns the original step, to put back with ``monkeypatch.setattr``."""
+    import os
+    import signal
+
+    step = model_cls.train_step
+    calls = []
+
+    def step_then_signal(self: Any, batch: Any, ctx: Any) -> Any:
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, ctx)
+
+    monkeypatch.setattr(model_cls, "train_step", step_then_signal)
+    return step

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_arch
 from mrsynth.data.context import (
     exact_fraction,
     gather_stack,
@@ -107,19 +108,9 @@ def test_gather_stack_equals_numpy_indexing_whole_and_cropped() -> None:
 
 
 # ---------------------------------------------------------------------- models
-TINY = {
-    "cyclegan": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
-    "cyclegan_s": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
-    "pix2pix": {"arch.ngf": 4, "arch.n_blocks": 1, "arch.ndf": 8},
-    "generators_s": {"arch.ngf": 4, "arch.n_blocks": 1},
-    "unit": {"arch.nef": 4, "arch.ndf": 4},
-    "simple": {"arch.hidden": 16},
-}
-
-
 def tiny(model: str, k: int, **extra: Any) -> dict[str, Any]:
     return resolve_config(model, "cpu-small",
-                          {**TINY.get(model, {}), "arch.context_slices": k, **extra})
+                          {**tiny_arch(model), "arch.context_slices": k, **extra})
 
 
 @pytest.mark.parametrize("model", model_names())
@@ -178,7 +169,7 @@ CONTEXT_TEST_SUBJECTS = ("sub-ms19", "sub-met00110")
 
 def run_config(model: str, epochs: int, k: int = 1) -> dict[str, Any]:
     return resolve_config(model, "cpu-small", {
-        **TINY[model], "arch.context_slices": k, "train.epochs": epochs,
+        **tiny_arch(model), "arch.context_slices": k, "train.epochs": epochs,
         "train.max_steps_per_epoch": 4, "train.batch_size": 2, "train.patch_size": 32,
         "train.log_every": 2, "train.progress": False, "train.checkpoint_every_minutes": 0,
         "train.deterministic": True, "train.val_slices": 3, "train.lr_decay": "none",

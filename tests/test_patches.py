@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import one_torch_thread, tiny_arch
+from helpers import one_torch_thread, signal_during_step, tiny_arch
 from mrsynth.data.patches import PatchSampler, crop, patch_shape
 from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError
@@ -234,16 +233,7 @@ def test_resume_mid_epoch_with_patches_is_bit_exact(prepared_small: Path, tmp_pa
         "train.deterministic": True, "loss.pool_size": 3, "train.patch_brain_fraction": 0.7})
     with one_torch_thread():
         straight = train(cfg, prepared_small, tmp_path / "straight")
-        step = CycleGAN.train_step
-        calls = []
-
-        def step_then_signal(self, batch, ctx):
-            calls.append(1)
-            if len(calls) == 8:  # step 3 of epoch 2
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(self, batch, ctx)
-
-        monkeypatch.setattr(CycleGAN, "train_step", step_then_signal)
+        step = signal_during_step(monkeypatch, CycleGAN, 8)  # step 3 of epoch 2
         split = tmp_path / "split"
         with pytest.raises(TrainingInterrupted):
             train(cfg, prepared_small, split)

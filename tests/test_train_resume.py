@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import signal_during_step
 from mrsynth.cli import main
 from mrsynth.errors import RunError
 from mrsynth.train import checkpoint as ckpt
@@ -194,16 +195,7 @@ def test_logs_of_a_run_resumed_between_log_rows_equal_the_uninterrupted_ones(
     straight = train(cfg, prepared_small, tmp_path / "straight")
     assert [int(r["iteration"]) for r in loss_rows(straight)] == [3, 6, 7, 10, 13, 14]
 
-    step = CycleGAN.train_step
-    calls = []
-
-    def step_then_signal(self, batch, ctx):  # the signal arrives during step `stop_at`
-        calls.append(1)
-        if len(calls) == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, batch, ctx)
-
-    monkeypatch.setattr(CycleGAN, "train_step", step_then_signal)
+    step = signal_during_step(monkeypatch, CycleGAN, stop_at)
     split = tmp_path / "split"
     with pytest.raises(TrainingInterrupted):
         train(cfg, prepared_small, split)

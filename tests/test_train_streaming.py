@@ -4,14 +4,13 @@ DataLoader equal the resident path's bit for bit, also across a mid-epoch resume
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from helpers import signal_during_step
 from mrsynth.data import store as st
 from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError
@@ -123,16 +122,7 @@ def test_sigterm_mid_epoch_and_resume_while_streaming_equals_uninterrupted(
 
     straight = train(config("cyclegan", True, image_size=32, patch=16), store,
                      tmp_path / "straight")
-    step = CycleGAN.train_step
-    calls = []
-
-    def step_then_signal(self, batch, ctx):
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, batch, ctx)
-
-    monkeypatch.setattr(CycleGAN, "train_step", step_then_signal)
+    step = signal_during_step(monkeypatch, CycleGAN, 6)
     split = tmp_path / "split"
     with pytest.raises(TrainingInterrupted):
         train(config("cyclegan", False, 2, image_size=32, patch=16), store, split)
