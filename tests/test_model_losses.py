@@ -44,6 +44,12 @@ def mae(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).abs().mean()
 
 
+def edges(a: Tensor, b: Tensor) -> Tensor:
+    """Gradient difference: MAE of the row differences plus MAE of the column differences."""
+    return ((torch.diff(a, dim=-2) - torch.diff(b, dim=-2)).abs().mean()
+            + (torch.diff(a, dim=-1) - torch.diff(b, dim=-1)).abs().mean())
+
+
 def lsgan(scores: Tensor, target: float) -> Tensor:
     return ((scores - target) ** 2).mean()
 
@@ -68,6 +74,9 @@ def hand_cyclegan(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, floa
     if w["supervised"] > 0:
         out["supervised"] = mae(fake_B, B) + mae(fake_A, A)
         G = G + w["supervised"] * out["supervised"]
+    if w.get("gradient", 0.0) > 0:
+        out["gradient"] = edges(fake_B, B) + edges(fake_A, A)
+        G = G + w["gradient"] * out["gradient"]
     # The discriminators see the step's synthetic images (the pool is not full yet) and are
     # still the weights from before the step: D = 0.5 * (real -> 1, fake -> 0).
     out["D_A"] = 0.5 * (lsgan(snap.D_A(A), 1.0) + lsgan(snap.D_A(fake_A), 0.0))
@@ -86,6 +95,9 @@ def hand_pix2pix(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, Any])
         "mae_B2A": mae(fake_A, A),
     }
     out["G"] = out["G_adv"] + w["l1"] * (out["mae_A2B"] + out["mae_B2A"])
+    if w.get("gradient", 0.0) > 0:
+        out["gradient"] = edges(fake_B, B) + edges(fake_A, A)
+        out["G"] = out["G"] + w["gradient"] * out["gradient"]
     out["D_A2B"] = 0.5 * (gan(snap.D_A2B(torch.cat((A, B), 1)), 1.0)
                           + gan(snap.D_A2B(torch.cat((A, fake_B), 1)), 0.0))
     out["D_B2A"] = 0.5 * (gan(snap.D_B2A(torch.cat((B, A), 1)), 1.0)
@@ -94,8 +106,12 @@ def hand_pix2pix(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, Any])
 
 
 def hand_paired_l1(snap: Any, after: Any, A: Tensor, B: Tensor, w: dict[str, float]):
-    out = {"mae_A2B": mae(snap.G_A2B(A), B), "mae_B2A": mae(snap.G_B2A(B), A)}
+    fake_B, fake_A = snap.G_A2B(A), snap.G_B2A(B)
+    out = {"mae_A2B": mae(fake_B, B), "mae_B2A": mae(fake_A, A)}
     out["G"] = w["l1"] * (out["mae_A2B"] + out["mae_B2A"])
+    if w.get("gradient", 0.0) > 0:
+        out["gradient"] = edges(fake_B, B) + edges(fake_A, A)
+        out["G"] = out["G"] + w["gradient"] * out["gradient"]
     return out, {"G": out["G"]}
 
 
@@ -148,15 +164,21 @@ CASES = [
     ("cyclegan", ["loss.cycle=3", "loss.identity=0.5"], {**CYCLE, "cycle": 3.0,
                                                          "identity": 0.5}),
     ("cyclegan", ["arch.discriminator=study2018"], CYCLE),  # LSGAN on sigmoid scores
-    ("cyclegan_s", [], {**CYCLE, "supervised": 10.0}),
-    ("cyclegan_s", ["loss.supervised=2.5", "loss.cycle=0"], {**CYCLE, "cycle": 0.0,
-                                                            "supervised": 2.5}),
-    ("generators_s", [], {"l1": 1.0}),
-    ("generators_s", ["loss.l1=4"], {"l1": 4.0}),
-    ("simple", [], {"l1": 1.0}),
-    ("simple", ["loss.l1=0.25"], {"l1": 0.25}),
-    ("pix2pix", [], {"l1": 100.0, "gan_mode": "vanilla"}),
-    ("pix2pix", ["loss.l1=7", "loss.gan_mode=lsgan"], {"l1": 7.0, "gan_mode": "lsgan"}),
+    # cpu-small adds the gradient-difference term to the paired models (x5 the L1 weight)
+    ("cyclegan_s", [], {**CYCLE, "supervised": 10.0, "gradient": 50.0}),
+    ("cyclegan_s", ["loss.supervised=2.5", "loss.cycle=0", "loss.gradient=0"],
+     {**CYCLE, "cycle": 0.0, "supervised": 2.5}),
+    ("cyclegan", ["loss.supervised=1", "loss.gradient=3"], {**CYCLE, "supervised": 1.0,
+                                                            "gradient": 3.0}),
+    ("generators_s", [], {"l1": 1.0, "gradient": 5.0}),
+    ("generators_s", ["loss.l1=4", "loss.gradient=0.5"], {"l1": 4.0, "gradient": 0.5}),
+    ("generators_s", ["loss.gradient=0"], {"l1": 1.0}),
+    ("simple", [], {"l1": 1.0, "gradient": 5.0}),
+    ("simple", ["loss.l1=0.25", "loss.gradient=2"], {"l1": 0.25, "gradient": 2.0}),
+    ("simple", ["loss.gradient=0"], {"l1": 1.0}),
+    ("pix2pix", [], {"l1": 100.0, "gan_mode": "vanilla", "gradient": 500.0}),
+    ("pix2pix", ["loss.l1=7", "loss.gan_mode=lsgan", "loss.gradient=0"],
+     {"l1": 7.0, "gan_mode": "lsgan"}),
     ("unit", [], UNIT),
     ("unit", ["loss.gan=2", "loss.kl=0.5", "loss.cycle_kl=0.3", "loss.recon=20",
               "loss.cycle=30"], {"gan": 2.0, "kl": 0.5, "cycle_kl": 0.3, "recon": 20.0,
@@ -221,7 +243,7 @@ def test_through_plane_loss_matches_a_hand_computation(model, batch) -> None:
     A, B = batch
     k = 1
     over = [f"{key}={v}" for key, v in tiny_arch(model).items()] + [
-        f"arch.context_slices={k}", "loss.through_plane=0.7"]
+        f"arch.context_slices={k}", "loss.gradient=0", "loss.through_plane=0.7"]
     torch.manual_seed(0)
     m = build_model(resolve_config(model, "cpu-small", over)).train()
     assert m.wants_next_slice
@@ -248,3 +270,22 @@ def test_through_plane_loss_matches_a_hand_computation(model, batch) -> None:
 
     with pytest.raises(ConfigError, match="needs the neighbouring slices"):
         resolve_config(model, "cpu-small", ["loss.through_plane=1"])
+
+
+def test_gradient_loss_is_refused_without_a_paired_target_and_off_in_paper() -> None:
+    """``loss.gradient`` compares edges with the aligned target: refused for the unpaired
+    CycleGAN (without ``loss.supervised``) and negative weights; the ``paper`` preset keeps
+    the study's losses, and configs stored before the term resume without it."""
+    from mrsynth.errors import ConfigError
+    from mrsynth.train.config import default_config, upgrade_config
+
+    with pytest.raises(ConfigError, match="needs a paired model"):
+        resolve_config("cyclegan", "cpu-small", ["loss.gradient=1"])
+    with pytest.raises(ConfigError, match="loss.gradient must be a number >= 0"):
+        resolve_config("generators_s", "cpu-small", ["loss.gradient=-1"])
+    for model in ("cyclegan_s", "generators_s", "pix2pix", "simple"):
+        assert default_config(model, "paper")["loss"]["gradient"] == 0.0
+    old = resolve_config("generators_s", "cpu-small")
+    del old["loss"]["gradient"]
+    assert upgrade_config(old)["loss"]["gradient"] == 0.0
+    assert upgrade_config(resolve_config("generators_s", "cpu-small"))["loss"]["gradient"] == 5

@@ -256,6 +256,7 @@ class PairedL1Model(GeneratorPairModel):
     @classmethod
     def config_problems(cls, cfg: dict[str, Any]) -> list[str]:
         problems = super().config_problems(cfg)
+        problems += gradient_problems(cfg["loss"], paired=True)
         w = cfg["loss"].get("through_plane", 0.0)
         if not isinstance(w, int | float) or isinstance(w, bool) or w < 0:
             problems.append("loss.through_plane must be a number >= 0 (0: off)")
@@ -275,6 +276,7 @@ class PairedL1Model(GeneratorPairModel):
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         real_A, real_B = batch["A"], batch["B"]
         w_tp = float(self.loss_cfg.get("through_plane", 0.0))
+        w_grad = float(self.loss_cfg.get("gradient", 0.0))
         out: dict[str, Tensor] = {}
         with ctx.autocast():
             fake_B = self.G_A2B(self.source(batch, "A"))
@@ -282,6 +284,10 @@ class PairedL1Model(GeneratorPairModel):
             mae_A2B = l1(fake_B, real_B)
             mae_B2A = l1(fake_A, real_A)
             loss = self.loss_cfg["l1"] * (mae_A2B + mae_B2A)
+            if w_grad > 0:
+                grad = gradient_l1(fake_B, real_B) + gradient_l1(fake_A, real_A)
+                loss = loss + w_grad * grad
+                out["gradient"] = grad.detach()
             if w_tp > 0 and self.wants_next_slice:
                 # through-plane: the change to the next slice, synthetic against real
                 next_B = self.G_A2B(batch["A_next" + STACK_SUFFIX])
@@ -311,6 +317,32 @@ def set_requires_grad(nets: list[nn.Module] | tuple[nn.Module, ...], flag: bool)
 def l1(pred: Tensor, target: Tensor) -> Tensor:
     """Mean absolute error computed in fp32 whatever the autocast dtype."""
     return F.l1_loss(pred.float(), target.float())
+
+
+def gradient_l1(pred: Tensor, target: Tensor) -> Tensor:
+    """Gradient-difference loss: the L1 distance between the in-plane finite differences of
+    ``pred`` and ``target`` (rows and columns, each a mean; fp32).
+
+    L1 alone is minimised by a blurred prediction while a network is still unsure where an
+    edge lies; matching the images' differences as well rewards edges that are as sharp as
+    the target's and in the right place (Mathieu et al., ICLR 2016; for MR/CT synthesis,
+    Nie et al., MICCAI 2017). At cpu-small's budget it lowered the validation MAE of the
+    paired models (docs/training.md)."""
+    p, t = pred.float(), target.float()
+    return (F.l1_loss(p[..., 1:, :] - p[..., :-1, :], t[..., 1:, :] - t[..., :-1, :])
+            + F.l1_loss(p[..., :, 1:] - p[..., :, :-1], t[..., :, 1:] - t[..., :, :-1]))
+
+
+def gradient_problems(loss: dict[str, Any], paired: bool) -> list[str]:
+    """What is wrong with ``loss.gradient`` (absent is fine: off); ``paired`` says whether
+    the model has an aligned target to compare edges with."""
+    w = loss.get("gradient", 0.0)
+    if not isinstance(w, int | float) or isinstance(w, bool) or w < 0:
+        return ["loss.gradient must be a number >= 0 (0: off)"]
+    if w > 0 and not paired:
+        return ["loss.gradient compares the synthetic image's edges with the paired target's, "
+                "so it needs a paired model (or loss.supervised > 0 for cyclegan)"]
+    return []
 
 
 def gan_loss(pred: Tensor, real: bool, mode: str) -> Tensor:

@@ -28,6 +28,8 @@ from mrsynth.models.base import (
     GeneratorPairModel,
     StepContext,
     gan_loss,
+    gradient_l1,
+    gradient_problems,
     l1,
     register_model,
     set_requires_grad,
@@ -115,6 +117,8 @@ class CycleGAN(ResnetGanPair):
     summary = "CycleGAN, unpaired: cycle L1 x10, LSGAN, image pool 50 (the study)"
     order = 10
     supervised_default = 0.0
+    #: ``loss.gradient`` at cpu-small (0 without a paired target)
+    gradient_default = 0.0
     discriminator_names = ("D_A", "D_B")
     D_A: PatchDiscriminator
     D_B: PatchDiscriminator
@@ -126,6 +130,8 @@ class CycleGAN(ResnetGanPair):
             "cycle": 10.0,
             "identity": 0.0,
             "supervised": cls.supervised_default,
+            # gradient-difference term against the paired target (cyclegan_s at cpu-small)
+            "gradient": cls.gradient_default if preset == "cpu-small" else 0.0,
             "pool_size": 50,
         }
         cfg = resnet_preset(preset, loss)
@@ -135,6 +141,9 @@ class CycleGAN(ResnetGanPair):
     @classmethod
     def config_problems(cls, cfg: dict[str, Any]) -> list[str]:
         problems = super().config_problems(cfg)
+        sup = cfg["loss"].get("supervised", 0.0)
+        paired = isinstance(sup, int | float) and not isinstance(sup, bool) and sup > 0
+        problems += gradient_problems(cfg["loss"], paired=paired)
         kind, mode = cfg["arch"]["discriminator"], cfg["loss"]["gan_mode"]
         if kind not in DISCRIMINATORS:
             problems.append(f"arch.discriminator must be one of {', '.join(DISCRIMINATORS)}")
@@ -174,6 +183,10 @@ class CycleGAN(ResnetGanPair):
                 sup = l1(fake_B, real_B) + l1(fake_A, real_A)
                 loss_G = loss_G + w["supervised"] * sup
                 losses["supervised"] = sup
+            if w.get("gradient", 0.0) > 0:
+                grad = gradient_l1(fake_B, real_B) + gradient_l1(fake_A, real_A)
+                loss_G = loss_G + w["gradient"] * grad
+                losses["gradient"] = grad
         ctx.step("G", loss_G)
 
         set_requires_grad((self.D_A, self.D_B), True)
@@ -205,3 +218,4 @@ class CycleGANSupervised(CycleGAN):
     summary = "CycleGAN + supervised MAE x10 against the paired target (the study)"
     order = 20
     supervised_default = 10.0
+    gradient_default = 50.0

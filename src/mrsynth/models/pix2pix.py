@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mrsynth.models.base import StepContext, gan_loss, l1, register_model, set_requires_grad
+from mrsynth.models.base import (
+    StepContext,
+    gan_loss,
+    gradient_l1,
+    gradient_problems,
+    l1,
+    register_model,
+    set_requires_grad,
+)
 from mrsynth.models.blocks import PatchDiscriminator
 from mrsynth.models.cyclegan import ResnetGanPair, resnet_preset
 
@@ -38,7 +46,13 @@ class Pix2Pix(ResnetGanPair):
 
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
-        return resnet_preset(preset, {"gan_mode": "vanilla", "l1": 100.0})
+        # cpu-small: a gradient-difference term at 5x the L1 weight, as for generators_s
+        grad = 500.0 if preset == "cpu-small" else 0.0
+        return resnet_preset(preset, {"gan_mode": "vanilla", "l1": 100.0, "gradient": grad})
+
+    @classmethod
+    def config_problems(cls, cfg: dict[str, Any]) -> list[str]:
+        return super().config_problems(cfg) + gradient_problems(cfg["loss"], paired=True)
 
     def train_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         real_A, real_B = batch["A"], batch["B"]
@@ -54,6 +68,10 @@ class Pix2Pix(ResnetGanPair):
             mae_A2B = l1(fake_B, real_B)
             mae_B2A = l1(fake_A, real_A)
             loss_G = adv + w * (mae_A2B + mae_B2A)
+            w_grad = float(self.loss_cfg.get("gradient", 0.0))
+            if w_grad > 0:
+                grad = gradient_l1(fake_B, real_B) + gradient_l1(fake_A, real_A)
+                loss_G = loss_G + w_grad * grad
         ctx.step("G", loss_G)
 
         set_requires_grad((self.D_A2B, self.D_B2A), True)
@@ -66,4 +84,6 @@ class Pix2Pix(ResnetGanPair):
         ctx.step("D", d_A2B + d_B2A)
         losses = {"G": loss_G, "G_adv": adv, "mae_A2B": mae_A2B, "mae_B2A": mae_B2A,
                   "D_A2B": d_A2B, "D_B2A": d_B2A}
+        if w_grad > 0:
+            losses["gradient"] = grad
         return {k: v.detach().float() for k, v in losses.items()}

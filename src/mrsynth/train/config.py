@@ -327,6 +327,8 @@ def upgrade_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     base = default_config(stored["model"], stored.get("preset") or "paper")
     if "patch_size" not in (stored.get("train") or {}):
         base["train"]["patch_size"] = None  # written before patches: it trained whole slices
+    if "gradient" in base["loss"] and "gradient" not in (stored.get("loss") or {}):
+        base["loss"]["gradient"] = 0.0  # written before the gradient-difference term
     stored = get_model_class(stored["model"]).upgrade_stored_config(dict(stored))
     return validate_config(_merge(base, stored))
 
