@@ -161,6 +161,17 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
                                               "loss.gradient": 500.0}),
     "cyclegan_s-lr5e-4-b1-grad50": ("cyclegan_s", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
                                                    "loss.gradient": 50.0}),
+    # --- round 8: twice the steps for the paired models with the term (their validation
+    # curves were still falling at epoch 10; the parallel demo leaves budget unused)
+    "generators_s-lr5e-4-b1-grad5-s200": ("generators_s", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                                           "loss.gradient": 5.0,
+                                                           "train.max_steps_per_epoch": 200}),
+    "pix2pix-lr5e-4-b1-grad500-s200": ("pix2pix", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                                   "loss.gradient": 500.0,
+                                                   "train.max_steps_per_epoch": 200}),
+    "cyclegan_s-lr5e-4-b1-grad50-s200": ("cyclegan_s", {**OLD, **_GAN_OLD, "optim.lr": 5e-4,
+                                                        "loss.gradient": 50.0,
+                                                        "train.max_steps_per_epoch": 200}),
     "simple-glorot-lr3e-3-b1-s300-decay-grad5": ("simple", {**OLD, "optim.lr": 3e-3,
                                                             "arch.init": "glorot",
                                                             "train.max_steps_per_epoch": 300,
