@@ -238,6 +238,54 @@ def test_overrides_parse_validate_and_list_valid_keys() -> None:
     assert "loss.cycle" in valid_keys("cyclegan") and "loss.cycle" not in valid_keys("simple")
 
 
+@pytest.mark.parametrize(("model", "setting", "message"), [
+    ("generators_s", "optim.lr=NaN", "optim.lr must be a finite number, not nan"),
+    ("generators_s", "optim.lr=1e400", "optim.lr must be a finite number, not inf"),
+    ("cyclegan", "train.checkpoint_every_minutes=Infinity",
+     "train.checkpoint_every_minutes must be a finite number"),
+    ("generators_s", "optim.lr=0", "optim.lr must be > 0"),
+    ("pix2pix", "optim.lr=-2e-4", "optim.lr must be > 0"),
+    ("cyclegan", "optim.beta1=1", r"optim.beta1 must be in \[0, 1\)"),
+    ("unit", "optim.beta2=-0.1", r"optim.beta2 must be in \[0, 1\)"),
+    ("simple", "optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0"),
+    ("cyclegan", "loss.cycle=-10", "loss.cycle must be >= 0 .a weight"),
+    ("unit", "loss.kl=-0.1", "loss.kl must be >= 0"),
+    ("pix2pix", "loss.l1=-100", "loss.l1 must be >= 0"),
+    ("cyclegan_s", "loss.pool_size=-1", "loss.pool_size must be >= 0 .0: no image pool"),
+    ("cyclegan", "arch.ngf=0", "arch.ngf must be at least 1"),
+    ("simple", "arch.hidden=0", "arch.hidden must be at least 1"),
+    ("unit", "arch.d_scales=0", "arch.d_scales must be at least 1"),
+    ("cyclegan", "arch.n_blocks=-1", "arch.n_blocks must be at least 0"),
+    ("unit", "arch.dropout=1", r"arch.dropout must be in \[0, 1\)"),
+    ("unit", "arch.noise_std=-1", "arch.noise_std must be >= 0"),
+])
+def test_meaningless_numbers_are_refused_before_any_data_is_read(model, setting, message) -> None:
+    """A typo such as a negative weight, a NaN/overflowing learning rate (JSON allows NaN,
+    Infinity and 1e400 -> inf) or a zero width is refused with the setting's name, instead of
+    a crash in the first step or a run that learns nothing."""
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(model, "cpu-small", [setting])
+
+
+def test_boundary_numbers_are_accepted() -> None:
+    """The edges that mean something stay allowed: a term switched off, no residual blocks,
+    beta1 = 0, no weight decay, no dropout or latent noise."""
+    resolve_config("cyclegan", "cpu-small", ["loss.cycle=0", "arch.n_blocks=0", "optim.beta1=0",
+                                             "loss.pool_size=0", "arch.d_layers=0"])
+    resolve_config("unit", "cpu-small", ["arch.dropout=0", "arch.noise_std=0", "loss.gan=0"])
+
+
+def test_cli_refuses_a_nan_setting_with_its_name(prepared_small: Path, tmp_path: Path,
+                                                 capsys) -> None:
+    out = tmp_path / "run"
+    code = main(["train", "--model", "simple", "--preset", "cpu-small", "--data",
+                 str(prepared_small), "--out", str(out), "--set", "optim.lr=NaN"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "optim.lr must be a finite number" in err
+    assert not out.exists()
+
+
 def test_paper_presets_are_the_study_settings() -> None:
     cg = default_config("cyclegan", "paper")
     assert cg["arch"]["ngf"] == 32 and cg["arch"]["n_blocks"] == 9

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -235,6 +236,51 @@ def apply_overrides(cfg: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return cfg
 
 
+#: Lower bounds of the models' integer ``arch`` settings: a width needs at least one channel
+#: and UNIT at least one discriminator scale; a number of blocks or layers may be 0.
+_ARCH_MIN = {"ngf": 1, "ndf": 1, "nef": 1, "hidden": 1, "d_scales": 1,
+             "n_blocks": 0, "enc_blocks": 0, "dec_blocks": 0, "d_layers": 0}
+#: ``loss`` settings whose range the models check themselves (with their own advice).
+_LOSS_CHECKED_BY_MODEL = ("gradient", "through_plane")
+
+
+def _number_problems(cfg: dict[str, Any], flat: Mapping[str, Any]) -> list[str]:
+    """Ranges of the numbers a typo can make meaningless: NaN or infinity anywhere (JSON
+    ``--set`` values may be ``NaN``, ``Infinity`` or overflow like ``1e400``), negative loss
+    weights, a learning rate that is not positive, Adam betas outside [0, 1), widths below
+    one channel. Caught here, before any data is read, instead of as a crash in the first
+    step or a run that silently learns nothing."""
+    bad = [f"{k} must be a finite number, not {v}" for k, v in flat.items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        return bad
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    o, a = cfg.get("optim") or {}, cfg.get("arch") or {}
+    problems = []
+    if number(o.get("lr")) and o["lr"] <= 0:
+        problems.append("optim.lr must be > 0")
+    for b in ("beta1", "beta2"):
+        if number(o.get(b)) and not 0 <= o[b] < 1:
+            problems.append(f"optim.{b} must be in [0, 1)")
+    if number(o.get("weight_decay")) and o["weight_decay"] < 0:
+        problems.append("optim.weight_decay must be >= 0")
+    for k, v in (cfg.get("loss") or {}).items():
+        if k not in _LOSS_CHECKED_BY_MODEL and number(v) and v < 0:
+            what = "0: no image pool" if k == "pool_size" else "a weight; 0 turns the term off"
+            problems.append(f"loss.{k} must be >= 0 ({what})")
+    for k, lo in _ARCH_MIN.items():
+        if number(a.get(k)) and a[k] < lo:
+            problems.append(f"arch.{k} must be at least {lo}")
+    if number(a.get("dropout")) and not 0 <= a["dropout"] < 1:
+        problems.append("arch.dropout must be in [0, 1)")
+    if number(a.get("noise_std")) and a["noise_std"] < 0:
+        problems.append("arch.noise_std must be >= 0")
+    return problems
+
+
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check a resolved config (keys, types and ranges); return it."""
     if not isinstance(cfg, dict) or "model" not in cfg:
@@ -251,7 +297,7 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for k, v in got.items():
         _coerce(k, v, want[k])
     t, d = cfg["train"], cfg["data"]
-    problems = []
+    problems = _number_problems(cfg, got)
     if cfg["device"] not in DEVICES:
         problems.append(f"device must be one of {', '.join(DEVICES)}")
     if cfg["precision"] not in PRECISIONS:
