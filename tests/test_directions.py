@@ -5,6 +5,7 @@ evaluation helpers, the models' ``translate``) and by ``mrsynth translate/export
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -101,6 +102,9 @@ def test_cli_translate_accepts_and_refuses_like_the_python_api(
     run_dir: Path, volume: Path, tmp_path: Path, capsys
 ) -> None:
     outputs: dict[str, np.ndarray] = {}
+    # both directions on one file: a name without a contrast suffix (a _T1w file is refused
+    # for T2w2T1w, tests/test_translate.py)
+    volume = Path(shutil.copy(volume, tmp_path / "scan.nii"))
     for i, text in enumerate(["A2B", "B2A", *ACCEPTED]):
         dest = tmp_path / f"out{i}.nii"
         rc = main(["translate", "--run", str(run_dir), "--direction", text,

@@ -214,6 +214,30 @@ def test_existing_output_and_missing_checkpoint(run_dir, volumes, tmp_path, caps
 
 
 
+def test_a_file_named_as_another_contrast_is_refused(run_dir, volumes, tmp_path, capsys):
+    """``sub-x_T1w.nii.gz`` with ``--direction T2w2T1w`` would be read as a T2w image and give
+    a meaningless volume: refused before any work, naming the direction to use; a FLAIR file
+    is refused too (the run knows only T1w and T2w); an unsuffixed name is not judged."""
+    src = volumes["sub-gli00001_T1w"]
+    dest = tmp_path / "out.nii.gz"
+    base = ["translate", "--run", str(run_dir), "--input", str(src), "--output", str(dest),
+            "--device", "cpu"]
+    assert main([*base, "--direction", "T2w2T1w"]) != 0
+    err = capsys.readouterr().err
+    assert "named as a T1w image" in err and "--direction T1w2T2w" in err
+    assert not dest.exists()
+    flair = tmp_path / "sub-x_FLAIR.nii.gz"
+    shutil.copy(src, flair)
+    assert main(["translate", "--run", str(run_dir), "--input", str(flair), "--output",
+                 str(dest), "--direction", "T1w2T2w", "--device", "cpu"]) != 0
+    assert "translates only T1w and T2w" in capsys.readouterr().err
+    plain = tmp_path / "scan.nii.gz"
+    shutil.copy(src, plain)
+    assert main(["translate", "--run", str(run_dir), "--input", str(plain), "--output",
+                 str(dest), "--direction", "T1w2T2w", "--device", "cpu"]) == 0
+    assert main([*base, "--direction", "T1w2T2w", "--overwrite"]) == 0
+
+
 def test_brain_larger_than_the_training_grid_is_reported(volumes):
     """A crop that cuts brain off must say so instead of silently writing background there."""
     data = load_volume(volumes["sub-ms19_T1w"]).data

@@ -409,6 +409,23 @@ def output_name(path: Path, d: Direction, model: str) -> str | None:
     return "_".join([*ents, f"desc-{label}", d.target]) + ext
 
 
+def _check_named_contrast(path: Path, d: Direction) -> None:
+    """Refuse a file whose BIDS suffix names another contrast than the direction's source
+    (``sub-01_T1w.nii.gz`` with ``--direction T2w2T1w``): the model would read a T1w image as
+    if it were T2w and write a plausible-looking but meaningless volume. A folder skips
+    such files instead (:func:`plan_folder`); unsuffixed names are not judged."""
+    stem, _ = _split_name(path)
+    parts = stem.split("_")
+    suffix = parts[-1] if len(parts) > 1 else ""
+    if suffix in KNOWN_CONTRASTS and suffix != d.source:
+        advice = (f"use --direction {d.target}2{d.source}" if suffix == d.target else
+                  f"this run translates only {d.source} and {d.target}")
+        raise ConfigError(
+            f"Input {path} is named as a {suffix} image (BIDS suffix _{suffix}), but "
+            f"--direction {d.label} translates {d.source} images: {advice}. If the file "
+            f"really is {d.source}, give it a name that says so.")
+
+
 def _is_input(p: Path) -> bool:
     low = p.name.lower()
     return p.is_file() and not p.name.startswith(".") and (
@@ -499,6 +516,7 @@ def translate_path(
             raise ConfigError(f"Input {src} is a folder, so --output {dest} must be a folder.")
         pairs = plan_folder(src, dest, d, run.model_name)
     else:
+        _check_named_contrast(src, d)
         if dest.is_dir():
             dest = dest / (output_name(src, d, run.model_name) or src.name)
         pairs = [(src, dest)]
