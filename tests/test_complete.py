@@ -103,6 +103,8 @@ def test_writes_every_missing_contrast_and_touches_no_raw_file(completed):
     assert written == {o for _, o in EXPECTED}
     assert tree_hash(raw) == before  # raw data untouched, nothing added outside derivatives
     assert "written" in stdout and "Validation" in stdout
+    # the status column is rendered, not printed as literal markup
+    assert "[green]" not in stdout and "[/" not in stdout
     # no temporary files left anywhere
     assert not [p for p in raw.rglob(".*tmp*")]
 
@@ -276,7 +278,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(mini_bids, run_dir, tmp_path
     assert "dry run" in stdout
     for sub in ("sub-ms19", "sub-bratscase_ses-01", "sub-met00110"):
         assert sub in stdout
-    assert stdout.count("to write") == len(EXPECTED)
+    assert stdout.count("to write") == len(EXPECTED) and "[cyan]" not in stdout
     assert tree_hash(raw, skip="") == before and not (raw / "derivatives").exists()
 
 

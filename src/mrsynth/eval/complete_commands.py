@@ -37,14 +37,17 @@ def plan_table(res: Any, *, title: str) -> Table:
     if done:
         t.add_column("s", justify="right")
     for j in res.jobs:
-        status = _STATUS.get(j.status, j.status)
+        # the status is this module's own markup; everything else comes from file names
+        status = _STATUS.get(j.status, escape(str(j.status)))
         if j.status == "failed":
             status += " (below)"
-        row = [j.record, j.run.model, j.direction.label,
-               "validation" if j.validation else "missing", _rel(j.output, res.out), status]
+        row = [escape(str(c)) for c in (j.record, j.run.model, j.direction.label,
+                                         "validation" if j.validation else "missing",
+                                         _rel(j.output, res.out))]
+        row.append(status)
         if done:
             row.append(f"{j.seconds:.1f}" if j.status == "done" else "")
-        t.add_row(*(escape(str(c)) for c in row))
+        t.add_row(*row)
     return t
 
 
