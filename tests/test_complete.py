@@ -340,3 +340,26 @@ def test_paths_with_square_brackets_are_printed_verbatim(mini_bids, run_dir, tmp
     rc, stdout, err = cli(raw, "--run", run_dir, "--dry-run", "--device", "cpu")
     assert rc == 0, err
     assert "Nothing to do" in stdout and "]ids [bold]" in " ".join(stdout.split())
+
+
+def test_validation_summary_uses_the_sample_sd_and_none_for_one_subject():
+    """Two subjects: mean and sample SD (ddof 1) of each metric; one subject: the mean and an
+    undefined SD, shown as the mean alone (a 0.000 would claim no variability)."""
+    from types import SimpleNamespace
+
+    from mrsynth.eval.complete import validation_summary
+    from mrsynth.eval.complete_commands import _pm
+
+    def job(model, direction, mae):
+        return SimpleNamespace(validation=True, metrics={"mae": mae},
+                               run=SimpleNamespace(model=model),
+                               direction=SimpleNamespace(label=direction))
+
+    rows = validation_summary([job("m", "T1w2T2w", 0.5), job("m", "T1w2T2w", 0.7),
+                               job("m", "T2w2T1w", 0.4)])
+    two, one = rows
+    assert two["n"] == 2 and one["n"] == 1
+    assert two["mae"][0] == pytest.approx(0.6)
+    assert two["mae"][1] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert one["mae"][0] == pytest.approx(0.4) and np.isnan(one["mae"][1])
+    assert _pm(two["mae"]) == "0.600 ± 0.141" and _pm(one["mae"]) == "0.400"

@@ -703,7 +703,8 @@ def _fmt(v: Any) -> str:
 
 
 def validation_summary(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Mean and SD of each volume metric per model and direction."""
+    """Mean and SD of each volume metric per model and direction. The SD is the sample SD
+    over subjects (ddof 1), NaN for a single subject: 0 would claim no variability."""
     from mrsynth.eval.volume import VOLUME_METRICS
 
     groups: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -716,7 +717,8 @@ def validation_summary(jobs: Sequence[Job]) -> list[dict[str, Any]]:
         for k in VOLUME_METRICS:
             v = np.array([m[k] for m in ms if k in m], dtype=float)
             v = v[np.isfinite(v)]
-            row[k] = (float(v.mean()), float(v.std())) if v.size else (float("nan"), 0.0)
+            sd = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+            row[k] = (float(v.mean()), sd) if v.size else (float("nan"), float("nan"))
         out.append(row)
     return out
 

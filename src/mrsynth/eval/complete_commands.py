@@ -52,8 +52,11 @@ def plan_table(res: Any, *, title: str) -> Table:
 
 
 def _pm(v: tuple[float, float]) -> str:
+    """``mean ± SD``; the mean alone when the SD is undefined (one subject)."""
     m, s = v
-    return "n/a" if not math.isfinite(m) else f"{m:.3f} ± {s:.3f}"
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:.3f} ± {s:.3f}" if math.isfinite(s) else f"{m:.3f}"
 
 
 def validation_table(rows: list[dict[str, Any]]) -> Table:
