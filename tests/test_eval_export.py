@@ -61,3 +61,25 @@ def test_export_bad_direction_writes_nothing(cyclegan_run, tmp_path, capsys):
     assert rc != 0
     assert "T1w2T2w" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_and_the_opset_is_recorded(
+        cyclegan_run, tmp_path, capsys):
+    """torch's exporter writes its lowest opset instead of a lower one asked for, silently:
+    ``--opset 13`` must fail with nothing written, and the opset written is reported and
+    stored in the file's metadata."""
+    out = tmp_path / "g.onnx"
+    args = ["export", "--run", str(cyclegan_run), "--direction", "T1w2T2w", "--out", str(out)]
+    assert main([*args, "--opset", "13"]) != 0
+    err = capsys.readouterr().err
+    assert "--opset 13" in err and "Nothing was written" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert main(args) == 0
+    written = {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")}
+    assert len(written) == 1
+    opset = written.pop()
+    assert f"opset {opset}" in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["mrsynth_onnx_opset"] == str(opset)
+    # asking for the opset it writes works
+    assert main([*args, "--opset", str(opset), "--overwrite"]) == 0

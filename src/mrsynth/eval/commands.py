@@ -66,7 +66,9 @@ def register(app: typer.Typer) -> None:
         run: Path = typer.Option(..., "--run", help="Run directory written by `mrsynth train`."),
         direction: str = typer.Option(..., "--direction", help="e.g. T1w2T2w."),
         out: Path = typer.Option(..., "--out", help="Output .onnx file."),
-        opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: torch's)."),
+        opset: int | None = typer.Option(None, "--opset", min=1,
+                                         help="ONNX opset (default: torch's; refused when "
+                                         "torch cannot write it)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
     ) -> None:
         """Export one direction's generator to ONNX (dynamic batch axis)."""
@@ -75,7 +77,8 @@ def register(app: typer.Typer) -> None:
         info = export_onnx(run, direction, out, overwrite=overwrite, opset=opset)
         typer.echo(
             f"Wrote {info['path']} ({info['model']}, {info['direction']}, input "
-            f"{'x'.join(str(s) for s in info['input_shape'])}); onnxruntime vs PyTorch max "
+            f"{'x'.join(str(s) for s in info['input_shape'])}, opset {info['opset']}); "
+            f"onnxruntime vs PyTorch max "
             f"|diff| = {info['max_abs_diff']:.2e}"
         )
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mrsynth.data.context import in_channels, run_context_slices
-from mrsynth.errors import MrsynthError
+from mrsynth.errors import ConfigError, MrsynthError
 from mrsynth.eval.common import load_run_checked, parse_direction
 from mrsynth.utils import atomic_path, check_can_write
 
@@ -139,6 +139,18 @@ def export_onnx(
         with _quiet():
             program.save(str(tmp), external_data=False)
         model = onnx.load(str(tmp))
+        got_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                         None)
+        if opset is not None and got_opset != opset:
+            # torch's exporter writes its lowest supported opset instead of a lower one asked
+            # for, without an error; a runtime that needs the older opset would then refuse
+            # the file (or the user would believe it is what they asked for)
+            raise ConfigError(
+                f"--opset {opset}: torch's ONNX exporter wrote opset {got_opset} instead (it "
+                f"cannot produce a lower one for {run.model_name}, and ONNX's version "
+                f"converter has no adapters for these layers). Nothing was written. Omit "
+                f"--opset, or ask for {got_opset} or higher, and use a runtime that reads it.")
+        meta["mrsynth_onnx_opset"] = str(got_opset)
         for k, v in meta.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = k, v
@@ -156,4 +168,4 @@ def export_onnx(
                 f"(tolerance {ONNX_TOLERANCE:g}); it was not written. Please report this."
             )
     return {"path": dest, "direction": d.label, "input_shape": ["N", c, h, w],
-            "max_abs_diff": diff, "model": run.model_name}
+            "max_abs_diff": diff, "model": run.model_name, "opset": got_opset}
