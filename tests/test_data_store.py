@@ -265,3 +265,14 @@ def test_evaluate_and_the_study_read_a_store_like_the_npz(store32: Path, prepare
     for x, y in zip(ra, rb, strict=True):
         np.testing.assert_array_equal(pa[x], pb[y])
         np.testing.assert_array_equal(ma[x], mb[y])
+
+
+def test_a_raw_data_set_given_as_prepared_data_gets_the_prepare_command(mrpaired: Path,
+                                                                         tmp_path: Path) -> None:
+    """Passing the BIDS folder itself where prepared data belong (``evaluate --data``) names
+    the step that is missing; an unrelated folder gets the plain message."""
+    with pytest.raises(DataError, match="raw data set: prepare it first with `mrsynth data "
+                                        "prepare"):
+        load_prepared(mrpaired)
+    with pytest.raises(DataError, match=r"is not an mrsynth prepared store \(no store.json\)\.$"):
+        load_prepared(tmp_path)

@@ -344,7 +344,10 @@ def read_index(root: Path) -> dict[str, Any]:
                 "data prepare` command to continue, or `mrsynth data prepare --finalize` once "
                 "every part has run."
             )
-        raise DataError(f"{root} is not an mrsynth prepared store (no {INDEX_NAME}).")
+        raw = (root / "dataset_description.json").is_file() or any(root.glob("sub-*"))
+        hint = (" It looks like a raw data set: prepare it first with `mrsynth data prepare "
+                f"{root} --out PREPARED`, then pass PREPARED." if raw else "")
+        raise DataError(f"{root} is not an mrsynth prepared store (no {INDEX_NAME}).{hint}")
     index = read_json(p, "store index")
     if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
         raise DataError(f"{p} is not an mrsynth store index (format {STORE_FORMAT!r}).")
