@@ -85,6 +85,6 @@ def test_an_opset_the_exporter_cannot_write_is_refused_and_the_opset_is_recorded
     for extra in ([], ["--overwrite"]):
         assert main(["export", "--run", str(cyclegan_run), "--direction", "T1w2T2w", "--out",
                      str(tmp_path), *extra]) != 0
-        assert "is a folder; give the file to write" in capsys.readouterr().err
+        assert "is a folder; give the file to write, e.g." in capsys.readouterr().err
     # asking for the opset it writes works
     assert main([*args, "--opset", str(opset), "--overwrite"]) == 0

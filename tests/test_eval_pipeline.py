@@ -177,6 +177,14 @@ class _Collector(HTMLParser):
 def test_report_is_self_contained_and_names_every_model_and_direction(evaluation, tmp_path,
                                                                      capsys):
     out = tmp_path / "report.html"
+    # a folder as --out: a plain refusal, and --overwrite never replaces the folder
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        assert main(["report", "--eval", str(evaluation), "--out", str(folder), *extra]) != 0
+        assert f"e.g. {folder / 'report.html'}" in capsys.readouterr().err
+    assert (folder / "keep.txt").read_text() == "x"
     assert main(["report", "--eval", str(evaluation), "--out", str(out)]) == 0
     html = out.read_text()
     p = _Collector()

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mrsynth.errors import OutputError, OutputExistsError
+from mrsynth.errors import ConfigError, OutputError, OutputExistsError
 
 
 def _current_umask() -> int:
@@ -147,9 +147,15 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def check_can_write(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``overwrite`` is set."""
+def check_can_write(path: str | os.PathLike[str], overwrite: bool,
+                    example: str | None = None) -> Path:
+    """Refuse to replace an existing output unless ``overwrite`` is set. ``example`` (a file
+    name such as ``report.html``) marks a single-file output: an existing folder there is
+    refused with a plain message (the atomic write would fail on a temp name instead)."""
     p = Path(path)
+    if example is not None and p.is_dir():
+        raise ConfigError(f"Output {p} is a folder; give the file to write, e.g. "
+                          f"{p / example}.")
     if p.exists() and not overwrite:
         raise OutputExistsError(
             f"Output {p} already exists. Choose another path, or pass --overwrite to replace it "

@@ -133,5 +133,5 @@ def register(app: typer.Typer) -> None:
         from mrsynth.eval.report import build_report
         from mrsynth.utils import check_can_write
 
-        check_can_write(out, overwrite)
+        check_can_write(out, overwrite, example="report.html")
         typer.echo(f"Report written to {build_report(eval_dir, out)}")

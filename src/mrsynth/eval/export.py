@@ -104,10 +104,7 @@ def export_onnx(
     import onnxruntime as ort
     import torch
 
-    if Path(out).is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. "
-                          f"{Path(out) / 'model.onnx'}.")
-    dest = check_can_write(out, overwrite)
+    dest = check_can_write(out, overwrite, example="model.onnx")
     run = load_run_checked(run_dir, "cpu")
     d = parse_direction(direction, run.contrasts, run_dir)
     h, w = _slice_size(run)
