@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mrsynth.train.config import valid_keys
 from mrsynth.utils import atomic_write_json, environment_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +42,7 @@ RESULT = REPO / "benchmarks" / "results" / "tune_cpu_small.json"
 #: the old defaults are spelled out so the names stay meaningful after the defaults change).
 OLD = {"train.epochs": 10, "train.max_steps_per_epoch": 100, "train.batch_size": 1,
        "train.patch_size": 64}
-_GAN_OLD = {"optim.lr": 2e-4, "arch.init": "normal", "train.lr_decay": "linear",
-            "loss.gradient": 0.0}
+_GAN_OLD = {"optim.lr": 2e-4, "arch.init": "normal", "train.lr_decay": "linear"}
 CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     # --- simple: a per-pixel map; only optimisation matters
     "simple-old": ("simple", {**OLD, "optim.lr": 1e-3, "arch.init": "normal"}),
@@ -180,9 +180,10 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 # Candidates from before round 7 trained without the gradient-difference term: spell that out
-# for the models whose cpu-small default now has it, so their names keep their meaning.
+# for every model that has the setting, so their names keep their meaning now that cpu-small
+# turns it on for the paired ones.
 for _model, _over in CANDIDATES.values():
-    if _model in ("simple", "generators_s", "pix2pix", "cyclegan_s"):
+    if "loss.gradient" in valid_keys(_model, "cpu-small"):
         _over.setdefault("loss.gradient", 0.0)
 
 

@@ -394,12 +394,18 @@ def bids_label(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "", model) or "mrsynth"
 
 
+def _name_parts(path: Path) -> tuple[list[str], str, str]:
+    """A file name's ``_``-separated parts, its BIDS suffix (the last part; "" for a name
+    without one) and its extension."""
+    stem, ext = _split_name(path)
+    parts = stem.split("_")
+    return parts, (parts[-1] if len(parts) > 1 else ""), ext
+
+
 def output_name(path: Path, d: Direction, model: str) -> str | None:
     """BIDS-style output name, or None when the file is another contrast (skip it)."""
-    stem, ext = _split_name(path)
+    parts, suffix, ext = _name_parts(path)
     label = bids_label(model)
-    parts = stem.split("_")
-    suffix = parts[-1] if len(parts) > 1 else ""
     if suffix == d.source:
         ents = [p for p in parts[:-1] if not p.startswith("desc-")]
     elif suffix in KNOWN_CONTRASTS or suffix == d.target:
@@ -414,9 +420,7 @@ def _check_named_contrast(path: Path, d: Direction) -> None:
     (``sub-01_T1w.nii.gz`` with ``--direction T2w2T1w``): the model would read a T1w image as
     if it were T2w and write a plausible-looking but meaningless volume. A folder skips
     such files instead (:func:`plan_folder`); unsuffixed names are not judged."""
-    stem, _ = _split_name(path)
-    parts = stem.split("_")
-    suffix = parts[-1] if len(parts) > 1 else ""
+    _, suffix, _ = _name_parts(path)
     if suffix in KNOWN_CONTRASTS and suffix != d.source:
         advice = (f"use --direction {d.target}2{d.source}" if suffix == d.target else
                   f"this run translates only {d.source} and {d.target}")

@@ -333,6 +333,17 @@ def gradient_l1(pred: Tensor, target: Tensor) -> Tensor:
             + F.l1_loss(p[..., :, 1:] - p[..., :, :-1], t[..., :, 1:] - t[..., :, :-1]))
 
 
+#: ``cpu-small``'s gradient-difference weight as a multiple of a paired model's L1 weight
+#: (chosen on a validation split: benchmarks/tune_cpu_small.py, round 7); ``paper``: off.
+GRADIENT_PER_L1 = 5.0
+
+
+def preset_gradient(preset: str, l1_weight: float) -> float:
+    """``loss.gradient`` of ``preset`` for a model whose paired L1 term weighs ``l1_weight``
+    (0 for an unpaired model, whose weight is 0)."""
+    return GRADIENT_PER_L1 * l1_weight if preset == "cpu-small" else 0.0
+
+
 def gradient_problems(loss: dict[str, Any], paired: bool) -> list[str]:
     """What is wrong with ``loss.gradient`` (absent is fine: off); ``paired`` says whether
     the model has an aligned target to compare edges with."""

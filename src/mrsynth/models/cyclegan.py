@@ -31,6 +31,7 @@ from mrsynth.models.base import (
     gradient_l1,
     gradient_problems,
     l1,
+    preset_gradient,
     register_model,
     set_requires_grad,
 )
@@ -117,8 +118,6 @@ class CycleGAN(ResnetGanPair):
     summary = "CycleGAN, unpaired: cycle L1 x10, LSGAN, image pool 50 (the study)"
     order = 10
     supervised_default = 0.0
-    #: ``loss.gradient`` at cpu-small (0 without a paired target)
-    gradient_default = 0.0
     discriminator_names = ("D_A", "D_B")
     D_A: PatchDiscriminator
     D_B: PatchDiscriminator
@@ -131,7 +130,7 @@ class CycleGAN(ResnetGanPair):
             "identity": 0.0,
             "supervised": cls.supervised_default,
             # gradient-difference term against the paired target (cyclegan_s at cpu-small)
-            "gradient": cls.gradient_default if preset == "cpu-small" else 0.0,
+            "gradient": preset_gradient(preset, cls.supervised_default),
             "pool_size": 50,
         }
         cfg = resnet_preset(preset, loss)
@@ -141,9 +140,8 @@ class CycleGAN(ResnetGanPair):
     @classmethod
     def config_problems(cls, cfg: dict[str, Any]) -> list[str]:
         problems = super().config_problems(cfg)
-        sup = cfg["loss"].get("supervised", 0.0)
-        paired = isinstance(sup, int | float) and not isinstance(sup, bool) and sup > 0
-        problems += gradient_problems(cfg["loss"], paired=paired)
+        # types are checked before the values (validate_config): supervised is a number
+        problems += gradient_problems(cfg["loss"], paired=cfg["loss"]["supervised"] > 0)
         kind, mode = cfg["arch"]["discriminator"], cfg["loss"]["gan_mode"]
         if kind not in DISCRIMINATORS:
             problems.append(f"arch.discriminator must be one of {', '.join(DISCRIMINATORS)}")
@@ -218,4 +216,3 @@ class CycleGANSupervised(CycleGAN):
     summary = "CycleGAN + supervised MAE x10 against the paired target (the study)"
     order = 20
     supervised_default = 10.0
-    gradient_default = 50.0

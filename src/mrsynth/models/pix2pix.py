@@ -24,6 +24,7 @@ from mrsynth.models.base import (
     gradient_l1,
     gradient_problems,
     l1,
+    preset_gradient,
     register_model,
     set_requires_grad,
 )
@@ -46,9 +47,8 @@ class Pix2Pix(ResnetGanPair):
 
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
-        # cpu-small: a gradient-difference term at 5x the L1 weight, as for generators_s
-        grad = 500.0 if preset == "cpu-small" else 0.0
-        return resnet_preset(preset, {"gan_mode": "vanilla", "l1": 100.0, "gradient": grad})
+        return resnet_preset(preset, {"gan_mode": "vanilla", "l1": 100.0,
+                                      "gradient": preset_gradient(preset, 100.0)})
 
     @classmethod
     def config_problems(cls, cfg: dict[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from mrsynth.models.base import PairedL1Model, register_model
+from mrsynth.models.base import PairedL1Model, preset_gradient, register_model
 from mrsynth.models.blocks import ResnetGenerator
 from mrsynth.models.cyclegan import resnet_preset
 
@@ -25,10 +25,9 @@ class GeneratorsSupervised(PairedL1Model):
 
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
-        # cpu-small: the gradient-difference term (base.gradient_l1), chosen on a validation
-        # split (benchmarks/tune_cpu_small.py); paper keeps the study's MAE alone
-        grad = 5.0 if preset == "cpu-small" else 0.0
-        cfg = resnet_preset(preset, {"l1": 1.0, "through_plane": 0.0, "gradient": grad})
+        # cpu-small adds the gradient-difference term; paper keeps the study's MAE alone
+        cfg = resnet_preset(preset, {"l1": 1.0, "through_plane": 0.0,
+                                     "gradient": preset_gradient(preset, 1.0)})
         for key in ("ndf", "d_layers"):
             cfg["arch"].pop(key)
         return cfg
