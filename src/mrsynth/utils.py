@@ -81,13 +81,18 @@ def _is_output_failure(exc: OSError, tmp: Path, dest: Path) -> bool:
         exc.filename2 is not None and str(exc.filename2) in names)
 
 
-def _output_error(dest: Path, exc: OSError) -> OutputError:
+def os_reason(dest: Path, exc: OSError) -> str:
+    """Why writing ``dest`` failed: the OS's reason, plus the file it names when that is not
+    ``dest`` itself (the temp file of an atomic write, a file inside a checkpoint)."""
     why = exc.strerror or str(exc)
+    return why + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(dest)
+                  else "")
+
+
+def _output_error(dest: Path, exc: OSError) -> OutputError:
     return OutputError(
-        f"Cannot write the output {dest}: {why}"
-        + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(dest) else "")
-        + ". Choose another output path, or fix the permissions or free space of "
-        f"{dest.parent}."
+        f"Cannot write the output {dest}: {os_reason(dest, exc)}. Choose another output "
+        f"path, or fix the permissions or free space of {dest.parent}."
     )
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from mrsynth.errors import OutputError, RunError
+from mrsynth.utils import os_reason
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
@@ -140,11 +141,9 @@ def save_checkpoint(
 
 def _write_error(dest: Path, exc: OSError) -> OutputError:
     """A checkpoint that cannot be written: which, why, and that the run can resume."""
-    why = exc.strerror or str(exc)
-    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(dest) else ""
     return OutputError(
-        f"Cannot write the checkpoint {dest}: {why}{where}. The previous checkpoint is "
-        f"unchanged; free space or fix the permissions of {dest.parent}, then continue with "
+        f"Cannot write the checkpoint {dest}: {os_reason(dest, exc)}. The previous checkpoint "
+        f"is unchanged; free space or fix the permissions of {dest.parent}, then continue with "
         f"`mrsynth train --out {dest.parent.parent} --resume`."
     )
 
