@@ -50,10 +50,12 @@ DEFAULT_VAL_FRACTION = 0.2
 #: model where it differs from the default: chosen with the presets' other cpu-small settings
 #: on a validation split by benchmarks/tune_cpu_small.py, at about the compute of six models x
 #: 1,000 single-patch steps (the 10-minute budget on a 2-core CPU; docs/evaluation.md). Simple's
-#: steps cost a few milliseconds, so it gets more of them. ``--steps-per-epoch N`` caps every
-#: model at N instead (0: full epochs).
+#: steps cost a few milliseconds, so it gets more of them; the paired U-Net models learn from
+#: whole slices, so a quarter of the steps sees the pixels of 100 64-px patches.
+#: ``--steps-per-epoch N`` caps every model at N instead (0: full epochs).
 DEFAULT_STEPS_PER_EPOCH = 100
-STEPS_PER_EPOCH: dict[str, int] = {"simple": 300}
+STEPS_PER_EPOCH: dict[str, int] = {"simple": 300, "generators_s": 25, "pix2pix": 25,
+                                   "cyclegan_s": 25}
 #: torch CPU threads in the demo. Its tensors are tiny (64 px, batch 1), so a second thread
 #: gains little, while on a busy machine two OpenMP threads per process are ~10x slower than
 #: one (measured on the shared 2-core machine: 57 vs 640 ms per CycleGAN step).
@@ -508,7 +510,8 @@ def register(app: typer.Typer) -> None:
         steps: int | None = typer.Option(
             None, "--steps-per-epoch", min=0,
             help=f"Training iterations per epoch of every model (default: "
-            f"{DEFAULT_STEPS_PER_EPOCH}, simple {STEPS_PER_EPOCH['simple']}; 0: full epochs)."),
+            f"{DEFAULT_STEPS_PER_EPOCH}; "
+            + ", ".join(f"{m} {n}" for m, n in STEPS_PER_EPOCH.items()) + "; 0: full epochs)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         c2st_steps: int = typer.Option(200, "--c2st-steps", min=1),
         seed: int = typer.Option(0, "--seed"),

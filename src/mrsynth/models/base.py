@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from mrsynth.data.context import MAX_CONTEXT_SLICES, STACK_SUFFIX
 from mrsynth.errors import ConfigError
-from mrsynth.models.blocks import INITS, UPSAMPLING, init_weights
+from mrsynth.models.blocks import GENERATORS, INITS, UPSAMPLING, init_weights
 
 # the direction names and the one rule that reads them (re-exported from here)
 from mrsynth.models.directions import DIRECTIONS, parse_direction  # noqa: F401
@@ -145,6 +145,9 @@ class TranslationModel(nn.Module):
         up = cfg["arch"].get("upsample")
         if up is not None and up not in UPSAMPLING:
             problems.append(f"arch.upsample must be one of {', '.join(UPSAMPLING)}")
+        gen = cfg["arch"].get("generator")
+        if gen is not None and gen not in GENERATORS:
+            problems.append(f"arch.generator must be one of {', '.join(GENERATORS)}")
         k = cfg["arch"].get("context_slices", 0)
         if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_CONTEXT_SLICES):
             problems.append(f"arch.context_slices must be an integer from 0 (2-D) to "

@@ -1,4 +1,4 @@
-"""Building blocks shared by the models: ResNet generator, PatchGAN, init, image pool.
+"""Building blocks shared by the models: ResNet and U-Net generators, PatchGAN, init, pool.
 
 The layer choices follow the study's Keras code (simontomaskarlsson/GAN-MRI): convolutions
 keep their bias (Keras' default) even before instance norm, instance norm has a learnable
@@ -145,12 +145,8 @@ class ResnetGenerator(nn.Module):
                     nn.ReLU(inplace=True)]
 
         def up(cin: int, cout: int) -> list[nn.Module]:
-            if upsample == "resize":
-                conv: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest"),
-                                         nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3)]
-            else:
-                conv = [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)]
-            return [*conv, norm_layer(norm, cout), nn.ReLU(inplace=True)]
+            return [*_upsampling(cin, cout, upsample), norm_layer(norm, cout),
+                    nn.ReLU(inplace=True)]
 
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
@@ -171,6 +167,90 @@ class ResnetGenerator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x, h, w = pad_to_multiple(x, 4)
         return self.model(x)[..., :h, :w]
+
+
+def _upsampling(cin: int, cout: int, upsample: str) -> list[nn.Module]:
+    """Double the resolution: a transposed 3x3 convolution at stride 2 or a resize convolution
+    (nearest-neighbour upsampling, then a reflect-padded 3x3 convolution)."""
+    if upsample == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+                nn.Conv2d(cin, cout, 3)]
+    return [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)]
+
+
+#: ``arch.generator`` of the ResNet-generator models: the study's ResNet or a U-Net.
+GENERATORS = ("resnet", "unet")
+
+
+class UnetGenerator(nn.Module):
+    """A U-Net with the ResNet generator's two stride-2 stages and residual bottleneck.
+
+    Encoder: two reflect-padded c3-norm-ReLU layers at ``ngf`` (full resolution), then per
+    level a stride-2 c3 and a c3 (2ngf, 4ngf); ``n_blocks`` residual blocks at 4ngf; decoder:
+    per level an upsampling c3 (``upsample``), concatenation with the encoder's features of
+    that resolution and a c3 fusing them; the ResNet's output layer (reflect-padded c7 to
+    ``out_channels``, tanh). A 1x1 output layer learned the background level slowly: with
+    Adam's step bounded per weight, an output fed by 16 weights moves 49 times slower than
+    one fed by 16 x 49.
+
+    Why: the ResNet generator must carry every full-resolution detail through its 1/4
+    resolution bottleneck, and at a few thousand steps it has not learned to, so its output
+    is blurred (docs/models.md). The skip connections hand the full-resolution features to
+    the decoder directly, which is why pix2pix (Isola et al. 2017) and most supervised MR
+    synthesis networks use a U-Net. Inputs whose sides are not multiples of 4 are padded
+    with background and cropped back.
+    """
+
+    levels = 2
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        ngf: int = 32,
+        n_blocks: int = 9,
+        norm: str = "instance",
+        upsample: str = "resize",
+    ) -> None:
+        super().__init__()
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"unknown upsample {upsample!r} ({', '.join(UPSAMPLING)})")
+
+        def conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3, stride=stride),
+                    norm_layer(norm, cout), nn.ReLU(inplace=True)]
+
+        ch = [ngf * 2**i for i in range(self.levels + 1)]
+        self.inc = nn.Sequential(*conv(in_channels, ch[0]), *conv(ch[0], ch[0]))
+        self.downs = nn.ModuleList(
+            nn.Sequential(*conv(ch[i], ch[i + 1], 2), *conv(ch[i + 1], ch[i + 1]))
+            for i in range(self.levels))
+        self.bottleneck = nn.Sequential(*[ResidualBlock(ch[-1], norm) for _ in range(n_blocks)])
+        self.ups = nn.ModuleList(
+            nn.Sequential(*_upsampling(ch[i + 1], ch[i], upsample), norm_layer(norm, ch[i]),
+                          nn.ReLU(inplace=True))
+            for i in reversed(range(self.levels)))
+        self.fuse = nn.ModuleList(nn.Sequential(*conv(2 * ch[i], ch[i]))
+                                  for i in reversed(range(self.levels)))
+        self.out = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ch[0], out_channels, 7),
+                                 nn.Tanh())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, h, w = pad_to_multiple(x, 2**self.levels)
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        y = self.bottleneck(skips.pop())
+        for up, fuse in zip(self.ups, self.fuse, strict=True):
+            y = fuse(torch.cat([up(y), skips.pop()], dim=1))
+        return self.out(y)[..., :h, :w]
+
+
+def build_generator(arch: dict[str, Any], in_channels: int) -> nn.Module:
+    """The generator ``arch`` names (``arch.generator``, default the study's ResNet)."""
+    cls = UnetGenerator if arch.get("generator", "resnet") == "unet" else ResnetGenerator
+    return cls(in_channels, 1, arch["ngf"], arch["n_blocks"], arch["norm"],
+               arch.get("upsample", "transpose"))
 
 
 class SamePad(nn.Module):

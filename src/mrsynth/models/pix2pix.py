@@ -48,7 +48,8 @@ class Pix2Pix(ResnetGanPair):
     @classmethod
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
         return resnet_preset(preset, {"gan_mode": "vanilla", "l1": 100.0,
-                                      "gradient": preset_gradient(preset, 100.0)})
+                                      "gradient": preset_gradient(preset, 100.0)},
+                             paired=True)
 
     @classmethod
     def config_problems(cls, cfg: dict[str, Any]) -> list[str]:

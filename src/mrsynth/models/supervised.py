@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from mrsynth.models.base import PairedL1Model, preset_gradient, register_model
-from mrsynth.models.blocks import ResnetGenerator
+from mrsynth.models.blocks import build_generator
 from mrsynth.models.cyclegan import resnet_preset
 
 
@@ -27,12 +27,11 @@ class GeneratorsSupervised(PairedL1Model):
     def preset_config(cls, preset: str) -> dict[str, dict[str, Any]]:
         # cpu-small adds the gradient-difference term; paper keeps the study's MAE alone
         cfg = resnet_preset(preset, {"l1": 1.0, "through_plane": 0.0,
-                                     "gradient": preset_gradient(preset, 1.0)})
+                                     "gradient": preset_gradient(preset, 1.0)},
+                            paired=True)
         for key in ("ndf", "d_layers"):
             cfg["arch"].pop(key)
         return cfg
 
     def make_generator(self) -> nn.Module:
-        a = self.arch
-        return ResnetGenerator(self.in_channels, 1, a["ngf"], a["n_blocks"], a["norm"],
-                               a.get("upsample", "transpose"))
+        return build_generator(self.arch, self.in_channels)

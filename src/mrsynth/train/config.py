@@ -375,6 +375,8 @@ def upgrade_config(stored: Mapping[str, Any]) -> dict[str, Any]:
         base["train"]["patch_size"] = None  # written before patches: it trained whole slices
     if "gradient" in base["loss"] and "gradient" not in (stored.get("loss") or {}):
         base["loss"]["gradient"] = 0.0  # written before the gradient-difference term
+    if "generator" in base["arch"] and "generator" not in (stored.get("arch") or {}):
+        base["arch"]["generator"] = "resnet"  # written before the U-Net: the study's ResNet
     stored = get_model_class(stored["model"]).upgrade_stored_config(dict(stored))
     return validate_config(_merge(base, stored))
 
