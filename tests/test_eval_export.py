@@ -54,6 +54,26 @@ def test_onnx_matches_pytorch_on_real_slices(cyclegan_run, prepared_small, tmp_p
     assert np.abs(want - x).mean() > 1e-3
 
 
+def test_onnx_of_a_unet_run_matches_pytorch(tmp_path_factory, prepared_small, tmp_path):
+    """cpu-small's generators_s has a U-Net (skip concatenations, nearest upsampling, reflect
+    padding): its ONNX export gives the run's translations, for a batch of real slices."""
+    from mrsynth.models.blocks import UnetGenerator
+    from mrsynth.train.runs import load_run
+
+    rd = tiny_run(tmp_path_factory, prepared_small, "generators_s")
+    run = load_run(rd)
+    assert isinstance(run.model.G_A2B, UnetGenerator)
+    out = tmp_path / "unet.onnx"
+    assert main(["export", "--run", str(rd), "--direction", "T1w2T2w", "--out", str(out)]) == 0
+    x = load_prepared(prepared_small).split_view("test").images["T1w"][:4, None]
+    x = x.astype(np.float32)
+    want = run.translate(x, "A2B").numpy()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x})[0]
+    assert got.shape == x.shape and np.abs(got - want).max() <= ONNX_TOLERANCE
+    assert np.abs(want - x).mean() > 1e-3
+
+
 def test_export_bad_direction_writes_nothing(cyclegan_run, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     rc = main(["export", "--run", str(cyclegan_run), "--direction", "T1w2FLAIR",
