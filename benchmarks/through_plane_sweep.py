@@ -68,11 +68,11 @@ def main() -> None:
     torch.set_num_threads(1)
     settings = SETTINGS
     if args.only:
-        want = {tuple(float(x) if x[0].isdigit() else x for x in s.split("-"))
-                for s in args.only.split(",")}
-        settings = [s for s in SETTINGS
-                    if s in want or s[:3] in want or (*s[:4], "resnet") in want
-                    or (s[4] == "resnet" and s[:4] in want)]
+        want = set()
+        for item in args.only.split(","):  # K-W-SEED (any gradient), K-W-SEED-G (ResNet)
+            parts = tuple(float(x) if x[0].isdigit() else x for x in item.split("-"))
+            want.add((*parts, "resnet") if len(parts) == 4 else parts)
+        settings = [s for s in SETTINGS if s in want or s[:3] in want]
     prepared = tune.prepare(args.tune_work, ["sub-ms07"])
     d = load_prepared(prepared)
     val = d.split_view("val")

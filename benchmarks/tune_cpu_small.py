@@ -284,20 +284,17 @@ def prepare(work: Path, val_subjects: list[str]) -> Path:
     return out
 
 
-def whole_image_check(run: Path, prepared: Path) -> dict[str, float]:
-    """The best checkpoint on every validation slice: mean and worst whole-image z-scored MAE
-    per direction (the trainer's per-epoch score is in-brain only, and round 9 showed a
-    generator can win inside the brain while painting the background grey)."""
+def whole_image_check(run: Path, v: Any) -> dict[str, float]:
+    """The best checkpoint on every validation slice ``v`` (the prepared data's paired
+    validation split): mean and worst whole-image z-scored MAE per direction (the trainer's
+    per-epoch score is in-brain only, and round 9 showed a generator can win inside the brain
+    while painting the background grey)."""
     import numpy as np
     import torch
 
-    from mrsynth.data.prepared import load_prepared
     from mrsynth.eval.metrics import mae, zscore
     from mrsynth.train.runs import load_run
 
-    d = load_prepared(prepared)
-    v = d.split_view("val")
-    v = v.select(v.paired)
     loaded = load_run(run, checkpoint="best")
     out: dict[str, float] = {}
     for direction, (src, tgt) in zip(DIRECTIONS, (("T1w", "T2w"), ("T2w", "T1w")), strict=True):
@@ -368,6 +365,10 @@ def main() -> None:
         raise SystemExit(f"unknown candidate(s) {unknown}; see --list")
     vals = [s.strip() for s in args.val_subjects.split(",") if s.strip()]
     prepared = prepare(args.work, vals)
+    from mrsynth.data.prepared import load_prepared
+
+    val = load_prepared(prepared).split_view("val")
+    val = val.select(val.paired)  # the paired validation slices, for whole_image_check
     results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     results.setdefault("candidates", {})
     for name in names:
@@ -384,7 +385,7 @@ def main() -> None:
             train(cfg, prepared, run, overwrite=True)
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
         row = summarise(run, model, over)
-        row.update(whole_image_check(run, prepared))
+        row.update(whole_image_check(run, val))
         if not done:
             row["load_avg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         else:

@@ -34,6 +34,11 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def first_conv(net: nn.Module) -> nn.Conv2d:
+    """A network's first convolution (the one that reads its input channels)."""
+    return next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+
+
 def norm_cancelled_biases(model: nn.Module) -> set[str]:
     """Names of biases an instance norm cancels (their gradient is zero).
 
@@ -50,8 +55,7 @@ def norm_cancelled_biases(model: nn.Module) -> set[str]:
     for prefix, mod in model.named_modules():
         if isinstance(mod, UnetGenerator):
             probe = copy.deepcopy(mod).double()
-            first = next(m for m in probe.modules() if isinstance(m, nn.Conv2d))
-            x = torch.rand(2, first.in_channels, 24, 24, dtype=torch.float64,
+            x = torch.rand(2, first_conv(probe).in_channels, 24, 24, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(0))
             (probe(x) * torch.rand_like(x[:, :1])).sum().backward()
             out |= {f"{prefix}.{n}" for n, p in probe.named_parameters()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_arch
+from helpers import first_conv, tiny_arch
 from mrsynth.data.context import (
     exact_fraction,
     gather_stack,
@@ -145,20 +145,16 @@ def test_2p5d_step_uses_stacks_and_keeps_one_channel_targets(model: str) -> None
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def _first_conv_inputs(net: torch.nn.Module) -> int:
-    return next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-
-
 def test_discriminators_judge_one_slice_and_pix2pix_is_conditioned_on_the_stack() -> None:
     cg = build_model(tiny("cyclegan", 2))
-    assert cg.D_A.model[0].in_channels == 1 and _first_conv_inputs(cg.G_A2B) == 5
+    assert cg.D_A.model[0].in_channels == 1 and first_conv(cg.G_A2B).in_channels == 5
     p2p = build_model(tiny("pix2pix", 2))  # a U-Net generator at cpu-small
     assert p2p.D_A2B.model[0].in_channels == 6  # 5 source slices + the output
-    assert _first_conv_inputs(p2p.G_A2B) == 5
+    assert first_conv(p2p.G_A2B).in_channels == 5
     unit = build_model(tiny("unit", 2))
     assert unit.enc_A.model[0].in_channels == 5 and unit.D_A.scales[0][0].in_channels == 1
     two_d = build_model(tiny("pix2pix", 0))
-    assert two_d.D_A2B.model[0].in_channels == 2 and _first_conv_inputs(two_d.G_A2B) == 1
+    assert two_d.D_A2B.model[0].in_channels == 2 and first_conv(two_d.G_A2B).in_channels == 1
 
 
 @pytest.mark.parametrize("bad", [-1, 9, 1.5, True, "one"])

@@ -142,12 +142,10 @@ class TranslationModel(nn.Module):
         init = cfg["arch"].get("init", "normal")
         if init not in INITS:
             problems.append(f"arch.init must be one of {', '.join(INITS)}")
-        up = cfg["arch"].get("upsample")
-        if up is not None and up not in UPSAMPLING:
-            problems.append(f"arch.upsample must be one of {', '.join(UPSAMPLING)}")
-        gen = cfg["arch"].get("generator")
-        if gen is not None and gen not in GENERATORS:
-            problems.append(f"arch.generator must be one of {', '.join(GENERATORS)}")
+        for key, choices in (("upsample", UPSAMPLING), ("generator", GENERATORS)):
+            value = cfg["arch"].get(key)  # absent for models without the setting
+            if value is not None and value not in choices:
+                problems.append(f"arch.{key} must be one of {', '.join(choices)}")
         k = cfg["arch"].get("context_slices", 0)
         if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_CONTEXT_SLICES):
             problems.append(f"arch.context_slices must be an integer from 0 (2-D) to "

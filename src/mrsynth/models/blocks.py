@@ -137,8 +137,6 @@ class ResnetGenerator(nn.Module):
         upsample: str = "transpose",
     ) -> None:
         super().__init__()
-        if upsample not in UPSAMPLING:
-            raise ValueError(f"unknown upsample {upsample!r} ({', '.join(UPSAMPLING)})")
 
         def down(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), norm_layer(norm, cout),
@@ -172,6 +170,8 @@ class ResnetGenerator(nn.Module):
 def _upsampling(cin: int, cout: int, upsample: str) -> list[nn.Module]:
     """Double the resolution: a transposed 3x3 convolution at stride 2 or a resize convolution
     (nearest-neighbour upsampling, then a reflect-padded 3x3 convolution)."""
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"unknown upsample {upsample!r} ({', '.join(UPSAMPLING)})")
     if upsample == "resize":
         return [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
                 nn.Conv2d(cin, cout, 3)]
@@ -213,8 +213,6 @@ class UnetGenerator(nn.Module):
         upsample: str = "resize",
     ) -> None:
         super().__init__()
-        if upsample not in UPSAMPLING:
-            raise ValueError(f"unknown upsample {upsample!r} ({', '.join(UPSAMPLING)})")
 
         def conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
             return [nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3, stride=stride),

@@ -363,6 +363,13 @@ def resolve_config(
     return validate_config(cfg)
 
 
+#: Settings added after runs were first stored, with what a run stored without them trained
+#: with (its preset's default may have changed since): whole slices before patches, no
+#: gradient-difference term, the study's ResNet before the U-Net.
+_TRAINED_BEFORE: dict[tuple[str, str], Any] = {
+    ("train", "patch_size"): None, ("loss", "gradient"): 0.0, ("arch", "generator"): "resnet"}
+
+
 def upgrade_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     """A stored run config completed with defaults for settings added since it was written
     (so runs of older versions still load and resume), then validated."""
@@ -371,12 +378,9 @@ def upgrade_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     from mrsynth.models.base import get_model_class
 
     base = default_config(stored["model"], stored.get("preset") or "paper")
-    if "patch_size" not in (stored.get("train") or {}):
-        base["train"]["patch_size"] = None  # written before patches: it trained whole slices
-    if "gradient" in base["loss"] and "gradient" not in (stored.get("loss") or {}):
-        base["loss"]["gradient"] = 0.0  # written before the gradient-difference term
-    if "generator" in base["arch"] and "generator" not in (stored.get("arch") or {}):
-        base["arch"]["generator"] = "resnet"  # written before the U-Net: the study's ResNet
+    for (section, key), old in _TRAINED_BEFORE.items():
+        if key in base[section] and key not in (stored.get(section) or {}):
+            base[section][key] = old
     stored = get_model_class(stored["model"]).upgrade_stored_config(dict(stored))
     return validate_config(_merge(base, stored))
 
