@@ -51,6 +51,20 @@ def prepared_small(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def small_with_val(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``prepared_small`` with one of its training subjects moved to a validation split."""
+    import numpy as np
+
+    from mrsynth.data.prepared import load_prepared
+
+    d = load_prepared(prepared_small)
+    d.split = np.where(d.subject == "sub-ms07", "val", d.split)
+    d.settings = {**d.settings, "val_subjects": ["sub-ms07"],
+                  "train_subjects": [s for s in d.settings["train_subjects"] if s != "sub-ms07"]}
+    return d.save(tmp_path_factory.mktemp("smallval") / "small_val.npz")
+
+
+@pytest.fixture(scope="session")
 def prepared_context(mrpaired: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every brain slice of the real shared volumes (neighbours kept), 64x64, with a
     validation subject: what a 2.5-D model needs (``prepared_small`` keeps every 4th)."""

@@ -142,6 +142,32 @@ def assert_close_losses(got: list[dict[str, float]], ref: list[dict[str, float]]
             assert abs(g[k] - r[k]) <= tol * max(abs(r[k]), 1e-3), (step, k, g[k], r[k])
 
 
+def straight_and_resumed(monkeypatch: Any, model_cls: type, cfg: dict[str, Any], data: Any,
+                         root: Any, at: int = 8,
+                         where: tuple[int, int] | None = (1, 3)) -> tuple[Any, Any]:
+    """Train ``cfg`` uninterrupted (``root/straight``) and again with SIGTERM during step
+    ``at`` then ``--resume`` (``root/split``); ``where``: the (epoch, step in epoch) the
+    interrupted run's checkpoint must be at. Returns both run directories (one torch thread)."""
+    import json
+
+    import pytest
+
+    from mrsynth.train.trainer import TrainingInterrupted, train
+
+    with one_torch_thread():
+        straight = train(cfg, data, root / "straight")
+        step = signal_during_step(monkeypatch, model_cls, at)
+        split = root / "split"
+        with pytest.raises(TrainingInterrupted):
+            train(cfg, data, split)
+        monkeypatch.setattr(model_cls, "train_step", step)
+        if where is not None:
+            meta = json.loads((split / "checkpoints/latest/meta.json").read_text())
+            assert (meta["epoch"], meta["step_in_epoch"]) == where
+        train(None, None, split, resume=True)
+    return straight, split
+
+
 def signal_during_step(monkeypatch: Any, model_cls: type, n: int) -> Any:
     """Make the process receive SIGTERM during the ``n``-th training step of ``model_cls``
     (counted from now), as ``kill`` from outside would: the trainer then checkpoints and

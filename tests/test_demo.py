@@ -146,22 +146,24 @@ def test_demo_test_subjects_on_a_bids_subset(mini_bids, tmp_path, capsys):
 
 
 def test_demo_steps_per_epoch_per_model():
-    """Simple's steps are cheap, so the demo gives it more; the paired U-Net models see whole
-    slices (4 x the pixels of a 64-px patch at the demo's 128 px), so they get a quarter;
-    --steps-per-epoch N caps every model at N and 0 trains full epochs."""
+    """Simple's steps are cheap, so the demo gives it more; the paired U-Net models and
+    unpaired CycleGAN see whole slices (4 x the pixels of a 64-px patch at the demo's 128 px),
+    so they get a quarter; --steps-per-epoch N caps every model at N and 0 trains full
+    epochs."""
     from mrsynth.demo import DEFAULT_STEPS_PER_EPOCH, _config
 
     def cap(model, steps):
         return _config(model, None, steps, "cpu", 0)["train"]["max_steps_per_epoch"]
 
     assert cap("simple", None) == 300 and DEFAULT_STEPS_PER_EPOCH == 100
-    whole = {"generators_s", "pix2pix", "cyclegan_s"}
+    unet = {"generators_s", "pix2pix", "cyclegan_s"}
+    whole = unet | {"cyclegan"}
     assert {m: cap(m, None) for m in model_names() if m != "simple"} == {
         m: 25 if m in whole else 100 for m in model_names() if m != "simple"}
     for m in model_names():
         cfg = _config(m, None, None, "cpu", 0)
         assert (cfg["train"]["patch_size"] is None) == (m in whole), m
-        assert (cfg["arch"].get("generator") == "unet") == (m in whole), m
+        assert (cfg["arch"].get("generator") == "unet") == (m in unet), m
     assert cap("simple", 7) == cap("unit", 7) == 7
     assert cap("simple", 0) is None and cap("cyclegan", 0) is None
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import one_torch_thread, signal_during_step, tiny_arch
+from helpers import one_torch_thread, straight_and_resumed, tiny_arch
 from mrsynth.data.patches import PatchSampler, crop, patch_shape
 from mrsynth.data.prepared import load_prepared
 from mrsynth.errors import ConfigError
@@ -140,15 +140,17 @@ def _patch_config(model: str, **over):
 
 
 def test_cpu_small_trains_patches_of_full_resolution_slices():
-    """cpu-small trains 64-px patches of full-resolution slices, except the paired U-Net
-    models, which train whole slices (their instance norms then see what they see when
-    translating); paper trains whole slices."""
+    """cpu-small trains 64-px patches of full-resolution slices (simple, UNIT), except the
+    ResNet-generator family: the paired U-Net models and unpaired CycleGAN train whole slices
+    (their instance norms then see what they see when translating); paper trains whole
+    slices."""
     for m in model_names():
         cpu, paper = resolve_config(m, "cpu-small"), resolve_config(m, "paper")
         unet = cpu["arch"].get("generator") == "unet"
         assert unet == (m in ("generators_s", "pix2pix", "cyclegan_s")), m
         assert cpu["data"]["image_size"] is None
-        assert cpu["train"]["patch_size"] == (None if unet else 64), m
+        whole = unet or m == "cyclegan"
+        assert cpu["train"]["patch_size"] == (None if whole else 64), m
         assert paper["data"]["image_size"] is None and paper["train"]["patch_size"] is None
     for bad in (15, 30, 0, True):
         with pytest.raises(ConfigError, match="patch_size"):
@@ -232,21 +234,12 @@ def test_resume_mid_epoch_with_patches_is_bit_exact(prepared_small: Path, tmp_pa
     per-epoch metrics as an uninterrupted run (the patch windows of the interrupted epoch
     are drawn again from the checkpointed sampler state)."""
     from mrsynth.models.cyclegan import CycleGAN
-    from mrsynth.train.trainer import TrainingInterrupted, train
 
     cfg = _patch_config("cyclegan", **{
         "train.epochs": 3, "train.max_steps_per_epoch": 5, "train.log_every": 2,
         "train.deterministic": True, "loss.pool_size": 3, "train.patch_brain_fraction": 0.7})
-    with one_torch_thread():
-        straight = train(cfg, prepared_small, tmp_path / "straight")
-        step = signal_during_step(monkeypatch, CycleGAN, 8)  # step 3 of epoch 2
-        split = tmp_path / "split"
-        with pytest.raises(TrainingInterrupted):
-            train(cfg, prepared_small, split)
-        monkeypatch.setattr(CycleGAN, "train_step", step)
-        meta = json.loads((split / "checkpoints/latest/meta.json").read_text())
-        assert (meta["epoch"], meta["step_in_epoch"]) == (1, 3)
-        train(None, None, split, resume=True)
+    # SIGTERM during step 3 of epoch 2
+    straight, split = straight_and_resumed(monkeypatch, CycleGAN, cfg, prepared_small, tmp_path)
     wa, wb = (load_file(r / "checkpoints/latest/weights.safetensors") for r in (straight, split))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert _loss_rows(split) == _loss_rows(straight)
@@ -276,7 +269,8 @@ def test_runs_from_before_patches_keep_training_whole_slices():
     up = upgrade_config(old)
     assert up["train"]["patch_size"] is None and up["data"]["image_size"] == 64
     assert up["train"]["val_slices"] == 16  # cpu-small's count
-    assert upgrade_config(resolve_config("cyclegan", "cpu-small"))["train"]["patch_size"] == 64
+    stored = resolve_config("cyclegan", "cpu-small", {"train.patch_size": 64})
+    assert upgrade_config(stored)["train"]["patch_size"] == 64  # a stored value stays
 
 
 def test_two_ranks_train_on_the_same_patches_as_one_process(prepared_small: Path,

@@ -101,7 +101,7 @@ def test_streamed_batch_equals_the_resident_crop(store: Path) -> None:
     assert streamed.A is None and streamed.n_A == resident.A.shape[0]
     draws = EpochDraws(EpochSampler(streamed.n_A, streamed.n_B, False, 3, seed=5),
                        patch_sampler(streamed, 24, 0.9, seed=5))
-    ia, ib, wa, wb = draws.draw()
+    ia, ib, wa, wb, _ = draws.draw()
     from mrsynth.data.patches import crop
 
     batches = list(step_loader(StepBatches(streamed, ("T1w", "T2w"), ia, ib, wa, wb,
@@ -116,16 +116,18 @@ def test_sigterm_mid_epoch_and_resume_while_streaming_equals_uninterrupted(
     store: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """Stopped during step 6 (epoch 2, step 2 of 4) and resumed: the loader starts at the
-    saved step; weights and losses equal the uninterrupted resident run's."""
+    saved step; weights and losses equal the uninterrupted resident run's (augmentation on:
+    the streamed batches get the same flips and gamma)."""
     from mrsynth.models.cyclegan import CycleGAN
     from mrsynth.train.trainer import TrainingInterrupted
 
-    straight = train(config("cyclegan", True, image_size=32, patch=16), store,
+    aug = {"train.augment_flip": 0.5, "train.augment_gamma": 0.3}
+    straight = train(config("cyclegan", True, image_size=32, patch=16, **aug), store,
                      tmp_path / "straight")
     step = signal_during_step(monkeypatch, CycleGAN, 6)
     split = tmp_path / "split"
     with pytest.raises(TrainingInterrupted):
-        train(config("cyclegan", False, 2, image_size=32, patch=16), store, split)
+        train(config("cyclegan", False, 2, image_size=32, patch=16, **aug), store, split)
     monkeypatch.setattr(CycleGAN, "train_step", step)
     meta = json.loads((split / "checkpoints/latest/meta.json").read_text())
     assert meta["iteration"] == 6 and meta["step_in_epoch"] == 2

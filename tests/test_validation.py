@@ -282,16 +282,6 @@ def test_evaluate_and_translate_take_a_checkpoint(prepared_small: Path, mrpaired
 
 
 # --------------------------------------------------------------------------- in the trainer
-@pytest.fixture(scope="module")
-def small_with_val(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``prepared_small`` with one of its training subjects moved to a validation split."""
-    d = load_prepared(prepared_small)
-    d.split = np.where(d.subject == "sub-ms07", "val", d.split)
-    d.settings = {**d.settings, "val_subjects": ["sub-ms07"],
-                  "train_subjects": [s for s in d.settings["train_subjects"] if s != "sub-ms07"]}
-    return d.save(tmp_path_factory.mktemp("smallval") / "small_val.npz")
-
-
 def _val_config(**over):
     from helpers import tiny_arch
     from mrsynth.train.config import resolve_config

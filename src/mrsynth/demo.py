@@ -55,7 +55,7 @@ DEFAULT_VAL_FRACTION = 0.2
 #: ``--steps-per-epoch N`` caps every model at N instead (0: full epochs).
 DEFAULT_STEPS_PER_EPOCH = 100
 STEPS_PER_EPOCH: dict[str, int] = {"simple": 300, "generators_s": 25, "pix2pix": 25,
-                                   "cyclegan_s": 25}
+                                   "cyclegan_s": 25, "cyclegan": 25}
 #: torch CPU threads in the demo. Its tensors are tiny (64 px, batch 1), so a second thread
 #: gains little, while on a busy machine two OpenMP threads per process are ~10x slower than
 #: one (measured on the shared 2-core machine: 57 vs 640 ms per CycleGAN step).

@@ -176,9 +176,11 @@ class TranslationModel(nn.Module):
     def source(self, batch: dict[str, Tensor], key: str) -> Tensor:
         """The generator input of domain ``key`` (``A``/``B``): the slices themselves in
         2-D, their stacks of neighbours (``batch[key + "_stack"]``, (N, 2k+1, H, W)) in
-        2.5-D. Targets and discriminator inputs stay ``batch[key]`` (one channel)."""
+        2.5-D. Targets and discriminator inputs stay ``batch[key]`` (one channel). With
+        gamma augmentation a 2-D input is ``batch[key + "_source"]``
+        (:mod:`mrsynth.data.augment`)."""
         if self.in_channels == 1:
-            return batch[key]
+            return batch.get(key + "_source", batch[key])
         stack = batch.get(key + STACK_SUFFIX)
         if stack is None or stack.shape[1] != self.in_channels:
             got = "none" if stack is None else f"{stack.shape[1]} channels"

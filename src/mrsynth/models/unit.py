@@ -251,8 +251,8 @@ class UNIT(TranslationModel):
         real_A = pad_to_multiple(batch["A"], 4)[0]
         real_B = pad_to_multiple(batch["B"], 4)[0]
         # the encoders' inputs: the slices, or in 2.5-D their stacks of neighbours
-        in_A = pad_to_multiple(self.source(batch, "A"), 4)[0] if self.in_channels > 1 else real_A
-        in_B = pad_to_multiple(self.source(batch, "B"), 4)[0] if self.in_channels > 1 else real_B
+        in_A = pad_to_multiple(self.source(batch, "A"), 4)[0]
+        in_B = pad_to_multiple(self.source(batch, "B"), 4)[0]
         w = self.loss_cfg
 
         def adv(outs: list[Tensor], real: bool) -> Tensor:

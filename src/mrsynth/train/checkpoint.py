@@ -3,7 +3,8 @@
 Layout of one checkpoint directory (``RUN_DIR/checkpoints/latest``, ``.../epoch_0050``)::
 
     weights.safetensors   every network's weights (model.state_dict()), with metadata
-                          (model name, contrasts, epoch, iteration)
+                          (model name, contrasts, epoch, iteration); with ``train.ema``
+                          also their moving average (``ema.<name>``, mrsynth.train.ema)
     state.pt              optimisers, schedulers, grad scaler, image pools, all RNG states,
                           epoch / step-in-epoch / iteration (torch.save, loads weights_only)
     meta.json             written last: a checkpoint without it is incomplete; holds the
@@ -108,13 +109,16 @@ def _staged(root: Path, name: str) -> Iterator[Path]:
 
 
 def save_checkpoint(
-    root: Path, name: str, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]
+    root: Path, name: str, model: nn.Module, state: dict[str, Any], meta: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``root/name`` atomically; returns its path."""
+    """Write ``root/name`` atomically; returns its path. ``extra``: more tensors for
+    ``weights.safetensors`` (the weight average, :mod:`mrsynth.train.ema`)."""
     from safetensors.torch import save_file
 
     with _staged(root, name) as tmp:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous()
+                   for k, v in {**model.state_dict(), **(extra or {})}.items()}
         save_file(
             tensors,
             str(tmp / WEIGHTS),

@@ -5,9 +5,9 @@ A resolved config is a plain JSON-able dict (it is written to ``RUN_DIR/config.j
     model, preset, seed, device, precision,
     data.{contrasts, image_size},
     train.{epochs, batch_size, decay_start_epoch, max_steps_per_epoch, patch_size,
-           patch_brain_fraction, val_slices, log_every, samples, checkpoint_every_minutes,
-           keep_every_epochs, deterministic, channels_last, compile, fused_adam, num_threads,
-           progress},
+           patch_brain_fraction, augment_flip, augment_gamma, ema, val_slices, log_every,
+           samples, checkpoint_every_minutes, keep_every_epochs, deterministic, channels_last,
+           compile, fused_adam, num_threads, progress},
     arch.*, loss.*, optim.*   (model-specific, from the model's ``preset_config``; every
                               model has ``arch.context_slices``, 2.5-D input, 0..8,
                               checked by ``TranslationModel.config_problems``)
@@ -61,6 +61,13 @@ _BASE: dict[str, Any] = {
         "patch_size": None,
         # Share of patches centred on a brain voxel (the rest: anywhere in the slice).
         "patch_brain_fraction": 0.9,
+        # Augmentation (mrsynth.data.augment): probability of a left-right flip of each
+        # example, and the std of ln(gamma) of a random gamma of the generators' inputs.
+        "augment_flip": 0.0,
+        "augment_gamma": 0.0,
+        # Moving average of the weights (mrsynth.train.ema): its decay per step, 0 = off. The
+        # average is what validation, translate, evaluate and export use.
+        "ema": 0.0,
         # Validation slices scored after every epoch (the prepared file's val split; 0: off).
         "val_slices": 8,
         "log_every": 50,
@@ -333,6 +340,14 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                         "whole slices): the generators downsample twice")
     if not 0.0 <= t["patch_brain_fraction"] <= 1.0:
         problems.append("train.patch_brain_fraction must be between 0 and 1")
+    if not 0.0 <= t["augment_flip"] <= 1.0:
+        problems.append("train.augment_flip must be a probability between 0 and 1")
+    if not 0.0 <= t["ema"] < 1.0:
+        problems.append("train.ema must be in [0, 1): the decay of the weights' moving "
+                        "average per step (0 = off; 0.95 averages about the last 20 steps)")
+    if not 0.0 <= t["augment_gamma"] <= 2.0:
+        problems.append("train.augment_gamma must be between 0 (off) and 2 (the std of "
+                        "ln gamma; 0.3 bends the contrast by up to about a factor 1.8)")
     workers = t["loader_workers"]
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
                                 or workers < 0):
@@ -365,9 +380,10 @@ def resolve_config(
 
 #: Settings added after runs were first stored, with what a run stored without them trained
 #: with (its preset's default may have changed since): whole slices before patches, no
-#: gradient-difference term, the study's ResNet before the U-Net.
+#: gradient-difference term, the study's ResNet before the U-Net, no augmentation.
 _TRAINED_BEFORE: dict[tuple[str, str], Any] = {
-    ("train", "patch_size"): None, ("loss", "gradient"): 0.0, ("arch", "generator"): "resnet"}
+    ("train", "patch_size"): None, ("loss", "gradient"): 0.0, ("arch", "generator"): "resnet",
+    ("train", "augment_flip"): 0.0, ("train", "augment_gamma"): 0.0, ("train", "ema"): 0.0}
 
 
 def upgrade_config(stored: Mapping[str, Any]) -> dict[str, Any]:

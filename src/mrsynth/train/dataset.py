@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mrsynth.data.augment import Augmenter
 from mrsynth.data.patches import PatchSampler
 from mrsynth.data.prepared import PreparedData
 from mrsynth.errors import ConfigError, DataError
@@ -299,48 +300,68 @@ class EpochSampler:
 
 
 class EpochDraws:
-    """What one epoch trains on: batch rows (:class:`EpochSampler`) and, with patches, the
-    crop windows of every row (:class:`~mrsynth.data.patches.PatchSampler`).
+    """What one epoch trains on: batch rows (:class:`EpochSampler`), with patches the crop
+    windows of every row (:class:`~mrsynth.data.patches.PatchSampler`), with augmentation
+    every example's flip and gamma (:class:`~mrsynth.data.augment.Augmenter`).
 
-    Both generators are drawn from at the start of an epoch, so the state taken before
+    Every generator is drawn from at the start of an epoch, so the state taken before
     :meth:`draw` reproduces the whole epoch on resume. The state is the row sampler's tensor
-    alone when there are no patches (as checkpoints written before patches hold), else
-    ``{"rows": ..., "patches": ...}``.
+    alone when there are neither patches nor augmentation (as checkpoints written before
+    patches hold), else a dict with ``rows`` and ``patches`` and/or ``augment``.
     """
 
-    def __init__(self, rows: EpochSampler, patches: PatchSampler | None = None) -> None:
+    def __init__(self, rows: EpochSampler, patches: PatchSampler | None = None,
+                 augment: Augmenter | None = None) -> None:
         self.rows = rows
         self.patches = patches
+        self.augment = augment
 
     @property
     def steps(self) -> int:
         return self.rows.steps
 
-    def draw(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(ia, ib, wa, wb): rows (steps, batch) and windows (steps, batch, 2) or None."""
+    def draw(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(ia, ib, wa, wb, aug): rows (steps, batch), windows (steps, batch, 2) or None,
+        augmentation parameters (steps, batch, 3) or None."""
         ia, ib = self.rows.draw()
-        if self.patches is None:
-            return ia, ib, None, None
-        wa, wb = self.patches.draw(ia, ib)
-        return ia, ib, wa, wb
+        wa = wb = aug = None
+        if self.patches is not None:
+            wa, wb = self.patches.draw(ia, ib)
+        if self.augment is not None:
+            aug = self.augment.draw(*ia.shape)
+        return ia, ib, wa, wb, aug
 
     def get_state(self) -> Tensor | dict[str, Tensor]:
-        if self.patches is None:
+        if self.patches is None and self.augment is None:
             return self.rows.get_state()
-        return {"rows": self.rows.get_state(), "patches": self.patches.get_state()}
+        state = {"rows": self.rows.get_state()}
+        for name, part in (("patches", self.patches), ("augment", self.augment)):
+            if part is not None:
+                state[name] = part.get_state()
+        return state
 
     def set_state(self, state: Tensor | dict[str, Tensor]) -> None:
-        if isinstance(state, dict):
-            if self.patches is None:
-                raise ValueError("the checkpoint holds patch windows but the run trains whole "
-                                 "slices")
-            self.rows.set_state(state["rows"])
-            self.patches.set_state(state["patches"])
-            return
-        if self.patches is not None:
-            raise ValueError("the checkpoint holds no patch-sampler state but the run trains "
-                             "on patches")
-        self.rows.set_state(state)
+        parts = {"patches": (self.patches, "patch windows", "trains on patches",
+                             "trains whole slices"),
+                 "augment": (self.augment, "augmentation", "augments",
+                             "does not augment")}
+        held = state if isinstance(state, dict) else {}
+        for name, (part, what, on, off) in parts.items():
+            if (name in held) != (part is not None):
+                has = "holds" if name in held else "holds no"
+                raise ValueError(f"the checkpoint {has} {what} state but the run "
+                                 f"{on if part is not None else off}")
+        self.rows.set_state(held["rows"] if isinstance(state, dict) else state)
+        for name, (part, *_) in parts.items():
+            if part is not None:
+                part.set_state(held[name])
+
+
+def augmenter(train_cfg: dict[str, Any], seed: int) -> Augmenter | None:
+    """The run's augmenter (None when both flip and gamma are off)."""
+    flip, gamma = float(train_cfg.get("augment_flip", 0.0)), float(
+        train_cfg.get("augment_gamma", 0.0))
+    return None if flip == 0 and gamma == 0 else Augmenter(flip, gamma, seed)
 
 
 def patch_sampler(slices: TrainingSlices, patch_size: int | None, brain_fraction: float,

@@ -134,6 +134,7 @@ class TrainingParts:
     scaler: Any
     sampler: Any
     device: torch.device
+    ema: Any = None  # mrsynth.train.ema.WeightAverage, with train.ema
 
 
 def training_state(parts: TrainingParts, pos: Position, sampler_state: torch.Tensor,
@@ -158,9 +159,22 @@ def restore_training_state(path: Path, parts: TrainingParts, model_name: str,
                            contrasts: tuple[str, str]) -> tuple[Position, dict[str, Any]]:
     """Load checkpoint ``path`` into ``parts``; return its position and loss accumulators
     (empty for checkpoints written before they were saved)."""
+    from mrsynth.train.ema import split_average
+
     tensors, meta = ckpt.load_weights(path, parts.device)
     ckpt.check_identity(path, meta, model_name, contrasts)
-    ckpt.load_model_weights(parts.model, tensors, path)
+    live, averaged = split_average(tensors)
+    ckpt.load_model_weights(parts.model, live, path)
+    if (averaged is None) != (parts.ema is None):
+        raise RunError(
+            f"The checkpoint {path} {'holds no' if averaged is None else 'holds a'} weight "
+            f"average but the run's train.ema is {'on' if parts.ema is not None else 'off'}; "
+            "resume with the setting the run was started with.")
+    if parts.ema is not None and averaged is not None:
+        try:
+            parts.ema.load(averaged)
+        except ValueError as exc:
+            raise RunError(f"{path}: {exc}. The checkpoint belongs to another run.") from exc
     state = ckpt.load_state(path)
     try:
         for n, o in parts.optimizers.items():

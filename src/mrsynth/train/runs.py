@@ -141,7 +141,9 @@ def load_run(
     with torch.device("meta"):
         model = build_model(config)
     model = model.to_empty(device=dev)
-    ckpt.load_model_weights(model, tensors, path)
+    from mrsynth.train.ema import published
+
+    ckpt.load_model_weights(model, published(tensors), path)  # the average, with train.ema
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -129,8 +129,11 @@ class TrainStepper:
 
     def __init__(self, setup: TrainingSetup, A: Tensor | None, B: Tensor | None,
                  patch: tuple[int, int] | None = None,
-                 tables: tuple[Tensor, Tensor] | None = None) -> None:
+                 tables: tuple[Tensor, Tensor] | None = None,
+                 augment: tuple[bool, bool] = (False, False)) -> None:
         self.setup = setup
+        #: (flip on, gamma on): the step's augmentation parameters are applied when given
+        self.augment = augment
         self.fmt = torch.channels_last if setup.options.channels_last else torch.contiguous_format
         # None when streaming: batches then come whole from the loader (:meth:`step_batch`)
         self.A = None if A is None else A.to(setup.device).contiguous(memory_format=self.fmt)
@@ -177,11 +180,14 @@ class TrainStepper:
         return out
 
     def step(self, ia: Tensor, ib: Tensor, wa: Tensor | None = None,
-             wb: Tensor | None = None) -> dict[str, Tensor]:
+             wb: Tensor | None = None, augment: Tensor | None = None) -> dict[str, Tensor]:
+        """One iteration on rows ``ia``/``ib`` (at windows ``wa``/``wb``), augmented with
+        the step's parameters (:mod:`mrsynth.data.augment`) when given."""
         step_begin(self.setup.compile_report)
-        return self._run(self.batch(ia, ib, wa, wb))
+        return self._run(self.batch(ia, ib, wa, wb), augment)
 
-    def step_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def step_batch(self, batch: dict[str, Tensor],
+                   augment: Tensor | None = None) -> dict[str, Tensor]:
         """One iteration on a batch streamed from the store (on the host, maybe pinned).
 
         It gets the strides the resident path's batch has: a crop is laid out as
@@ -197,10 +203,16 @@ class TrainStepper:
                 v = v.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format) \
                     .permute(0, 3, 1, 2)
             out[k] = v.contiguous(memory_format=self.fmt)
-        return self._run(out)
+        return self._run(out, augment)
 
-    def _run(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _run(self, batch: dict[str, Tensor], augment: Tensor | None = None
+             ) -> dict[str, Tensor]:
         s = self.setup
+        if augment is not None and any(self.augment):
+            from mrsynth.data.augment import augment_batch
+
+            batch = augment_batch(batch, augment.to(s.device), flip=self.augment[0],
+                                  gamma=self.augment[1])
         losses = s.model.train_step(batch, s.ctx)  # type: ignore[operator]
         s.ctx.end_iteration()
         self.losses.add(losses)

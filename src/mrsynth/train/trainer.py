@@ -62,11 +62,13 @@ from mrsynth.train.config import decay_start, validate_config
 from mrsynth.train.dataset import (
     EpochDraws,
     EpochSampler,
+    augmenter,
     load_training_slices,
     patch_sampler,
     resample,
     training_bytes,
 )
+from mrsynth.train.ema import WeightAverage
 from mrsynth.train.loader import StepBatches, decide_on_device, default_workers, step_loader
 from mrsynth.train.logging import SAMPLES_DIR, EpochProgress, LossLog, Metrics, save_sample_grid
 from mrsynth.train.resume import (
@@ -277,6 +279,9 @@ class Trainer:
                                     distributed=info.distributed, scaler=self.scaler)
         self.model: TranslationModel = self.setup.model  # type: ignore[assignment]
         self.optimizers = self.setup.optimizers
+        #: the weights' moving average (train.ema; None when off), what the run publishes
+        self.ema = (WeightAverage(self.model, float(t["ema"])) if float(t["ema"]) > 0
+                    else None)
         decay = decay_start(t)
         self.schedulers = {
             n: torch.optim.lr_scheduler.LambdaLR(
@@ -291,12 +296,14 @@ class Trainer:
                          self.batch, int(cfg["seed"]), t["max_steps_per_epoch"]),
             patch_sampler(self.slices, t["patch_size"], t["patch_brain_fraction"],
                           int(cfg["seed"])),
+            augmenter(t, int(cfg["seed"])),
         )
         self.patch = None if self.sampler.patches is None else self.sampler.patches.patch
         tables = (None if self.slices.table_A is None or self.slices.table_B is None
                   else (self.slices.table_A, self.slices.table_B))  # 2.5-D
         self.stepper = TrainStepper(self.setup, self.slices.A, self.slices.B, self.patch,
-                                    tables)
+                                    tables, augment=(float(t["augment_flip"]) > 0,
+                                                     float(t["augment_gamma"]) > 0))
         # the validation slices and the baselines on them (rank 0 scores, the others wait)
         self.val = self.val_info = None
         if self.is_main:
@@ -363,10 +370,12 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         pos, steps = self.pos, self.sampler.steps
         sampler_state = self.sampler.get_state()
-        ia, ib, wa, wb = self.sampler.draw()
+        ia, ib, wa, wb, aug = self.sampler.draw()
         ia, ib = self._shard(ia), self._shard(ib)
         if wa is not None and wb is not None:
             wa, wb = self._shard(wa), self._shard(wb)
+        if aug is not None:
+            aug = self._shard(aug)
         start, elapsed_before = pos.step, pos.elapsed  # 0, 0.0 unless resumed mid-epoch
         self.progress.start(epoch, self.epochs, steps, start)
         t_epoch = t_log = time.perf_counter()
@@ -376,12 +385,15 @@ class Trainer:
                         next_slice=self.model.wants_next_slice), start,
             self.loader_workers, self.device))
         for s in range(start, steps):
+            params = None if aug is None else aug[s]
             if batches is None:
                 self.stepper.step(ia[s], ib[s], None if wa is None else wa[s],
-                                  None if wb is None else wb[s])
+                                  None if wb is None else wb[s], params)
             else:
-                self.stepper.step_batch(next(batches))
+                self.stepper.step_batch(next(batches), params)
             pos.step, pos.iteration = s + 1, pos.iteration + 1
+            if self.ema is not None:
+                self.ema.update(pos.iteration)
             self.progress.advance()
             if self.stepper.losses.count >= self.log_every or pos.step == steps:
                 t_log = self._log_interval(epoch, lr, t_log)
@@ -396,8 +408,8 @@ class Trainer:
                         elapsed_before)
 
     def _shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's share of an epoch's rows (steps, batch) or windows (steps, batch, 2),
-        on the device."""
+        """This rank's share of an epoch's rows (steps, batch), windows (steps, batch, 2) or
+        augmentation (steps, batch, 3), on the device."""
         r, w = self.dist.rank, self.dist.world_size
         if x.ndim == 3:
             x = torch.stack([dd.shard_batch(x[..., k], r, w) for k in range(x.shape[-1])], -1)
@@ -500,7 +512,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _parts(self) -> TrainingParts:
         return TrainingParts(self.model, self.optimizers, self.schedulers, self.scaler,
-                             self.sampler, self.device)
+                             ema=self.ema, sampler=self.sampler, device=self.device)
+
+    def _published(self) -> contextlib.AbstractContextManager[None]:
+        """The model holds the weights the run publishes: the average with train.ema."""
+        return contextlib.nullcontext() if self.ema is None else self.ema.applied()
 
     def _checkpoint(self, sampler_state: torch.Tensor) -> None:
         """Write ``latest`` at the current position (weights checked on every rank, so all
@@ -526,7 +542,8 @@ class Trainer:
                 "iteration": pos.iteration,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
-            ckpt.save_checkpoint(self.ckpt_root, "latest", self.model, state, meta)
+            ckpt.save_checkpoint(self.ckpt_root, "latest", self.model, state, meta,
+                                 None if self.ema is None else self.ema.tensors())
         self.last_checkpoint = time.monotonic()
 
     def _restore(self, decay: int | None) -> None:
@@ -577,7 +594,7 @@ class Trainer:
         model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with eager(), torch.random.fork_rng(devices=devices):
+            with eager(), torch.random.fork_rng(devices=devices), self._published():
                 return validate(translate, self.val)
         finally:
             model.train(was_training)
@@ -685,7 +702,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            with eager():  # no compilation for this one-off shape and mode
+            with eager(), self._published():  # no compilation for this one-off shape
                 in_a = sl.sample_A if sl.sample_in_A is None else sl.sample_in_A  # 2.5-D
                 in_b = sl.sample_B if sl.sample_in_B is None else sl.sample_in_B
                 fb = model.generator("A2B")(in_a).float().cpu().numpy()[:, 0]
@@ -711,6 +728,8 @@ class Trainer:
             "batch_size": self.batch,
             "image_size": list(self.slices.size),
             "patch_size": None if self.patch is None else list(self.patch),
+            # the published weights: the moving average's decay (0: the live weights)
+            "weight_average": 0.0 if self.ema is None else self.ema.decay,
             **({"validation": self.val_info} if self.val_info is not None else {}),
             **self._execution_info(),
         }
