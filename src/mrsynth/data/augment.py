@@ -60,6 +60,11 @@ class Augmenter:
         flip = (u < self.flip).to(torch.float64)
         return torch.cat([flip[..., None], n * self.gamma], dim=-1).to(torch.float32)
 
+    @property
+    def switches(self) -> tuple[bool, bool]:
+        """(flip on, gamma on): which maps :func:`augment_batch` applies."""
+        return self.flip > 0, self.gamma > 0
+
     def get_state(self) -> Tensor:
         return self.generator.get_state()
 

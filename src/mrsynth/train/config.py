@@ -342,12 +342,12 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         problems.append("train.patch_brain_fraction must be between 0 and 1")
     if not 0.0 <= t["augment_flip"] <= 1.0:
         problems.append("train.augment_flip must be a probability between 0 and 1")
-    if not 0.0 <= t["ema"] < 1.0:
-        problems.append("train.ema must be in [0, 1): the decay of the weights' moving "
-                        "average per step (0 = off; 0.95 averages about the last 20 steps)")
     if not 0.0 <= t["augment_gamma"] <= 2.0:
         problems.append("train.augment_gamma must be between 0 (off) and 2 (the std of "
                         "ln gamma; 0.3 bends the contrast by up to about a factor 1.8)")
+    if not 0.0 <= t["ema"] < 1.0:
+        problems.append("train.ema must be in [0, 1): the decay of the weights' moving "
+                        "average per step (0 = off; 0.95 averages about the last 20 steps)")
     workers = t["loader_workers"]
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
                                 or workers < 0):

@@ -39,6 +39,8 @@ class WeightAverage:
         # state_dict tensors share storage with the parameters: they see every update
         self.live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
         self.shadow = {k: v.detach().clone() for k, v in self.live.items()}
+        # the per-step update's argument lists, built once (same order, same tensors)
+        self._pairs = (list(self.shadow.values()), list(self.live.values()))
 
     def rate(self, iteration: int) -> float:
         """The share of the old average kept after step ``iteration`` (1-based)."""
@@ -48,8 +50,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, iteration: int) -> None:
         """Average in the live weights after step ``iteration``."""
-        torch._foreach_lerp_(list(self.shadow.values()), list(self.live.values()),
-                             1.0 - self.rate(iteration))
+        torch._foreach_lerp_(*self._pairs, 1.0 - self.rate(iteration))
 
     @contextmanager
     @torch.no_grad()

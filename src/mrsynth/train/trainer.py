@@ -301,9 +301,10 @@ class Trainer:
         self.patch = None if self.sampler.patches is None else self.sampler.patches.patch
         tables = (None if self.slices.table_A is None or self.slices.table_B is None
                   else (self.slices.table_A, self.slices.table_B))  # 2.5-D
+        aug = self.sampler.augment
         self.stepper = TrainStepper(self.setup, self.slices.A, self.slices.B, self.patch,
-                                    tables, augment=(float(t["augment_flip"]) > 0,
-                                                     float(t["augment_gamma"]) > 0))
+                                    tables, augment=(False, False) if aug is None
+                                    else aug.switches)
         # the validation slices and the baselines on them (rank 0 scores, the others wait)
         self.val = self.val_info = None
         if self.is_main:
