@@ -39,6 +39,8 @@ def test_onnx_matches_pytorch_on_real_slices(cyclegan_run, prepared_small, tmp_p
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["mrsynth_model"] == "cyclegan" and meta["mrsynth_direction"] == "T2w2T1w"
     assert json.loads(meta["mrsynth_normalisation"])["method"] == "percentile"
+    assert meta["mrsynth_plane"] == "axial" and meta["mrsynth_downsample"] == "4"
+    assert meta["mrsynth_geometry"].startswith("slice[r, c] = canonical_downsampled")
     test = load_prepared(prepared_small).split_view("test")
     x = test.images["T2w"][:5, None].astype(np.float32)  # real normalised T2w slices
     run = load_run(cyclegan_run)

@@ -195,7 +195,8 @@ def _prepared_info(path: Path, as_json: bool) -> None:
         table.add_row(escape(s), v["split"], str(v["n_slices"]), "yes" if paired else "no")
     out.print(table)
     out.print(
-        f"source {st.get('source')} ({st.get('layout')}), slices {st.get('slices')} step "
+        f"source {st.get('source')} ({st.get('layout')}), {st.get('plane') or 'axial'} "
+        f"slices {st.get('slices')} step "
         f"{st.get('slice_step')}, downsample {st.get('downsample')}, seed {st.get('seed')}, "
         f"normalisation {st.get('normalisation', {}).get('method')} "
         f"{st.get('normalisation', {}).get('percentiles')}", highlight=False)
@@ -218,6 +219,10 @@ def prepare_cmd(
         help="Axial slices: an index (120), indices (100,120), a range (60:100, end exclusive) "
         "or brain:F (slices with at least a fraction F of brain voxels)."),
     slice_step: int = typer.Option(1, "--slice-step", help="Keep every k-th selected slice."),
+    plane: str = typer.Option(
+        "axial", "--plane", help="Slice plane: axial, coronal or sagittal (one grid for all, "
+        "block-averaged in the axial plane by --downsample; models of the three planes can "
+        "be fused by `translate`/`complete` with several --run)."),
     downsample: int = typer.Option(
         1, "--downsample", help="In-plane block-average factor before crop/pad (fast CPU runs)."),
     test_fraction: float = typer.Option(0.2, "--test-fraction",
@@ -268,7 +273,7 @@ def prepare_cmd(
         "intensities by <= 2.4e-4) or float32. A .npz is always float32."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
-    """Write normalised, subject-split axial slices (a store directory, or one .npz file).
+    """Write normalised, subject-split slices (a store directory, or one .npz file).
 
     A store's preparation that was interrupted continues when the same command is run
     again; a subject that cannot be prepared is reported and skipped (see --strict).
@@ -287,7 +292,7 @@ def prepare_cmd(
             layout=layout, unpaired=unpaired, strict=strict, resample=resample,
             overwrite=overwrite, n_subjects=n_subjects, resolution=resolution, compress=compress,
             progress=not quiet, workers=workers, shard=shard, finalize=finalize,
-            image_dtype=dtype,
+            image_dtype=dtype, plane=plane,
         )
     elapsed = time.perf_counter() - t0
     if quiet:

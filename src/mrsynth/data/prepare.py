@@ -38,6 +38,7 @@ from mrsynth.data.slicing import (
     image_origin,
     outline_outside_crop,
     slices_first,
+    to_plane,
     to_training_grid,
 )
 from mrsynth.data.volumes import (
@@ -303,7 +304,7 @@ def _subject_info(per_contrast: dict[str, dict[str, Any]], ref: str,
 def _prepare_volume_record(
     rec: SubjectRecord, contrasts: list[str], spec: SliceSpec, slice_step: int,
     downsample: int, size: tuple[int, int], percentiles: tuple[float, float], resample: bool,
-    warnings_out: list[str],
+    warnings_out: list[str], *, plane: str = "axial",
 ) -> _Chunk | None:
     vols = _load_record_volumes(rec, contrasts)
     present = [c for c in contrasts if c in vols]
@@ -332,16 +333,21 @@ def _prepare_volume_record(
             f"Subject {rec.id}: the brain masks of {', '.join(present)} do not overlap, so the "
             "volumes do not show the same brain. Check that they are co-registered."
         )
-    index = spec.select(joint, name=f"Subject {rec.id} ({rec.describe(ref)})", step=slice_step)
+    mask_ds = downsample_mask(joint, downsample)
+    # axial slices are picked on the full-resolution mask (as before planes existed); the
+    # other planes cut the downsampled grid, so they are picked on its mask
+    mask_p = to_plane(mask_ds, plane)
+    index = spec.select(joint if plane == "axial" else mask_p,
+                        name=f"Subject {rec.id} ({rec.describe(ref)})", step=slice_step,
+                        plane=plane)
     if index.size == 0:
-        warn(f"Subject {rec.id}: no axial slice matches --slices {spec.text}; subject skipped.",
-             warnings_out)
+        warn(f"Subject {rec.id}: no {plane} slice matches --slices {spec.text}; subject "
+             "skipped.", warnings_out)
         return None
 
-    mask_ds = downsample_mask(joint, downsample)
-    origin = brain_origin(mask_ds, size)
-    sel_mask = mask_ds[:, :, index]
-    lost, span_r, span_c = outline_outside_crop(mask_ds, size, origin)
+    origin = brain_origin(mask_p, size)
+    sel_mask = mask_p[:, :, index]
+    lost, span_r, span_c = outline_outside_crop(mask_p, size, origin)
     if lost:
         warn(
             f"Subject {rec.id}: the brain spans {span_r} x "
@@ -361,8 +367,15 @@ def _prepare_volume_record(
             continue
         v = vols[c]
         offset, scale = fit_scale(v.data, joint, percentiles, name=f"{rec.describe(c)}")
-        images[c] = slices_first(to_training_grid(
-            v.data[:, :, index], offset, scale, sel_mask, downsample, size, origin))
+        if plane == "axial":
+            images[c] = slices_first(to_training_grid(
+                v.data[:, :, index], offset, scale, sel_mask, downsample, size, origin))
+        else:  # the whole downsampled grid, seen in the plane's frame, then cut
+            grid = to_training_grid(v.data, offset, scale, mask_ds, downsample,
+                                    mask_ds.shape[:2], (0, 0))
+            images[c] = slices_first(crop_or_pad(
+                np.ascontiguousarray(to_plane(grid, plane)[:, :, index]), size, origin,
+                BACKGROUND))
         offsets[c], scales[c] = offset, scale
         per_contrast[c] = {
             "file": rec.describe(c),
@@ -378,7 +391,7 @@ def _prepare_volume_record(
             "scale": scale,
             "intensity_range": [float(v.data.min()), float(v.data.max())],
         }
-    info = _subject_info(per_contrast, ref, mask_ds.shape)
+    info = _subject_info(per_contrast, ref, mask_p.shape)
     mask = slices_first(crop_or_pad(sel_mask, size, origin, fill=False))
     return _Chunk(
         images=images, available={c: c in vols for c in contrasts}, offset=offsets, scale=scales,
@@ -492,6 +505,7 @@ def prepare_dataset(
     n_subjects: int | None = None,
     resolution: float | None = None,
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    plane: str = "axial",
     compress: bool = False,
     progress: bool | ProgressFn | None = False,
     workers: int | None = 1,
@@ -499,7 +513,11 @@ def prepare_dataset(
     finalize: bool = False,
     image_dtype: str = "float16",
 ) -> Path | None:
-    """Prepare normalised, subject-split axial slices from ``source`` into ``out``.
+    """Prepare normalised, subject-split slices from ``source`` into ``out``.
+
+    Slices are axial unless ``plane`` is ``coronal`` or ``sagittal``
+    (:data:`~mrsynth.data.slicing.PLANES`: the same grid, block-averaged in the axial plane
+    by ``downsample``, cut across another axis; for models to fuse with an axial one).
 
     ``source`` is a data set directory (BIDS, HCP-style, or ``trainA/trainB/testA/testB``)
     or ``"builtin"`` (simulated subjects; ``n_subjects`` and ``resolution`` apply to it).
@@ -524,5 +542,5 @@ def prepare_dataset(
         test_subjects=test_subjects, split_from=split_from, val_fraction=val_fraction,
         val_subjects=val_subjects, seed=seed, layout=layout, unpaired=unpaired,
         resample=resample, n_subjects=n_subjects, resolution=resolution,
-        percentiles=percentiles,
+        percentiles=percentiles, plane=plane,
     )

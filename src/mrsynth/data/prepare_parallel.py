@@ -45,7 +45,7 @@ from mrsynth.data import store as st
 from mrsynth.data.normalise import DEFAULT_PERCENTILES
 from mrsynth.data.normalise import settings as normalisation_settings
 from mrsynth.data.readers import SubjectRecord, index_dataset
-from mrsynth.data.slicing import DEFAULT_SLICES, SliceSpec
+from mrsynth.data.slicing import DEFAULT_SLICES, PLANES, SliceSpec, check_plane
 from mrsynth.errors import ConfigError, DataError, MrsynthError, OutputExistsError
 from mrsynth.utils import die_with_parent
 
@@ -108,12 +108,13 @@ def make_plan(
     val_subjects: Sequence[str] | None = None, seed: int = 0, layout: str | None = None,
     unpaired: bool = False, strict: bool = False, resample: bool = False,
     n_subjects: int | None = None, resolution: float | None = None,
-    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES, plane: str = "axial",
 ) -> Plan:
     """Index ``source``, choose the subjects and draw the split (no image is processed)."""
     from mrsynth.data.prepare import _check_options, _resolve_test, _resolve_val
 
     cs, hw = _check_options(contrasts, size, slice_step, downsample, test_fraction, val_fraction)
+    check_plane(plane)
     spec = SliceSpec.parse(slices)
     notes: list[str] = []
     is_builtin = str(source) == "builtin"
@@ -127,6 +128,10 @@ def make_plan(
         if n_subjects is not None or resolution is not None:
             raise ConfigError("--n-subjects and --resolution only apply to the builtin data set.")
         idx = index_dataset(source, layout, cs)
+    if plane != "axial" and idx.layout == "folders":
+        raise ConfigError(
+            f"--plane {plane}: {idx.source} holds 2-D images (folders layout), which have only "
+            "their own plane. Other planes need NIfTI volumes; leave --plane at axial.")
     for note in idx.notes:
         warn(note, notes)
     missing_everywhere = [c for c in cs if c not in idx.contrasts]
@@ -188,8 +193,11 @@ def make_plan(
         "size": list(hw),
         "downsample": int(downsample),
         "orientation": "RAS",
-        "plane": "axial",
-        "geometry": "slice[r, c] = canonical_downsampled[r + row0, c + col0, slice_index]",
+        "plane": plane,
+        "geometry": ("slice[r, c] = canonical_downsampled[r + row0, c + col0, slice_index]"
+                     if plane == "axial" else
+                     f"slice[r, c] = transpose(canonical_downsampled, {list(PLANES[plane])})"
+                     "[r + row0, c + col0, slice_index]"),
         "normalisation": normalisation_settings(percentiles, clip=True),
         "slices": spec.text if idx.layout != "folders" else "all (2-D images)",
         "slice_step": int(slice_step),
@@ -206,7 +214,7 @@ def make_plan(
         settings["builtin"] = builtin_settings
     options = {"contrasts": cs, "size": hw, "slices": spec.text, "slice_step": int(slice_step),
                "downsample": int(downsample), "percentiles": tuple(percentiles),
-               "resample": bool(resample)}
+               "resample": bool(resample), "plane": plane}
     return Plan(settings=settings, records=records, splits=splits, keys=keys, warnings=notes,
                 skipped=skipped, options=options)
 
@@ -242,7 +250,7 @@ def prepare_subject(root: str, rec: SubjectRecord, key: str, split: str,
                 chunk = _prepare_volume_record(
                     rec, cs, SliceSpec.parse(options["slices"]), options["slice_step"],
                     options["downsample"], options["size"], options["percentiles"],
-                    options["resample"], sink)
+                    options["resample"], sink, plane=options.get("plane", "axial"))
     except ConfigError:
         raise  # an option that cannot work (--slices 500) fails for every subject: stop
     except Exception as exc:  # a bad subject must not take the others down

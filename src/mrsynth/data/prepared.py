@@ -62,7 +62,7 @@ IMAGE_RANGE_TOLERANCE = 1e-4
 
 #: Settings that must agree between the data a run was trained on and the
 #: data it is evaluated or applied on (intensity model and geometry).
-COMPATIBILITY_KEYS = ("size", "normalisation", "orientation")
+COMPATIBILITY_KEYS = ("size", "normalisation", "orientation", "plane")
 
 
 @dataclass

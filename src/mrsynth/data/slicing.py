@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,46 @@ from mrsynth.data.normalise import BACKGROUND, normalise
 from mrsynth.errors import ConfigError, DataError
 
 DEFAULT_SLICES = "brain:0.10"
+
+#: The planes a data set can be sliced in: each maps the (X, Y, Z) grid (canonical RAS+,
+#: block-averaged in the axial plane by ``downsample``) to the plane's frame, whose last
+#: axis runs across the slices: axial slices along z, coronal along y (rows x, columns z),
+#: sagittal along x (rows y, columns z). Every plane keeps the one grid, so models trained
+#: in different planes predict the same voxels and can be averaged (multi-view fusion).
+PLANES: dict[str, tuple[int, int, int]] = {
+    "axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
+
+
+def plane_of(settings: dict[str, Any] | None) -> str:
+    """The plane recorded in preparation settings (files from before planes: axial)."""
+    plane = (settings or {}).get("plane") or "axial"
+    if plane not in PLANES:
+        raise ConfigError(f"Unknown plane {plane!r} in the preparation settings; mrsynth knows "
+                          f"{', '.join(PLANES)}.")
+    return str(plane)
+
+
+def check_plane(plane: str) -> str:
+    """``plane`` if known, else a :class:`ConfigError` naming the choices."""
+    if plane not in PLANES:
+        raise ConfigError(f"--plane {plane!r} is not a plane; choose one of "
+                          f"{', '.join(PLANES)}.")
+    return plane
+
+
+def slice_axis(plane: str) -> int:
+    """The axis of the (X, Y, Z) grid that ``plane``'s slices are cut across."""
+    return PLANES[plane][2]
+
+
+def to_plane(vol: np.ndarray, plane: str) -> np.ndarray:
+    """The (X, Y, Z) grid seen in ``plane``'s frame (a view, not a copy)."""
+    return np.transpose(vol, PLANES[plane])
+
+
+def from_plane(vol: np.ndarray, plane: str) -> np.ndarray:
+    """Inverse of :func:`to_plane`."""
+    return np.transpose(vol, np.argsort(PLANES[plane]))
 
 
 @dataclass(frozen=True)
@@ -69,14 +110,16 @@ class SliceSpec:
             "with at least a fraction F of brain voxels, e.g. brain:0.10)."
         )
 
-    def select(self, mask: np.ndarray, *, name: str = "volume", step: int = 1) -> np.ndarray:
-        """Axial indices (into ``mask.shape[2]``) this spec picks, every ``step``-th."""
+    def select(self, mask: np.ndarray, *, name: str = "volume", step: int = 1,
+               plane: str = "axial") -> np.ndarray:
+        """Slice indices (into ``mask.shape[2]``, the ``plane``'s slices) this spec picks,
+        every ``step``-th."""
         nz = mask.shape[2]
         if self.kind == "index":
             bad = [i for i in self.indices if i >= nz]
             if bad:
                 raise DataError(
-                    f"{name} has {nz} axial slices (0..{nz - 1}), so slice {bad[0]} does not "
+                    f"{name} has {nz} {plane} slices (0..{nz - 1}), so slice {bad[0]} does not "
                     "exist. Choose indices inside every subject's range, or use --slices "
                     "brain:F to pick slices by brain content."
                 )

@@ -37,7 +37,9 @@ def _log(msg: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("translate")
     def translate_cmd(
-        run: Path = typer.Option(..., "--run", help="Run directory written by `mrsynth train`."),
+        run: list[Path] = typer.Option(
+            ..., "--run", help="Run directory written by `mrsynth train`. Repeat to fuse runs "
+            "(e.g. one per plane, `data prepare --plane`): NIfTI outputs are their mean."),
         direction: str = typer.Option(..., "--direction", help="e.g. T1w2T2w or T2w2T1w."),
         input: Path = typer.Option(..., "--input", help="NIfTI volume, 2-D image, or a folder."),
         output: Path = typer.Option(..., "--output",
@@ -48,7 +50,8 @@ def register(app: typer.Typer) -> None:
         stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
         checkpoint: str = typer.Option("latest", "--checkpoint", help=CHECKPOINT_HELP),
     ) -> None:
-        """Translate NIfTI volumes (every axial slice) or 2-D images with a trained run."""
+        """Translate NIfTI volumes (every slice in the run's plane) or 2-D images with a
+        trained run, or with several runs fused."""
         from mrsynth.eval.translate import translate_path
         from mrsynth.train.speed import resolve_device
 

@@ -84,10 +84,22 @@ class RunInfo:
     label: str  # BIDS desc label (alphanumeric)
     sha256: str
     checkpoint: str
+    #: a fusion's runs (one per plane; ``run`` and ``geo`` are the first's); empty: one run
+    members: tuple[RunInfo, ...] = ()
 
     @property
     def model(self) -> str:
+        if self.members:
+            from mrsynth.eval.translate import fused_name
+
+            return fused_name([m.run for m in self.members])
         return str(self.run.model_name)
+
+    @property
+    def plane(self) -> str:
+        from mrsynth.data.slicing import plane_of
+
+        return plane_of(self.run.data_settings)
 
     @property
     def contrasts(self) -> tuple[str, str]:
@@ -103,7 +115,9 @@ def file_sha256(path: Path) -> str:
 
 
 def load_runs(run_dirs: Sequence[str | Path], device: str) -> list[RunInfo]:
-    """Load every run; refuse two runs that would write the same ``desc-`` label."""
+    """Load every run. Runs of one model and contrast pair trained in different planes
+    (``data prepare --plane``) are fused into one (``desc-<model>fused``: the mean of their
+    translations); two runs that would still write the same ``desc-`` label are refused."""
     from mrsynth.eval.common import load_run_checked
     from mrsynth.eval.translate import Geometry, bids_label
     from mrsynth.train.checkpoint import WEIGHTS
@@ -117,13 +131,29 @@ def load_runs(run_dirs: Sequence[str | Path], device: str) -> list[RunInfo]:
         ck = Path(run.checkpoint)
         out.append(RunInfo(Path(rd), run, geo, bids_label(run.model_name),
                            file_sha256(ck / WEIGHTS), ck.name))
+    groups: dict[tuple[str, tuple[str, str]], list[RunInfo]] = {}
+    for r in out:
+        groups.setdefault((r.label, r.contrasts), []).append(r)
+    fused: list[RunInfo] = []
+    for group in groups.values():
+        planes = [g.plane for g in group]
+        if len(group) == 1 or len(set(planes)) < len(planes):
+            fused.extend(group)  # one run, or two in one plane: refused below
+            continue
+        first = group[0]
+        fused.append(RunInfo(
+            first.path, first.run, first.geo, bids_label(f"{first.model}-fused"),
+            hashlib.sha256("+".join(sorted(g.sha256 for g in group)).encode()).hexdigest(),
+            ",".join(g.checkpoint for g in group), members=tuple(group)))
+    out = fused
     seen: dict[str, Path] = {}
     for r in out:
         if r.label in seen:
             raise ConfigError(
                 f"The runs {seen[r.label]} and {r.path} are both {r.model!r} models, so both "
-                f"would write desc-{r.label} files. Complete with one of them at a time, into "
-                "different --out folders."
+                f"would write desc-{r.label} files (runs of one model are fused only when "
+                "they translate the same contrasts, each in its own plane). Complete with one "
+                "of them at a time, into different --out folders."
             )
         seen[r.label] = r.path
     return out
@@ -457,8 +487,12 @@ def synthesise(data: np.ndarray, mask: np.ndarray, r: RunInfo, d: Any, *, batch_
     from mrsynth.data.normalise import fit_scale
     from mrsynth.eval.translate import translate_array_volume
 
-    out, _ = translate_array_volume(data, r.run, d, r.geo, batch_size=batch_size,
-                                    device=device, name=name)
+    if r.members:
+        out, _ = translate_array_volume(data, [(m.run, m.geo) for m in r.members], d,
+                                        batch_size=batch_size, device=device, name=name)
+    else:
+        out, _ = translate_array_volume(data, r.run, d, r.geo, batch_size=batch_size,
+                                        device=device, name=name)
     # translate_array_volume maps back with the source's own scale and gives every voxel
     # it did not translate the source's background value: undo the former, find the latter
     offset, scale = fit_scale(data, mask, r.geo.percentiles, name=name)
@@ -492,6 +526,7 @@ def run_job(j: Job, root: Path, out: Path, index: Any, cache: dict, *, batch_siz
     """Synthesise, write volume and sidecar (and the QC figure); fills ``j``'s results."""
     import nibabel as nib
 
+    from mrsynth.data.slicing import slice_axis
     from mrsynth.data.volumes import brain_mask, from_canonical, grid_difference, load_volume
     from mrsynth.data.volumes import same_grid as _same
     from mrsynth.eval.volume import volume_metrics
@@ -531,7 +566,9 @@ def run_job(j: Job, root: Path, out: Path, index: Any, cache: dict, *, batch_siz
         region = translated & brain_mask(real.data)
         if not region.any():
             raise DataError(f"{j.real}: no brain overlaps the synthetic volume; cannot score.")
-        j.metrics = volume_metrics(canon, real.data, region)
+        # through-plane: across the run's slices; a fusion's across the axial ones
+        j.metrics = volume_metrics(canon, real.data, region, slice_axis=slice_axis(
+            "axial" if j.run.members else j.run.plane))
     if qc:
         from mrsynth.eval.volume import zscore
 
@@ -561,6 +598,9 @@ def run_job(j: Job, root: Path, out: Path, index: Any, cache: dict, *, batch_siz
         "Checkpoint": j.run.checkpoint,
         "CheckpointEpoch": int(getattr(j.run.run, "epoch", 0)),
         "CheckpointSHA256": j.run.sha256,
+        **({"FusedRuns": [{"Run": str(m.path.resolve()), "Plane": m.plane,
+                           "Checkpoint": m.checkpoint, "CheckpointSHA256": m.sha256}
+                          for m in j.run.members]} if j.run.members else {}),
         "MrsynthVersion": __version__,
         "Command": command,
         "IntensityScale": sc.record(),

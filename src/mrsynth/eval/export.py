@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mrsynth.data.context import in_channels, run_context_slices
+from mrsynth.data.slicing import plane_of
 from mrsynth.errors import ConfigError, MrsynthError
 from mrsynth.eval.common import load_run_checked, parse_direction
 from mrsynth.utils import atomic_path, check_can_write
@@ -132,6 +133,10 @@ def export_onnx(
         "mrsynth_target_contrast": d.target,
         "mrsynth_input_shape": f"N,{c},{h},{w}",
         "mrsynth_context_slices": str(k),
+        # the slices' plane and geometry: coronal/sagittal runs are fed slices cut across y/x
+        "mrsynth_plane": plane_of(run.data_settings),
+        "mrsynth_geometry": str((run.data_settings or {}).get("geometry", "")),
+        "mrsynth_downsample": str((run.data_settings or {}).get("downsample", 1)),
         "mrsynth_normalisation": json.dumps((run.data_settings or {}).get("normalisation")),
         "mrsynth_run_dir": str(Path(run_dir).resolve()),
     }

@@ -65,6 +65,7 @@ import numpy as np
 from mrsynth.data import warn
 from mrsynth.data.context import run_context_slices, volume_table
 from mrsynth.data.normalise import (
+    BACKGROUND,
     DEFAULT_PERCENTILES,
     denormalise,
     fit_scale,
@@ -72,10 +73,14 @@ from mrsynth.data.normalise import (
 from mrsynth.data.readers import IMAGE_SUFFIXES, KNOWN_CONTRASTS, load_image_2d
 from mrsynth.data.slicing import (
     brain_origin,
+    crop_or_pad,
     downsample_mask,
+    from_plane,
     image_origin,
     outline_outside_crop,
+    plane_of,
     slices_first,
+    to_plane,
     to_training_grid,
     uncrop,
 )
@@ -109,6 +114,7 @@ class Geometry:
     size: tuple[int, int]
     downsample: int
     percentiles: tuple[float, float]
+    plane: str = "axial"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], run_dir: Path | str) -> Geometry:
@@ -127,7 +133,7 @@ class Geometry:
             )
         pct = norm.get("percentiles", DEFAULT_PERCENTILES)
         return cls((int(size[0]), int(size[1])), int(settings.get("downsample", 1) or 1),
-                   (float(pct[0]), float(pct[1])))
+                   (float(pct[0]), float(pct[1])), plane_of(settings))
 
 
 def _translate_slices(run: LoadedRun, x: np.ndarray, d: Direction, batch_size: int,
@@ -257,18 +263,59 @@ def _fill_value(data: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- volumes
 def translate_array_volume(
-    data: np.ndarray, run: LoadedRun, d: Direction, geo: Geometry, *, batch_size: int = 32,
-    device: str = "cpu", name: str = "volume",
+    data: np.ndarray, run: LoadedRun | Sequence[tuple[LoadedRun, Geometry]], d: Direction,
+    geo: Geometry | None = None, *, batch_size: int = 32, device: str = "cpu",
+    name: str = "volume",
 ) -> tuple[np.ndarray, int]:
-    """Translate a canonical (X, Y, Z) volume; returns (volume in input units, slices done)."""
+    """Translate a canonical (X, Y, Z) volume; returns (volume in input units, slices done).
+
+    ``run`` is one run (with its ``geo``) or several ``(run, geo)`` pairs: then every run
+    translates the volume in its own plane and the outputs are averaged voxel by voxel
+    (multi-view fusion; a voxel one run left out, outside its crop, is the mean of the
+    others). All runs share the input's mask, offset and scale, so their outputs are in the
+    same units."""
+    members = [(run, geo)] if geo is not None else list(run)  # type: ignore[arg-type]
+    if not members:
+        raise ValueError("translate_array_volume needs at least one run")
     mask = brain_mask(data)
     if not mask.any():
         raise DataError(f"{name}: no brain/foreground found; the volume looks empty.")
     _warn_if_not_brain(data, mask, name)
+    total = np.zeros(data.shape, dtype=np.float64)
+    count = np.zeros(data.shape, dtype=np.int32)
+    n = 0
+    for r, g in members:
+        out, k = _predict_volume(data, mask, r, d, g, batch_size=batch_size, device=device,
+                                 name=name)
+        seen = np.isfinite(out)
+        total[seen] += out[seen]
+        count += seen
+        n += k
+    fill = _fill_value(data)
+    fused = np.full(data.shape, fill, dtype=np.float64)
+    np.divide(total, count, out=fused, where=count > 0)
+    return fused.astype(np.float32), n
+
+
+def _predict_volume(
+    data: np.ndarray, mask: np.ndarray, run: LoadedRun, d: Direction, geo: Geometry, *,
+    batch_size: int, device: str, name: str,
+) -> tuple[np.ndarray, int]:
+    """One run's translation of a canonical volume in the input's units, NaN where it
+    predicted nothing (outside ``mask``, its crop or its slices); and its slice count."""
     offset, scale = fit_scale(data, mask, geo.percentiles, name=name)
     f = geo.downsample
     mask_ds = downsample_mask(mask, f)
     index = np.flatnonzero(mask.any(axis=(0, 1)))
+    out = np.full(data.shape, np.nan, dtype=np.float64)
+    if geo.plane != "axial":
+        grid = to_training_grid(data, offset, scale, mask_ds, f, mask_ds.shape[:2], (0, 0))
+        y_grid, n = predict_grid(run, grid, mask_ds, d, geo, batch_size=batch_size,
+                                 device=device, name=name)
+        out[:, :, index] = _from_training_grid(
+            y_grid[:, :, index], mask[:, :, index], mask_ds.shape[:2], (0, 0), f, offset,
+            scale, np.nan)
+        return out, n
     origin = brain_origin(mask_ds, geo.size)
     lost, span_r, span_c = outline_outside_crop(mask_ds, geo.size, origin)
     if lost:
@@ -283,12 +330,42 @@ def translate_array_volume(
     k = run_context_slices(run)  # 2.5-D: neighbours among the slices with brain
     table = volume_table(index, k) if k else None
     y = _translate_slices(run, x, d, batch_size, device, table)  # (n, H, W) normalised
-    fill = _fill_value(data)
-    out = np.full(data.shape, fill, dtype=np.float64)
     out[:, :, index] = _from_training_grid(
         np.moveaxis(y, 0, -1), mask[:, :, index], mask_ds.shape[:2], origin, f, offset, scale,
-        fill)
-    return out.astype(np.float32), int(index.size)
+        np.nan)
+    return out, int(index.size)
+
+
+def predict_grid(
+    run: LoadedRun, grid: np.ndarray, mask: np.ndarray, d: Direction, geo: Geometry, *,
+    batch_size: int = 32, device: str = "cpu", name: str = "volume",
+) -> tuple[np.ndarray, int]:
+    """Translate a normalised volume on the training grid (X, Y, Z: downsampled, background
+    -1 outside ``mask``) slice by slice in the run's plane; returns the normalised prediction
+    on the same grid (NaN where nothing was predicted: slices without brain, outside the crop)
+    and the number of slices translated.
+
+    The plane's slices with brain are cropped around the brain as ``prepare`` crops them
+    (:func:`~mrsynth.data.slicing.brain_origin` over the plane's frame), so a run of any
+    plane sees its training geometry; 2.5-D stacks come from the plane's neighbours."""
+    gp, mp = to_plane(grid, geo.plane), to_plane(mask, geo.plane)
+    index = np.flatnonzero(mp.any(axis=(0, 1)))
+    origin = brain_origin(mp, geo.size)
+    lost, span_r, span_c = outline_outside_crop(mp, geo.size, origin)
+    if lost:
+        warn(
+            f"{name}: in the {geo.plane} plane the brain spans {span_r} x {span_c} voxels, "
+            f"larger than the run's training size {geo.size[0]} x {geo.size[1]}; brain outside "
+            f"the crop ({lost} voxels of its outline) is not translated by this run. Train on "
+            "data prepared with a larger --size to translate the whole brain."
+        )
+    x = slices_first(crop_or_pad(np.ascontiguousarray(gp[:, :, index]), geo.size, origin,
+                                 BACKGROUND))
+    k = run_context_slices(run)
+    y = _translate_slices(run, x, d, batch_size, device, volume_table(index, k) if k else None)
+    pred = np.full(gp.shape, np.nan, dtype=np.float32)
+    pred[:, :, index] = uncrop(np.moveaxis(y, 0, -1), gp.shape[:2], origin, fill=np.nan)
+    return np.ascontiguousarray(from_plane(pred, geo.plane)), int(index.size)
 
 
 def _output_header(img: Any, model: str, d: Direction) -> Any:
@@ -304,14 +381,18 @@ def _output_header(img: Any, model: str, d: Direction) -> Any:
 
 
 def translate_volume(
-    src: Path, dest: Path, run: LoadedRun, d: Direction, geo: Geometry, *, batch_size: int,
-    device: str,
+    src: Path, dest: Path, run: LoadedRun | Sequence[tuple[LoadedRun, Geometry]],
+    d: Direction, geo: Geometry | None, *, batch_size: int, device: str,
 ) -> int:
-    """NIfTI in, NIfTI out (atomically); returns the number of translated slices."""
+    """NIfTI in, NIfTI out (atomically); returns the number of translated slices. Several
+    ``(run, geo)`` pairs as ``run`` (``geo`` None) fuse their outputs
+    (:func:`translate_array_volume`)."""
     on_disk = open_image(src)
     vol = load_volume(src)
     out, n = translate_array_volume(vol.data, run, d, geo, batch_size=batch_size, device=device,
                                     name=str(src))
+    model = run.model_name if geo is not None else fused_name(  # type: ignore[union-attr]
+        [r for r, _ in run])  # type: ignore[union-attr]
     arr = from_canonical(out, vol.original).astype(np.float32)
     if tuple(arr.shape) != tuple(on_disk.shape) and arr.size == int(np.prod(on_disk.shape)):
         arr = arr.reshape(on_disk.shape)  # 2-D NIfTI or a single-volume 4-D file
@@ -319,7 +400,7 @@ def translate_volume(
     if cls is None:  # another format nibabel reads (MGH, Analyze): write NIfTI with its affine
         img = nib.Nifti1Image(arr, on_disk.affine)
     else:
-        img = cls(arr, None, _output_header(on_disk, run.model_name, d))
+        img = cls(arr, None, _output_header(on_disk, model, d))
     with atomic_path(dest) as tmp:
         nib.save(img, tmp)
     return n
@@ -350,8 +431,24 @@ def translate_image(
     return 1
 
 
+def fused_name(runs: Sequence[LoadedRun]) -> str:
+    """The model name of a fusion: ``<model>-fused`` (``fused`` for mixed models); one
+    run's own name when there is one."""
+    names = sorted({str(r.model_name) for r in runs})
+    if len(runs) == 1:
+        return names[0]
+    return f"{names[0]}-fused" if len(names) == 1 else "fused"
+
+
 def _check_2d_allowed(run: LoadedRun, src: Path) -> None:
-    """A 2.5-D run needs neighbouring slices, which a 2-D image has not."""
+    """A 2.5-D run needs neighbouring slices, which a 2-D image has not; a coronal or
+    sagittal run needs a volume to cut in its plane."""
+    plane = plane_of(getattr(run, "data_settings", None))
+    if plane != "axial":
+        raise ConfigError(
+            f"{src} is a 2-D image, but the run {run.run_dir} was trained on {plane} slices: "
+            "it needs a volume to cut in that plane. Translate the NIfTI volume instead."
+        )
     k = run_context_slices(run)
     if k:
         raise ConfigError(
@@ -489,7 +586,7 @@ def _check_input(p: Path) -> None:
 
 
 def translate_path(
-    run_dir: str | Path,
+    run_dir: str | Path | Sequence[str | Path],
     direction: str,
     src: str | Path,
     dest: str | Path,
@@ -504,29 +601,48 @@ def translate_path(
     """Translate a file or folder; returns counts and timing (slices, files, seconds).
 
     ``stochastic`` keeps latent noise and dropout on (UNIT, as the study's Keras port did):
-    each call then writes a different sample."""
+    each call then writes a different sample. Several ``run_dir`` (the same contrasts,
+    usually one run per plane) are fused: every NIfTI output is the voxel-wise mean of their
+    translations (:func:`translate_array_volume`)."""
     src, dest = Path(src), Path(dest)
     if not src.exists():
         raise DataError(f"Input {src} does not exist.")
-    run = load_run_checked(run_dir, device, checkpoint)
-    run.stochastic = stochastic
-    if stochastic and not run.model.stochastic_inference:
-        log(f"{run.model_name} has no noise or dropout at inference; --stochastic changes "
-            "nothing")
-    d = parse_direction(direction, run.contrasts, run_dir)
-    geo = Geometry.from_settings(run.data_settings or {}, run_dir)
+    run_dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
+    if not run_dirs:
+        raise ConfigError("Give at least one --run.")
+    members: list[tuple[LoadedRun, Geometry]] = []
+    for rd in run_dirs:
+        run = load_run_checked(rd, device, checkpoint)
+        run.stochastic = stochastic
+        if stochastic and not run.model.stochastic_inference:
+            log(f"{run.model_name} has no noise or dropout at inference; --stochastic changes "
+                "nothing")
+        members.append((run, Geometry.from_settings(run.data_settings or {}, rd)))
+    run = members[0][0]
+    d = parse_direction(direction, run.contrasts, run_dirs[0])
+    for other, _ in members[1:]:
+        if tuple(other.contrasts) != tuple(run.contrasts):
+            raise ConfigError(
+                f"Runs to fuse must translate the same contrasts: {run_dirs[0]} translates "
+                f"{' <-> '.join(run.contrasts)}, {other.run_dir} "
+                f"{' <-> '.join(other.contrasts)}.")
+    model = fused_name([r for r, _ in members])
     if src.is_dir():
         if dest.exists() and not dest.is_dir():
             raise ConfigError(f"Input {src} is a folder, so --output {dest} must be a folder.")
-        pairs = plan_folder(src, dest, d, run.model_name)
+        pairs = plan_folder(src, dest, d, model)
     else:
         _check_named_contrast(src, d)
         if dest.is_dir():
-            dest = dest / (output_name(src, d, run.model_name) or src.name)
+            dest = dest / (output_name(src, d, model) or src.name)
         pairs = [(src, dest)]
     for s, o in pairs:
         _check_input(s)
         if not s.name.lower().endswith(NIFTI_SUFFIXES):
+            if len(members) > 1:
+                raise ConfigError(
+                    f"{s} is a 2-D image; fusing several runs needs NIfTI volumes. Translate "
+                    "2-D images with one --run.")
             _check_2d_allowed(run, s)
         _check_output_suffix(s, o)
         check_can_write(o, overwrite)
@@ -536,9 +652,14 @@ def translate_path(
     t0 = time.perf_counter()
     slices = 0
     for s, o in pairs:
-        is_nifti = s.name.lower().endswith(NIFTI_SUFFIXES)
-        fn = translate_volume if is_nifti else translate_image
-        n = fn(s, o, run, d, geo, batch_size=batch_size, device=device)
+        if not s.name.lower().endswith(NIFTI_SUFFIXES):
+            n = translate_image(s, o, run, d, members[0][1], batch_size=batch_size,
+                                device=device)
+        elif len(members) == 1:
+            n = translate_volume(s, o, run, d, members[0][1], batch_size=batch_size,
+                                 device=device)
+        else:
+            n = translate_volume(s, o, members, d, None, batch_size=batch_size, device=device)
         slices += n
         log(f"{s} -> {o} ({n} slices)")
     return {"files": len(pairs), "slices": slices, "seconds": time.perf_counter() - t0,

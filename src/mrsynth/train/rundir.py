@@ -79,8 +79,14 @@ def preparation_differences(
     a run was trained on, as ``{key: (run's, data's)}`` (values compared as JSON). Resume
     and evaluation both refuse such data."""
     run_settings = run_settings or {}
-    return {k: (run_settings.get(k), data_settings.get(k)) for k in keys
-            if _canon(run_settings.get(k)) != _canon(data_settings.get(k))}
+    return {k: (run_settings.get(k, _UNSET.get(k)), data_settings.get(k, _UNSET.get(k)))
+            for k in keys
+            if _canon(run_settings.get(k, _UNSET.get(k)))
+            != _canon(data_settings.get(k, _UNSET.get(k)))}
+
+
+#: What a preparation setting means where it is not recorded.
+_UNSET: dict[str, Any] = {"plane": "axial"}
 
 
 def write_run_config(

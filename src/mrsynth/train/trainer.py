@@ -100,7 +100,7 @@ __all__ = ["CONFIG_JSON", "TrainingDiverged", "TrainingInterrupted", "lr_factor"
            "read_run_config", "train"]
 
 #: Preparation settings a resumed run's data must share with the data it started with.
-RESUME_DATA_KEYS = ("size", "normalisation", "orientation", "contrasts")
+RESUME_DATA_KEYS = ("size", "normalisation", "orientation", "plane", "contrasts")
 
 
 class TrainingDiverged(MrsynthError):
