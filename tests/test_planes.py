@@ -273,3 +273,22 @@ def test_complete_fuses_runs_of_one_model_in_different_planes(plane_runs, mini_b
     # two runs of one model in one plane are still refused
     assert main(["complete", str(raw), "--run", str(plane_runs["axial"]), "--run",
                  str(plane_runs["axial"]), "--dry-run"]) != 0
+
+
+def test_evaluate_scores_a_plane_s_run_on_its_own_slices(plane_runs, plane_files, tmp_path):
+    """``evaluate`` stacks a sagittal file's test slices along x and names the plane."""
+    import csv
+
+    from mrsynth.eval import evaluate as ev
+
+    out = tmp_path / "eval"
+    ev.evaluate([plane_runs["sagittal"]], plane_files["sagittal"], out, c2st_steps=2)
+    test = load_prepared(plane_files["sagittal"]).split_view("test")
+    with open(out / "volume.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["model"] == "simple"]
+    assert {r["direction"] for r in rows} == {"T1w2T2w", "T2w2T1w"}
+    for r in rows:
+        assert int(r["n_slices"]) == len(test)
+        assert r["slices"] == f"{test.slice_index.min()}-{test.slice_index.max()}"
+        assert float(r["through_plane_mae"]) > 0
+    assert (out / "figure2.png").is_file()

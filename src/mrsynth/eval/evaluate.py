@@ -62,6 +62,7 @@ import numpy as np
 from mrsynth.data.context import exact_fraction, prepared_table, run_context_slices
 from mrsynth.data.naming import format_slice_name
 from mrsynth.data.prepared import PreparedData, load_prepared
+from mrsynth.data.slicing import plane_of
 from mrsynth.errors import ConfigError, DataError
 from mrsynth.eval import baselines as bl
 from mrsynth.eval import stats
@@ -543,7 +544,8 @@ def _evaluate_into(
                     models=order, baselines=base)
     subj, k = str(test.subject[fig2_row]), int(test.slice_index[fig2_row])
     figure2({c: test.images[c][fig2_row] for c in pair}, fig2_syn, test.mask[fig2_row], pair,
-            work / "figure2", title=f"Figure 2: {subj}, axial slice {k}", baselines=base)
+            work / "figure2", title=f"Figure 2: {subj}, {plane_of(test.settings)} slice {k}",
+            baselines=base)
     return {
         "format": "mrsynth-eval",
         "version": 1,

@@ -316,15 +316,7 @@ def _predict_volume(
             y_grid[:, :, index], mask[:, :, index], mask_ds.shape[:2], (0, 0), f, offset,
             scale, np.nan)
         return out, n
-    origin = brain_origin(mask_ds, geo.size)
-    lost, span_r, span_c = outline_outside_crop(mask_ds, geo.size, origin)
-    if lost:
-        warn(
-            f"{name}: the brain spans {span_r} x {span_c} voxels in-plane (after downsample "
-            f"{f}), larger than the run's training size {geo.size[0]} x {geo.size[1]}; brain "
-            f"outside the crop ({lost} voxels of its outline) keeps the background value. "
-            "Train on data prepared with a larger --size to translate the whole brain."
-        )
+    origin = _crop_origin(mask_ds, geo, f"{name}: in-plane (after downsample {f})")
     x = slices_first(to_training_grid(
         data[:, :, index], offset, scale, mask_ds[:, :, index], f, geo.size, origin))
     k = run_context_slices(run)  # 2.5-D: neighbours among the slices with brain
@@ -334,6 +326,22 @@ def _predict_volume(
         np.moveaxis(y, 0, -1), mask[:, :, index], mask_ds.shape[:2], origin, f, offset, scale,
         np.nan)
     return out, int(index.size)
+
+
+def _crop_origin(mask: np.ndarray, geo: Geometry, where: str) -> tuple[int, int]:
+    """The crop origin around the brain (as ``prepare``); warns when the brain overflows
+    the run's training size (the brain outside is not translated by this run)."""
+    origin = brain_origin(mask, geo.size)
+    lost, span_r, span_c = outline_outside_crop(mask, geo.size, origin)
+    if lost:
+        warn(
+            f"{where} the brain spans {span_r} x {span_c} voxels, larger than the run's "
+            f"training size {geo.size[0]} x {geo.size[1]}; brain outside the crop ({lost} "
+            "voxels of its outline) is not translated by this run and keeps the background "
+            "value (unless another run of a fusion covers it). Train on data prepared with a "
+            "larger --size to translate the whole brain."
+        )
+    return origin
 
 
 def predict_grid(
@@ -350,15 +358,7 @@ def predict_grid(
     plane sees its training geometry; 2.5-D stacks come from the plane's neighbours."""
     gp, mp = to_plane(grid, geo.plane), to_plane(mask, geo.plane)
     index = np.flatnonzero(mp.any(axis=(0, 1)))
-    origin = brain_origin(mp, geo.size)
-    lost, span_r, span_c = outline_outside_crop(mp, geo.size, origin)
-    if lost:
-        warn(
-            f"{name}: in the {geo.plane} plane the brain spans {span_r} x {span_c} voxels, "
-            f"larger than the run's training size {geo.size[0]} x {geo.size[1]}; brain outside "
-            f"the crop ({lost} voxels of its outline) is not translated by this run. Train on "
-            "data prepared with a larger --size to translate the whole brain."
-        )
+    origin = _crop_origin(mp, geo, f"{name}: in the {geo.plane} plane")
     x = slices_first(crop_or_pad(np.ascontiguousarray(gp[:, :, index]), geo.size, origin,
                                  BACKGROUND))
     k = run_context_slices(run)

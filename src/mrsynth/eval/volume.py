@@ -329,8 +329,9 @@ def _num(x: Any) -> float:
 
 #: What ``mrsynth evaluate`` records in ``eval.json`` about its volume metrics.
 VOLUME_DEFINITIONS = {
-    "assembly": "each test subject's kept slices stacked in axial order (slice axis last) "
-                "at their crop positions; slices whose axial indices differ by the prepared "
+    "assembly": "each test subject's kept slices stacked in slice order (slice axis last; "
+                "axial slices unless the data were prepared in another plane) at their crop "
+                "positions; slices whose indices differ by the prepared "
                 "file's slice step are neighbours, a larger jump starts a new run with an "
                 "empty-mask plane between runs",
     "region": "the prepared brain masks; both volumes z-scored over it",
@@ -346,8 +347,8 @@ VOLUME_DEFINITIONS = {
 #: The explanation above :func:`volume_table` in ``summary.md`` and the HTML report.
 VOLUME_NOTE = (
     "Per test subject, its kept slices stacked back into a volume (runs of neighbouring "
-    "axial slices; no difference is taken across a gap) and scored inside the brain on "
-    "volumes z-scored over the brain: mean ± std over subjects. The through-plane error "
+    "slices in the data's plane; no difference is taken across a gap) and scored inside the "
+    "brain on volumes z-scored over the brain: mean ± std over subjects. The through-plane error "
     "compares slice-to-slice changes with the real volume's (stripes and intensity jumps "
     "raise it); the in-plane error is the same along the in-plane axes. The comparison "
     "with baseline_intensity: paired mean difference of the through-plane error per "
