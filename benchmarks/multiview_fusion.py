@@ -129,6 +129,43 @@ def score(syn: np.ndarray, real: np.ndarray, mask: np.ndarray, z: np.ndarray,
     return {k: float(out[k]) for k in METRICS}
 
 
+def views_figure(dest: Path, subject: str, vols: dict[str, np.ndarray], mask: np.ndarray,
+                 z: np.ndarray) -> None:
+    """Coronal and sagittal planes through the brain's centre of one subject's volumes (on
+    the axial grid: 2 mm pixels in x and y, 1 mm along z, drawn in true proportions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mrsynth.utils import atomic_path
+
+    m = mask.copy()
+    keep = np.zeros(m.shape[2], bool)
+    keep[z] = True
+    m[:, :, ~keep] = False
+    cx, cy, _ = (int(np.median(np.nonzero(m)[i])) for i in range(3))
+    z0, z1 = int(z.min()), int(z.max()) + 1
+    box = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in (0, 1)]
+    x0, x1 = max(int(box[0][0]) - 3, 0), int(box[0][-1]) + 4
+    y0, y1 = max(int(box[1][0]) - 3, 0), int(box[1][-1]) + 4
+    fig, axes = plt.subplots(2, len(vols), figsize=(2.8 * len(vols), 4.6), squeeze=False)
+    for j, (name, v) in enumerate(vols.items()):
+        shown = np.where(m, v, -1.0)
+        for i, (plane, img) in enumerate((("coronal", shown[x0:x1, cy, z0:z1]),
+                                          ("sagittal", shown[cx, y0:y1, z0:z1]))):
+            ax = axes[i, j]
+            ax.imshow(np.rot90(img), cmap="gray", vmin=-1, vmax=1, aspect=0.5)
+            ax.set_title(f"{name}\n{plane}" if i == 0 else plane, fontsize=9)
+            ax.axis("off")
+    fig.suptitle(f"{subject} (test), T1w2T2w, generators_s at the demo's budget: planes "
+                 "across the axial slices", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mrpaired")
@@ -210,6 +247,13 @@ def main() -> None:
                     [preds[(v, seed)] for v in ("coronal", "sagittal")], axis=0)
             cands[("axial-ensemble", -1)] = np.mean([preds[("axial", sd)] for sd in args.seeds],
                                                     axis=0)
+            if s == TEST_SUBJECTS[0] and direction == "T1w2T2w" and not k:
+                seed0 = args.seeds[0]
+                views_figure(REPO / "docs" / "images" / "multiview_fusion_views.png", s,
+                             {f"real {tgt}": e[tgt],
+                              "axial model": cands[("axial", seed0)],
+                              "fused (3 planes)": cands[("fused", seed0)]},
+                             e["mask"], z)
             for (name, seed), syn in cands.items():
                 r = score(syn, e[tgt], e["mask"], z, origin, d.size)
                 rows.append({"subject": s, "split": e["split"], "direction": direction,
