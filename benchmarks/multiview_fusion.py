@@ -16,7 +16,8 @@ subjects' axial grid, both directions:
   ``translate``/``complete`` with the three runs write);
 * ``coronal+sagittal``: the mean of the two other views only;
 * ``axial-ensemble``: the mean of the axial models of all seeds (the control: how much of
-  the fusion's gain any average of independent models gives).
+  the fusion's gain any average of independent models gives);
+* ``axial-mirror``: the axial model with test-time mirroring (``translate --mirror``).
 
 Scores: :func:`mrsynth.eval.volume.volume_metrics` over the brain of the axial slices the
 axial preparation keeps (through-plane error along z, in-plane error, volume MAE, PSNR,
@@ -238,9 +239,15 @@ def main() -> None:
             preds = {(v, seed): predict_volume(load_run(runs[(v, seed)]), e[src], e["mask"],
                                                geos[v], direction)
                      for (v, seed) in runs}
+            if not k:  # test-time mirroring of the axial run (translate --mirror)
+                for seed in args.seeds:
+                    run = load_run(runs[("axial", seed)])
+                    run.mirror = True
+                    preds[("axial-mirror", seed)] = predict_volume(run, e[src], e["mask"],
+                                                                   geos["axial"], direction)
             cands: dict[tuple[str, int], np.ndarray] = {}
             for seed in args.seeds:
-                for v in [*VIEWS, *(["axial-2d"] if k else [])]:
+                for v in [*VIEWS, *(["axial-2d"] if k else ["axial-mirror"])]:
                     cands[(v, seed)] = preds[(v, seed)]
                 cands[("fused", seed)] = np.mean([preds[(v, seed)] for v in VIEWS], axis=0)
                 cands[("coronal+sagittal", seed)] = np.mean(
@@ -266,8 +273,9 @@ def main() -> None:
             base: dict[str, float] = {}
             ref = "axial-2d" if k else "axial"
             for name in ([ref] + [n for n in ("axial", "coronal", "sagittal", "fused",
-                                              "coronal+sagittal", "axial-ensemble")
-                                  if n != ref]):
+                                              "coronal+sagittal", "axial-ensemble",
+                                              "axial-mirror")
+                                  if n != ref and (n != "axial-mirror" or not k)]):
                 rs = [r for r in rows if r["split"] == split and r["direction"] == direction
                       and r["prediction"] == name]
                 row = {"split": split, "direction": direction, "prediction": name,

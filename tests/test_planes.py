@@ -292,3 +292,64 @@ def test_evaluate_scores_a_plane_s_run_on_its_own_slices(plane_runs, plane_files
         assert r["slices"] == f"{test.slice_index.min()}-{test.slice_index.max()}"
         assert float(r["through_plane_mae"]) > 0
     assert (out / "figure2.png").is_file()
+
+
+# --------------------------------------------------------------------------- --mirror
+def test_mirror_averages_with_the_mirrored_slice_s_translation(plane_runs, plane_files):
+    run = load_run_checked(plane_runs["coronal"])
+    # the tiny run's network is nearly constant; an asymmetric 3x3 filter shows the mirroring
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(9.0).reshape(1, 1, 3, 3) / 36)
+    run.generator = lambda direction, stochastic=False: conv
+    d = load_prepared(plane_files["coronal"])
+    rows = np.argsort(d.mask.reshape(len(d), -1).sum(axis=1))[-5:]  # the most brain
+    x = torch.from_numpy(d.images["T1w"][rows][:, None])
+    plain = run.translate(x, "A2B")
+    flipped = run.translate(x.flip(-2), "A2B")
+    run.mirror = True
+    both = run.translate(x, "A2B")
+    torch.testing.assert_close(both, (plain + flipped.flip(-2)) / 2, rtol=1e-5, atol=1e-6)
+    assert (both - plain).abs().mean() > 1e-4  # the model is not mirror-symmetric
+    sag = load_run_checked(plane_runs["sagittal"])
+    with pytest.raises(ConfigError, match="no left-right axis"):
+        sag.mirror = True
+
+
+def test_complete_records_mirror_and_will_not_mix_it_silently(plane_runs, mini_bids, tmp_path,
+                                                             capsys):
+    raw = tmp_path / "raw"
+    shutil.copytree(mini_bids, raw)
+    (raw / "sub-ms19" / "anat" / "sub-ms19_T2w.nii.gz").unlink()
+    side = raw / "derivatives" / "mrsynth" / "sub-ms19" / "anat" / "sub-ms19_desc-simple_T2w.json"
+    _cli("complete", str(raw), "--run", str(plane_runs["axial"]), "--no-qc")
+    plain = nib.load(side.with_name(side.name.replace(".json", ".nii.gz"))).get_fdata()
+    assert json.loads(side.read_text())["MirrorAveraged"] is False
+    capsys.readouterr()
+    # the same checkpoint with --mirror would write something else: refused, not skipped
+    assert main(["complete", str(raw), "--run", str(plane_runs["axial"]), "--mirror",
+                 "--no-qc"]) != 0
+    said = capsys.readouterr()
+    assert "this checkpoint without --mirror" in said.out + said.err
+    _cli("complete", str(raw), "--run", str(plane_runs["axial"]), "--mirror", "--overwrite",
+         "--no-qc")
+    meta = json.loads(side.read_text())
+    assert meta["MirrorAveraged"] is True and "--mirror" in meta["Command"]
+    # (the tiny run's output is nearly constant, so the volumes themselves barely differ;
+    # the mirroring arithmetic is checked above)
+    mirrored = nib.load(side.with_name(side.name.replace(".json", ".nii.gz"))).get_fdata()
+    assert mirrored.shape == plain.shape and np.isfinite(mirrored).all()
+
+
+def test_evaluate_with_mirror_records_it_and_refuses_a_sagittal_run(plane_runs, plane_files,
+                                                                   tmp_path):
+    from mrsynth.eval import evaluate as ev
+
+    out = tmp_path / "eval"
+    ev.evaluate([plane_runs["coronal"]], plane_files["coronal"], out, c2st_steps=2,
+                mirror=True)
+    assert json.loads((out / "eval.json").read_text())["runs"][0]["mirror"] is True
+    with pytest.raises(ConfigError, match="no left-right axis"):
+        ev.evaluate([plane_runs["sagittal"]], plane_files["sagittal"], tmp_path / "e2",
+                    c2st_steps=2, mirror=True)
+    assert not (tmp_path / "e2").exists()

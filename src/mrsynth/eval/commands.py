@@ -13,6 +13,9 @@ console = Console(stderr=True)
 
 STOCHASTIC_HELP = ("Keep latent noise and dropout on at inference (UNIT), as the study's Keras "
                    "code did: outputs vary between calls. Default: deterministic.")
+MIRROR_HELP = ("Average every slice's translation with that of the slice mirrored left-right "
+               "(test-time mirroring): twice the inference time, a little lower error. "
+               "Not for sagittal runs.")
 
 
 CHECKPOINT_HELP = ("Weights to use: latest, best (the epoch with the best validation score; "
@@ -48,6 +51,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per batch."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
         stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
+        mirror: bool = typer.Option(False, "--mirror", help=MIRROR_HELP),
         checkpoint: str = typer.Option("latest", "--checkpoint", help=CHECKPOINT_HELP),
     ) -> None:
         """Translate NIfTI volumes (every slice in the run's plane) or 2-D images with a
@@ -57,7 +61,7 @@ def register(app: typer.Typer) -> None:
 
         res = translate_path(run, direction, input, output, device=str(resolve_device(device)),
                              batch_size=batch_size, overwrite=overwrite, stochastic=stochastic,
-                             checkpoint=checkpoint, log=_log)
+                             mirror=mirror, checkpoint=checkpoint, log=_log)
         rate = res["slices"] / res["seconds"] if res["seconds"] > 0 else float("inf")
         typer.echo(
             f"Translated {res['files']} file(s), {res['slices']} slices in "
@@ -107,6 +111,7 @@ def register(app: typer.Typer) -> None:
             "accuracy is reported beside the C2ST score (model names = model labels)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing EVAL_DIR."),
         stochastic: bool = typer.Option(False, "--stochastic", help=STOCHASTIC_HELP),
+        mirror: bool = typer.Option(False, "--mirror", help=MIRROR_HELP),
         checkpoint: str = typer.Option("latest", "--checkpoint", help=CHECKPOINT_HELP),
         max_subjects: int | None = typer.Option(
             None, "--max-subjects", min=1, help="Evaluate a sample of this many test subjects "
@@ -121,7 +126,7 @@ def register(app: typer.Typer) -> None:
         ev = evaluate(all_runs, data, out, region=region, bins=bins,
                       batch_size=batch_size, device=str(resolve_device(device)),
                       c2st_steps=c2st_steps, seed=seed, study=study, overwrite=overwrite,
-                      stochastic=stochastic, checkpoint=checkpoint,
+                      stochastic=stochastic, mirror=mirror, checkpoint=checkpoint,
                       max_subjects=max_subjects, log=_log)
         typer.echo(summary_markdown(ev))
         typer.echo(f"Evaluation written to {ev}")

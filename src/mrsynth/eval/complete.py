@@ -242,16 +242,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def mark_existing(jobs: Sequence[Job], overwrite: bool) -> None:
-    """``skip`` what a previous run of the same checkpoint wrote completely; ``conflict``
-    outputs from another checkpoint (unless ``overwrite``, which redoes everything)."""
+def mark_existing(jobs: Sequence[Job], overwrite: bool, mirror: bool = False) -> None:
+    """``skip`` what a previous run of the same checkpoint (and ``--mirror`` setting) wrote
+    completely; ``conflict`` outputs from another checkpoint or the other ``--mirror``
+    setting (unless ``overwrite``, which redoes everything)."""
     for j in jobs:
         if overwrite or not j.output.exists():
             continue
         meta = _read_json(j.sidecar)
         if meta is None:  # interrupted between the volume and its sidecar: ours, redo it
             continue
-        if meta.get("CheckpointSHA256") == j.run.sha256:
+        if (meta.get("CheckpointSHA256") == j.run.sha256
+                and bool(meta.get("MirrorAveraged", False)) != mirror):
+            j.status = "conflict"
+            j.message = (f"exists from this checkpoint {'without' if mirror else 'with'} "
+                         "--mirror; --overwrite replaces it")
+        elif meta.get("CheckpointSHA256") == j.run.sha256:
             j.status = "skip"
             j.message = "already written by this checkpoint"
             j.metrics = meta.get("ValidationMetrics")
@@ -598,6 +604,7 @@ def run_job(j: Job, root: Path, out: Path, index: Any, cache: dict, *, batch_siz
         "Checkpoint": j.run.checkpoint,
         "CheckpointEpoch": int(getattr(j.run.run, "epoch", 0)),
         "CheckpointSHA256": j.run.sha256,
+        "MirrorAveraged": bool(j.run.run.mirror),
         **({"FusedRuns": [{"Run": str(m.path.resolve()), "Plane": m.plane,
                            "Checkpoint": m.checkpoint, "CheckpointSHA256": m.sha256}
                           for m in j.run.members]} if j.run.members else {}),
@@ -785,7 +792,7 @@ class CompleteResult:
 
 
 def command_line(bids_dir: Path, runs: Sequence[Path], out: Path | None, validate: bool,
-                 overwrite: bool, device: str, batch_size: int) -> str:
+                 overwrite: bool, device: str, batch_size: int, mirror: bool = False) -> str:
     parts = ["mrsynth", "complete", str(bids_dir)]
     for r in runs:
         parts += ["--run", str(r)]
@@ -794,6 +801,7 @@ def command_line(bids_dir: Path, runs: Sequence[Path], out: Path | None, validat
     parts += ["--device", device, "--batch-size", str(batch_size)]
     parts += ["--validate"] if validate else []
     parts += ["--overwrite"] if overwrite else []
+    parts += ["--mirror"] if mirror else []
     return shlex.join(parts)
 
 
@@ -824,6 +832,7 @@ def complete_dataset(
     command: str | None = None,
     log: Log | None = None,
     progress: Callable[[Job, int, int], None] | None = None,
+    mirror: bool = False,
 ) -> CompleteResult:
     """Plan and (unless ``dry_run``) write the derivative; see the module docstring.
 
@@ -837,6 +846,9 @@ def complete_dataset(
     dest = Path(out) if out is not None else default_out(root)
     check_output_folder(root, dest, overwrite)
     runs = load_runs(run_dirs, device)
+    for r in runs:  # --mirror: every run (a fusion's members too) mirrors its slices
+        for m in r.members or (r,):
+            m.run.mirror = mirror
     have = set(index.contrasts)
     for r in runs:
         if not have & set(r.contrasts):
@@ -846,16 +858,16 @@ def complete_dataset(
                 " Use a run trained on contrasts the data set holds."
             )
     jobs = plan_jobs(index, root, dest, runs, validate)
-    mark_existing(jobs, overwrite)
+    mark_existing(jobs, overwrite, mirror)
     result = CompleteResult(dest, jobs, dry_run=dry_run)
     if dry_run:
         return result
     conflicts = [j for j in jobs if j.status == "conflict"]
     if conflicts:
-        listed = "; ".join(str(j.output) for j in conflicts[:3])
+        listed = "; ".join(f"{j.output}: {j.message}" for j in conflicts[:3])
         more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
         raise OutputExistsError(
-            f"{len(conflicts)} output(s) already exist from another checkpoint ({listed}{more}). "
+            f"{len(conflicts)} output(s) already exist, written differently ({listed}{more}). "
             "Pass --overwrite to replace them, or choose another --out. Nothing was written."
         )
     todo = [j for j in jobs if j.status == "todo"]
@@ -863,7 +875,7 @@ def complete_dataset(
         return result
     write_dataset_description(root, dest)
     cmd = command or command_line(root, [r.path for r in runs], None if out is None else dest,
-                                  validate, overwrite, device, batch_size)
+                                  validate, overwrite, device, batch_size, mirror)
     cache: dict = {}
     for i, j in enumerate(todo):
         if progress:

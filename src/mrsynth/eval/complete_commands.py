@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mrsynth.eval.commands import MIRROR_HELP
+
 _STATUS = {
     "todo": "[cyan]to write[/cyan]",
     "skip": "[dim]exists, skipped[/dim]",
@@ -90,6 +92,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per batch."),
         qc: bool = typer.Option(True, "--qc/--no-qc", help="QC figures and qc.html."),
+        mirror: bool = typer.Option(False, "--mirror", help=MIRROR_HELP),
     ) -> None:
         """Synthesise every subject's missing contrasts as a BIDS derivative (and validate)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -100,7 +103,8 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         con = Console(width=None if sys.stdout.isatty() else 160)
         dev = str(resolve_device(device))
-        cmd = command_line(bids_dir, run, out, validate, overwrite, device, batch_size)
+        cmd = command_line(bids_dir, run, out, validate, overwrite, device, batch_size,
+                           mirror)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task("subjects", total=None)
@@ -114,7 +118,8 @@ def register(app: typer.Typer) -> None:
 
             res = complete_dataset(bids_dir, run, out, dry_run=dry_run, validate=validate,
                                    overwrite=overwrite, device=dev, batch_size=batch_size,
-                                   qc=qc, command=cmd, log=log, progress=tick)
+                                   qc=qc, command=cmd, log=log, progress=tick,
+                                   mirror=mirror)
         if not res.jobs:
             con.print(f"Nothing to do: no subject of {escape(str(bids_dir))} lacks a contrast "
                       "the runs can produce" + (" or has one to validate." if validate else

@@ -275,6 +275,7 @@ def evaluate(
     checkpoint: str | int = "latest",
     max_subjects: int | None = None,
     log: Log = _noop,
+    mirror: bool = False,
 ) -> Path:
     """Evaluate runs on ``data_path``'s test split; return ``out_dir`` (see module docstring).
 
@@ -282,7 +283,9 @@ def evaluate(
     score on the validation split, never the test split) or an epoch number.
 
     ``stochastic`` keeps latent noise and dropout on at inference (UNIT, as the study's Keras
-    port did), drawn from ``seed``; the runs' entries in ``eval.json`` record it.
+    port did), drawn from ``seed``; the runs' entries in ``eval.json`` record it, and
+    ``mirror`` (every run averages each slice's translation with the mirrored slice's,
+    :attr:`~mrsynth.train.runs.LoadedRun.mirror`).
 
     ``max_subjects`` evaluates a sample of that many test subjects drawn with ``seed`` (for
     test splits too large to hold in memory; only their slices are read from a store)."""
@@ -305,6 +308,7 @@ def evaluate(
         rd = Path(rd)
         run = load_run_checked(rd, device, checkpoint)
         run.stochastic = stochastic
+        run.mirror = mirror
         check_compatible(run, rd, data)
         contrasts = tuple(run.contrasts)
         if pair is None:
@@ -489,6 +493,7 @@ def _evaluate_into(
         run_info.append({"label": label, "model": run.model_name, "run_dir": str(rd.resolve()),
                          "contrasts": list(run.contrasts), "config": run.config,
                          "metrics": run.metrics, "stochastic": run.stochastic,
+                         "mirror": run.mirror,
                          "checkpoint": run.checkpoint.name, "epoch": run.epoch})
     for d in dirs:
         t0 = time.perf_counter()

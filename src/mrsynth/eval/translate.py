@@ -597,13 +597,15 @@ def translate_path(
     stochastic: bool = False,
     checkpoint: str | int = "latest",
     log: Log = _noop,
+    mirror: bool = False,
 ) -> dict[str, Any]:
     """Translate a file or folder; returns counts and timing (slices, files, seconds).
 
     ``stochastic`` keeps latent noise and dropout on (UNIT, as the study's Keras port did):
-    each call then writes a different sample. Several ``run_dir`` (the same contrasts,
-    usually one run per plane) are fused: every NIfTI output is the voxel-wise mean of their
-    translations (:func:`translate_array_volume`)."""
+    each call then writes a different sample; ``mirror`` averages every slice's translation
+    with the mirrored slice's (:attr:`~mrsynth.train.runs.LoadedRun.mirror`). Several
+    ``run_dir`` (the same contrasts, usually one run per plane) are fused: every NIfTI
+    output is the voxel-wise mean of their translations (:func:`translate_array_volume`)."""
     src, dest = Path(src), Path(dest)
     if not src.exists():
         raise DataError(f"Input {src} does not exist.")
@@ -614,6 +616,7 @@ def translate_path(
     for rd in run_dirs:
         run = load_run_checked(rd, device, checkpoint)
         run.stochastic = stochastic
+        run.mirror = mirror
         if stochastic and not run.model.stochastic_inference:
             log(f"{run.model_name} has no noise or dropout at inference; --stochastic changes "
                 "nothing")

@@ -59,7 +59,26 @@ class LoadedRun:
         self.device = device
         #: Default of ``translate(stochastic=...)``: keep latent noise/dropout on at inference.
         self.stochastic = False
+        self._mirror = False
         self._generators: dict[tuple[str, bool], nn.Module] = {}
+
+    @property
+    def mirror(self) -> bool:
+        """Whether ``translate`` averages each output with the translation of the slice
+        mirrored left-right (test-time mirroring, as nnU-Net does by default): twice the
+        inference, a slightly better estimate (docs/evaluation.md)."""
+        return self._mirror
+
+    @mirror.setter
+    def mirror(self, on: bool) -> None:
+        from mrsynth.data.slicing import plane_of
+
+        if on and plane_of(self.data_settings) == "sagittal":
+            raise ConfigError(
+                f"--mirror averages with the left-right mirrored slice, but the run "
+                f"{self.run_dir} translates sagittal slices, which have no left-right axis. "
+                "Leave --mirror off for it.")
+        self._mirror = bool(on)
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -94,7 +113,8 @@ class LoadedRun:
         same shape. A 2.5-D run takes stacks (N,2k+1,H,W) and returns (N,1,H,W).
         Resamples to the run's internal size and back when needed.
         ``stochastic`` (default: the run's ``stochastic`` attribute) samples a new output
-        each call for models with inference noise (UNIT)."""
+        each call for models with inference noise (UNIT); with :attr:`mirror` each output is
+        averaged with the mirrored slice's, mirrored back."""
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
         squeeze = t.ndim == 3
         if squeeze:
@@ -112,6 +132,8 @@ class LoadedRun:
         for i in range(0, t.shape[0], batch_size):
             xb = t[i : i + batch_size].to(self.device, torch.float32)
             yb = gen(resample(xb, inner)).float()
+            if self._mirror:  # rows run left-right in axial and coronal slices
+                yb = (yb + gen(resample(xb.flip(-2), inner)).float().flip(-2)) / 2
             outs.append(resample(yb, size).cpu())  # type: ignore[arg-type]
         out = torch.cat(outs) if outs else torch.empty_like(t[:, :1], dtype=torch.float32)
         return out[:, 0] if squeeze else out
