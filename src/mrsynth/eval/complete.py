@@ -96,6 +96,11 @@ class RunInfo:
         return str(self.run.model_name)
 
     @property
+    def parts(self) -> tuple[RunInfo, ...]:
+        """The runs that translate: a fusion's members, or this run alone."""
+        return self.members or (self,)
+
+    @property
     def plane(self) -> str:
         from mrsynth.data.slicing import plane_of
 
@@ -242,22 +247,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def mark_existing(jobs: Sequence[Job], overwrite: bool, mirror: bool = False) -> None:
-    """``skip`` what a previous run of the same checkpoint (and ``--mirror`` setting) wrote
-    completely; ``conflict`` outputs from another checkpoint or the other ``--mirror``
-    setting (unless ``overwrite``, which redoes everything)."""
+def mark_existing(jobs: Sequence[Job], overwrite: bool) -> None:
+    """``skip`` what a previous run of the same checkpoint (and ``--mirror`` setting, the
+    job's run's) wrote completely; ``conflict`` outputs from another checkpoint or the other
+    ``--mirror`` setting (unless ``overwrite``, which redoes everything)."""
     for j in jobs:
         if overwrite or not j.output.exists():
             continue
         meta = _read_json(j.sidecar)
         if meta is None:  # interrupted between the volume and its sidecar: ours, redo it
             continue
-        if (meta.get("CheckpointSHA256") == j.run.sha256
-                and bool(meta.get("MirrorAveraged", False)) != mirror):
+        mirror = bool(j.run.run.mirror)
+        same_checkpoint = meta.get("CheckpointSHA256") == j.run.sha256
+        if same_checkpoint and bool(meta.get("MirrorAveraged", False)) != mirror:
             j.status = "conflict"
             j.message = (f"exists from this checkpoint {'without' if mirror else 'with'} "
                          "--mirror; --overwrite replaces it")
-        elif meta.get("CheckpointSHA256") == j.run.sha256:
+        elif same_checkpoint:
             j.status = "skip"
             j.message = "already written by this checkpoint"
             j.metrics = meta.get("ValidationMetrics")
@@ -493,12 +499,8 @@ def synthesise(data: np.ndarray, mask: np.ndarray, r: RunInfo, d: Any, *, batch_
     from mrsynth.data.normalise import fit_scale
     from mrsynth.eval.translate import translate_array_volume
 
-    if r.members:
-        out, _ = translate_array_volume(data, [(m.run, m.geo) for m in r.members], d,
-                                        batch_size=batch_size, device=device, name=name)
-    else:
-        out, _ = translate_array_volume(data, r.run, d, r.geo, batch_size=batch_size,
-                                        device=device, name=name)
+    out, _ = translate_array_volume(data, [(m.run, m.geo) for m in r.parts], d,
+                                    batch_size=batch_size, device=device, name=name)
     # translate_array_volume maps back with the source's own scale and gives every voxel
     # it did not translate the source's background value: undo the former, find the latter
     offset, scale = fit_scale(data, mask, r.geo.percentiles, name=name)
@@ -847,7 +849,7 @@ def complete_dataset(
     check_output_folder(root, dest, overwrite)
     runs = load_runs(run_dirs, device)
     for r in runs:  # --mirror: every run (a fusion's members too) mirrors its slices
-        for m in r.members or (r,):
+        for m in r.parts:
             m.run.mirror = mirror
     have = set(index.contrasts)
     for r in runs:
@@ -858,7 +860,7 @@ def complete_dataset(
                 " Use a run trained on contrasts the data set holds."
             )
     jobs = plan_jobs(index, root, dest, runs, validate)
-    mark_existing(jobs, overwrite, mirror)
+    mark_existing(jobs, overwrite)
     result = CompleteResult(dest, jobs, dry_run=dry_run)
     if dry_run:
         return result

@@ -274,9 +274,7 @@ def translate_array_volume(
     (multi-view fusion; a voxel one run left out, outside its crop, is the mean of the
     others). All runs share the input's mask, offset and scale, so their outputs are in the
     same units."""
-    members = [(run, geo)] if geo is not None else list(run)  # type: ignore[arg-type]
-    if not members:
-        raise ValueError("translate_array_volume needs at least one run")
+    members = _members(run, geo)
     mask = brain_mask(data)
     if not mask.any():
         raise DataError(f"{name}: no brain/foreground found; the volume looks empty.")
@@ -295,6 +293,15 @@ def translate_array_volume(
     fused = np.full(data.shape, fill, dtype=np.float64)
     np.divide(total, count, out=fused, where=count > 0)
     return fused.astype(np.float32), n
+
+
+def _members(run: LoadedRun | Sequence[tuple[LoadedRun, Geometry]],
+             geo: Geometry | None) -> list[tuple[LoadedRun, Geometry]]:
+    """``(run, geo)`` pairs from one run and its geometry, or from a list of pairs."""
+    members = [(run, geo)] if geo is not None else list(run)  # type: ignore[arg-type]
+    if not members:
+        raise ValueError("translating needs at least one run")
+    return members  # type: ignore[return-value]
 
 
 def _predict_volume(
@@ -389,10 +396,10 @@ def translate_volume(
     (:func:`translate_array_volume`)."""
     on_disk = open_image(src)
     vol = load_volume(src)
-    out, n = translate_array_volume(vol.data, run, d, geo, batch_size=batch_size, device=device,
+    members = _members(run, geo)
+    out, n = translate_array_volume(vol.data, members, d, batch_size=batch_size, device=device,
                                     name=str(src))
-    model = run.model_name if geo is not None else fused_name(  # type: ignore[union-attr]
-        [r for r, _ in run])  # type: ignore[union-attr]
+    model = fused_name([r for r, _ in members])
     arr = from_canonical(out, vol.original).astype(np.float32)
     if tuple(arr.shape) != tuple(on_disk.shape) and arr.size == int(np.prod(on_disk.shape)):
         arr = arr.reshape(on_disk.shape)  # 2-D NIfTI or a single-volume 4-D file
@@ -658,9 +665,6 @@ def translate_path(
         if not s.name.lower().endswith(NIFTI_SUFFIXES):
             n = translate_image(s, o, run, d, members[0][1], batch_size=batch_size,
                                 device=device)
-        elif len(members) == 1:
-            n = translate_volume(s, o, run, d, members[0][1], batch_size=batch_size,
-                                 device=device)
         else:
             n = translate_volume(s, o, members, d, None, batch_size=batch_size, device=device)
         slices += n
