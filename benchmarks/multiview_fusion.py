@@ -17,7 +17,9 @@ subjects' axial grid, both directions:
 * ``coronal+sagittal``: the mean of the two other views only;
 * ``axial-ensemble``: the mean of the axial models of all seeds (the control: how much of
   the fusion's gain any average of independent models gives);
-* ``axial-mirror``: the axial model with test-time mirroring (``translate --mirror``).
+* ``axial-mirror``: the axial model with test-time mirroring (``translate --mirror``);
+* ``baseline_intensity`` / ``baseline_mean``: ``evaluate``'s trivial baselines (the
+  intensity lookup table fitted on the training split; the brain's mean per slice).
 
 Scores: :func:`mrsynth.eval.volume.volume_metrics` over the brain of the axial slices the
 axial preparation keeps (through-plane error along z, in-plane error, volume MAE, PSNR,
@@ -45,6 +47,7 @@ from mrsynth.data.normalise import BACKGROUND
 from mrsynth.data.prepare import prepare_dataset
 from mrsynth.data.prepared import PreparedData, load_prepared
 from mrsynth.data.slicing import PLANES, crop_or_pad, slices_first
+from mrsynth.eval import baselines as bl
 from mrsynth.eval import volume as vol
 from mrsynth.eval.common import Direction
 from mrsynth.eval.translate import Geometry, predict_grid
@@ -228,6 +231,8 @@ def main() -> None:
                 print(f"trained {rd.name} in {time.perf_counter() - t:.0f} s", flush=True)
     if args.train_only:
         return
+    luts = {f"{a}2{b}": bl.fit_on_training_split(d, a, b)
+            for a, b in (("T1w", "T2w"), ("T2w", "T1w"))}
     rows: list[dict[str, Any]] = []
     for s in TEST_SUBJECTS + VAL_SUBJECTS:
         e = vols[s]
@@ -254,6 +259,11 @@ def main() -> None:
                     [preds[(v, seed)] for v in ("coronal", "sagittal")], axis=0)
             cands[("axial-ensemble", -1)] = np.mean([preds[("axial", sd)] for sd in args.seeds],
                                                     axis=0)
+            # the trivial baselines evaluate scores: the lookup table fitted on the training
+            # split, and the brain's mean everywhere inside it (per axial slice)
+            cands[("baseline_intensity", -1)] = luts[direction].predict(e[src], e["mask"])
+            cands[("baseline_mean", -1)] = np.moveaxis(bl.predict_mean(
+                np.moveaxis(e[tgt], -1, 0), np.moveaxis(e["mask"], -1, 0)), 0, -1)
             if s == TEST_SUBJECTS[0] and direction == "T1w2T2w" and not k:
                 seed0 = args.seeds[0]
                 views_figure(REPO / "docs" / "images" / "multiview_fusion_views.png", s,
@@ -274,7 +284,8 @@ def main() -> None:
             ref = "axial-2d" if k else "axial"
             for name in ([ref] + [n for n in ("axial", "coronal", "sagittal", "fused",
                                               "coronal+sagittal", "axial-ensemble",
-                                              "axial-mirror")
+                                              "axial-mirror", "baseline_intensity",
+                                              "baseline_mean")
                                   if n != ref and (n != "axial-mirror" or not k)]):
                 rs = [r for r in rows if r["split"] == split and r["direction"] == direction
                       and r["prediction"] == name]
