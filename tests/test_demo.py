@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import one_torch_thread
 from mrsynth.cli import main
 from mrsynth.data.prepared import load_prepared
 from mrsynth.eval.baselines import BASELINES
 from mrsynth.models.base import model_names
+from mrsynth.utils import available_cores
 
 SMALL = ["--subjects", "3", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
          "--downsample", "3", "--slice-step", "3", "--c2st-steps", "10", "--device", "cpu",
@@ -145,6 +147,26 @@ def test_demo_test_subjects_on_a_bids_subset(mini_bids, tmp_path, capsys):
     assert not (out / "data" / "prepared.npz").exists()
 
 
+def test_demo_on_few_real_subjects_trains_every_one(mini_bids, tmp_path, capsys):
+    """The default --val-fraction keeps no validation split with fewer than VAL_MIN_SUBJECTS
+    non-test subjects: every one trains, the last epoch is evaluated, and the demo says so."""
+    from mrsynth.demo import VAL_MIN_SUBJECTS
+
+    assert VAL_MIN_SUBJECTS > 2  # mini_bids: three subjects, one of them for the test
+    out = tmp_path / "few"
+    args = ["demo", "--out", str(out), "--data", str(mini_bids), "--test-subjects", "sub-ms19",
+            "--models", "simple", "--epochs", "1", "--steps-per-epoch", "2", "--size", "36",
+            "--downsample", "6", "--slice-step", "6", "--c2st-steps", "5", "--device", "cpu"]
+    assert main(args) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    d = load_prepared(out / "data" / "prepared.npz")
+    assert not d.has_split("val")
+    assert d.settings["train_subjects"] == ["sub-bratscase", "sub-met00110"]
+    assert "no validation split is kept" in err and "checkpoints: latest" in err
+    man = json.loads((out / "eval" / "eval.json").read_text())
+    assert [r["checkpoint"] for r in man["runs"]] == ["latest"]
+
+
 def test_demo_steps_per_epoch_per_model():
     """Simple's steps are cheap, so the demo gives it more; the paired U-Net models and
     unpaired CycleGAN see whole slices (4 x the pixels of a 64-px patch at the demo's 128 px),
@@ -179,6 +201,11 @@ def test_demo_trains_models_in_parallel_processes_with_the_same_weights(tmp_path
                      "--jobs", str(jobs)]) == 0
         inv = json.loads((tmp_path / f"j{jobs}" / "demo.json").read_text())["invocations"]
         assert inv[-1]["jobs"] == jobs
+        # evaluation runs alone, with the threads of all training jobs (at most the cores)
+        env = json.loads((tmp_path / f"j{jobs}" / "eval" / "eval.json").read_text())[
+            "environment"]
+        assert env["torch_threads"] == min(jobs, available_cores())
+        assert torch.get_num_threads() == 1  # the caller's setting is back
     err = capsys.readouterr().err
     assert "2 models at a time" in err
     for m in ("generators_s", "cyclegan"):
@@ -197,6 +224,19 @@ def test_default_demo_jobs_use_the_cores(monkeypatch):
     assert demo.default_jobs("cpu") == 1
     monkeypatch.setattr(utils, "available_cores", lambda: 64)
     assert demo.default_jobs("cpu") == 4
+
+
+def test_demo_evaluation_threads_are_the_training_jobs_cores(monkeypatch):
+    from mrsynth import demo, utils
+
+    monkeypatch.setattr(utils, "available_cores", lambda: 2)
+    monkeypatch.setattr(demo, "torch_threads", lambda: 1)
+    assert demo.eval_thread_count("cpu", None, 1) == 2  # two jobs of one thread
+    assert demo.eval_thread_count("cpu", 1, 1) == 1  # --jobs 1: what the user asked for
+    assert demo.eval_thread_count("cpu", 4, 1) == 2  # never more than the cores
+    monkeypatch.setattr(utils, "available_cores", lambda: 16)
+    assert demo.eval_thread_count("cpu", None, 1) == 4  # default_jobs caps at 4
+    assert demo.eval_thread_count("cpu", 2, 3) == 6
 
 
 @pytest.mark.parametrize("how", ["SIGTERM to the demo", "Ctrl-C at the terminal"])

@@ -91,6 +91,30 @@ def test_bad_val_subjects_are_refused(mini_bids: Path, tmp_path: Path, val, mess
     assert not (tmp_path / "bad.npz").exists()
 
 
+def test_val_fraction_needs_enough_training_subjects(mini_bids: Path, tmp_path: Path):
+    """``val_min_subjects`` (the demo's rule): a drawn validation split only when that many
+    subjects are left after the test split; named validation subjects are kept anyway."""
+    from mrsynth.data import DataWarning
+
+    with pytest.warns(DataWarning, match="Only 2 participant\\(s\\) outside the test split"):
+        d = load_prepared(prepare_dataset(mini_bids, tmp_path / "few.npz",
+                                          test_subjects=["sub-ms19"], val_fraction=0.5,
+                                          val_min_subjects=3, **KW))
+    assert not d.has_split("val") and d.settings["val_method"] == "none"
+    assert d.settings["train_subjects"] == ["sub-bratscase", "sub-met00110"]
+    assert any("--val-subjects" in w for w in d.settings["warnings"])
+    # enough subjects: the same split as without the rule
+    d2 = load_prepared(prepare_dataset(mini_bids, tmp_path / "enough.npz",
+                                       test_subjects=["sub-ms19"], val_fraction=0.5,
+                                       val_min_subjects=2, **KW))
+    assert d2.settings["val_method"] == "seed" and len(d2.settings["val_subjects"]) == 1
+    named = load_prepared(prepare_dataset(mini_bids, tmp_path / "named.npz",
+                                          test_subjects=["sub-ms19"],
+                                          val_subjects=["sub-bratscase"], val_min_subjects=3,
+                                          **KW))
+    assert named.settings["val_subjects"] == ["sub-bratscase"]
+
+
 def test_bad_val_fraction_is_refused(mini_bids: Path, tmp_path: Path, capsys):
     rc = main(["data", "prepare", str(mini_bids), "--out", str(tmp_path / "x.npz"),
                "--val-fraction", "1.5"])

@@ -34,15 +34,17 @@ _LAYOUT_HELP = "Force the layout: bids, hcp or folders (default: detect)."
 
 
 @contextlib.contextmanager
-def _print_data_warnings() -> Iterator[None]:
-    """Show DataWarnings as one-line notices on stderr instead of Python's warning format."""
+def print_data_warnings(to: Console | None = None) -> Iterator[None]:
+    """Show DataWarnings as one-line notices on ``to`` (default stderr) instead of Python's
+    warning format."""
+    out = to or err_console
     with warnings.catch_warnings():
         warnings.simplefilter("always", DataWarning)
         original = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
             if issubclass(category, DataWarning):
-                err_console.print(f"[yellow]Warning:[/yellow] {escape(str(message))}",
+                out.print(f"[yellow]Warning:[/yellow] {escape(str(message))}",
                                   highlight=False, soft_wrap=True)
             else:
                 original(message, category, filename, lineno, file, line)
@@ -89,7 +91,7 @@ def info_cmd(
     if path != "builtin" and ((p.is_file() and p.suffix == ".npz") or is_store(p)):
         _prepared_info(p, as_json)
         return
-    with _print_data_warnings():
+    with print_data_warnings():
         info = inspect_dataset(path, layout=layout, contrasts=_split_list(contrasts),
                                n_subjects=n_subjects, seed=seed)
     if as_json:
@@ -283,7 +285,7 @@ def prepare_cmd(
 
     cs = list(contrasts) + [c for c in (_split_list(extra_contrast) or []) if c not in contrasts]
     t0 = time.perf_counter()
-    with _print_data_warnings():
+    with print_data_warnings():
         path = prepare_dataset(
             source, out, contrasts=cs, size=size, slices=slices, slice_step=slice_step,
             downsample=downsample, test_fraction=test_fraction,

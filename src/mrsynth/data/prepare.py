@@ -239,8 +239,11 @@ VAL_SEED_OFFSET = 7919
 def _resolve_val(
     idx: DatasetIndex, records: list[SubjectRecord], test: set[str],
     val_subjects: Sequence[str] | None, val_fraction: float, seed: int, warnings_out: list[str],
+    val_min_subjects: int = 2,
 ) -> tuple[set[str], str]:
-    """Validation participants, taken out of those not in the test split."""
+    """Validation participants, taken out of those not in the test split. A split drawn by
+    ``val_fraction`` needs at least ``val_min_subjects`` non-test participants (else none is
+    kept, with a warning); named ``val_subjects`` are always kept."""
     if idx.layout == "folders":
         pool = sorted({r.participant for r in records if r.split != "test"})
     else:
@@ -269,9 +272,11 @@ def _resolve_val(
         return val, "given"
     if val_fraction <= 0:
         return set(), "none"
-    if len(pool) < 2:
-        warn(f"Only {len(pool)} training participant(s): no validation split is kept "
-             f"(--val-fraction {val_fraction}).", warnings_out)
+    if len(pool) < max(2, val_min_subjects):
+        warn(f"Only {len(pool)} participant(s) outside the test split: no validation split is kept "
+             f"(--val-fraction {val_fraction} needs at least {max(2, val_min_subjects)}); every "
+             "one trains. Name validation subjects (--val-subjects) to keep one anyway.",
+             warnings_out)
         return set(), "none"
     return set(split_participants(pool, val_fraction, seed + VAL_SEED_OFFSET)), "seed"
 
@@ -496,6 +501,7 @@ def prepare_dataset(
     split_from: str | os.PathLike[str] | None = None,
     val_fraction: float = 0.0,
     val_subjects: Sequence[str] | None = None,
+    val_min_subjects: int = 2,
     seed: int = 0,
     layout: str | None = None,
     unpaired: bool = False,
@@ -530,7 +536,8 @@ def prepare_dataset(
     are missing; ``finalize`` only writes the index once every part ran. A subject that
     cannot be prepared is reported and skipped (``strict``: an error). See ``docs/data.md``.
     Every input problem raises :class:`~mrsynth.errors.MrsynthError`; ``out`` only ever
-    appears complete. Returns ``out``.
+    appears complete. ``val_fraction`` keeps a validation split only when at least
+    ``val_min_subjects`` participants are not in the test split. Returns ``out``.
     """
     from mrsynth.data.prepare_parallel import prepare_store
 
@@ -540,7 +547,8 @@ def prepare_dataset(
         progress=progress, contrasts=contrasts, size=size, slices=slices,
         slice_step=slice_step, downsample=downsample, test_fraction=test_fraction,
         test_subjects=test_subjects, split_from=split_from, val_fraction=val_fraction,
-        val_subjects=val_subjects, seed=seed, layout=layout, unpaired=unpaired,
+        val_subjects=val_subjects, val_min_subjects=val_min_subjects, seed=seed,
+        layout=layout, unpaired=unpaired,
         resample=resample, n_subjects=n_subjects, resolution=resolution,
         percentiles=percentiles, plane=plane,
     )

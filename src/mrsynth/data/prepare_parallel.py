@@ -105,9 +105,9 @@ def make_plan(
     size: Sequence[int] = (256, 256), slices: str | int = DEFAULT_SLICES, slice_step: int = 1,
     downsample: int = 1, test_fraction: float = 0.2, test_subjects: Sequence[str] | None = None,
     split_from: str | os.PathLike[str] | None = None, val_fraction: float = 0.0,
-    val_subjects: Sequence[str] | None = None, seed: int = 0, layout: str | None = None,
-    unpaired: bool = False, strict: bool = False, resample: bool = False,
-    n_subjects: int | None = None, resolution: float | None = None,
+    val_subjects: Sequence[str] | None = None, val_min_subjects: int = 2, seed: int = 0,
+    layout: str | None = None, unpaired: bool = False, strict: bool = False,
+    resample: bool = False, n_subjects: int | None = None, resolution: float | None = None,
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES, plane: str = "axial",
 ) -> Plan:
     """Index ``source``, choose the subjects and draw the split (no image is processed)."""
@@ -175,7 +175,8 @@ def make_plan(
         from mrsynth.data.prepare import read_split_val
 
         val_subjects = read_split_val(split_from) or None  # the earlier file's, if any
-    val, val_method = _resolve_val(idx, records, test, val_subjects, val_fraction, seed, notes)
+    val, val_method = _resolve_val(idx, records, test, val_subjects, val_fraction, seed, notes,
+                                   val_min_subjects)
     splits = [rec.split or ("test" if rec.participant in test else "train") for rec in records]
     splits = ["val" if s == "train" and rec.participant in val else s
               for rec, s in zip(records, splits, strict=True)]
