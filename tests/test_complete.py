@@ -206,6 +206,45 @@ def test_validation_metrics_match_a_recomputation(completed):
         assert -1 < float(r["ssim"]) < 1 and float(r["through_plane_mae"]) > 0
         side = json.loads((out / r["output"].replace(".nii.gz", ".json")).read_text())
         assert side["ValidationMetrics"]["mae"] == pytest.approx(float(r["mae"]))
+        # sub-met00110 is in the run's test split: an unseen subject
+        assert r["run_split"] == "test" and side["RunDataSplit"] == "test"
+    _, _, _, stdout, *_ = completed
+    assert "unseen" in stdout and "seen in training" not in stdout
+
+
+def test_validation_of_subjects_the_run_trained_on_is_flagged(mini_bids, run_dir, tmp_path):
+    """A run whose data had sub-met00110 in its training split: the validation rows, the
+    sidecars and the summary say so, and the command warns that the error is optimistic;
+    the split comes from the run's config.json, matched by participant (sessions too)."""
+    seen_run = tmp_path / "run-seen"
+    shutil.copytree(run_dir, seen_run)
+    cfg = json.loads((seen_run / "config.json").read_text())
+    settings = cfg["data"]["settings"]
+    assert "sub-met00110" in settings["test_subjects"]
+    settings["test_subjects"] = ["sub-ms19"]
+    settings["train_subjects"] = sorted({*settings["train_subjects"], "sub-met00110"})
+    (seen_run / "config.json").write_text(json.dumps(cfg))
+    raw = make_raw(mini_bids, tmp_path / "bids")
+    rc, stdout, err = cli(raw, "--run", seen_run, "--validate", "--device", "cpu",
+                          "--no-qc")
+    assert rc == 0, err
+    out = raw / "derivatives" / "mrsynth"
+    rows = (out / "validation.tsv").read_text().splitlines()
+    head = rows[0].split("\t")
+    table = [dict(zip(head, r.split("\t"), strict=True)) for r in rows[1:]]
+    assert [r["run_split"] for r in table] == ["train", "train"]
+    text = " ".join(stdout.split())
+    assert "seen in training" in text and "their error is optimistic" in text
+    assert "none here" in text  # every validated subject was seen
+    # the run was trained on the shared data set, this is a copy elsewhere: labels may differ
+    assert "matched by label" in text and "may name other people" in text
+    sides = {p.name: json.loads(p.read_text()) for p in out.rglob("sub-*.json")}
+    assert {v["RunDataSplit"] for k, v in sides.items() if "Validation" in k} == {"train"}
+    # sub-ms19 is still in the run's test split; sub-bratscase (a session) is in its
+    # training split: split_of matches the participant, not the session's record
+    assert sides[f"sub-ms19_desc-{MODEL}_T2w.json"]["RunDataSplit"] == "test"
+    assert sides[f"sub-bratscase_ses-01_desc-{MODEL}_T2w.json"]["RunDataSplit"] == (
+        "train" if "sub-bratscase" in settings["train_subjects"] else "none")
 
 
 def test_qc_figures_and_page(completed):
@@ -350,15 +389,28 @@ def test_validation_summary_uses_the_sample_sd_and_none_for_one_subject():
     from mrsynth.eval.complete import validation_summary
     from mrsynth.eval.complete_commands import _pm
 
-    def job(model, direction, mae):
+    def job(model, direction, mae, split="test"):
         return SimpleNamespace(validation=True, metrics={"mae": mae},
-                               run=SimpleNamespace(model=model),
+                               run=SimpleNamespace(model=model), run_split=split,
                                direction=SimpleNamespace(label=direction))
 
     rows = validation_summary([job("m", "T1w2T2w", 0.5), job("m", "T1w2T2w", 0.7),
                                job("m", "T2w2T1w", 0.4)])
     two, one = rows
     assert two["n"] == 2 and one["n"] == 1
+    assert not two["seen"] and not one["seen"]
+    # subjects the run trained on (or was validated on) are never pooled with unseen ones
+    split = validation_summary([job("m", "T1w2T2w", 0.5), job("m", "T1w2T2w", 0.1, "train"),
+                                job("m", "T1w2T2w", 0.2, "val"),
+                                job("m", "T1w2T2w", 0.7, "none")])
+    assert [(r["seen"], r["n"]) for r in split] == [(False, 2), (True, 2)]
+    assert split[0]["mae"][0] == pytest.approx(0.6)
+    assert split[1]["mae"][0] == pytest.approx(0.15)
+    from mrsynth.eval.complete_commands import seen_note
+
+    assert seen_note(rows) is None  # nothing seen, nothing to say
+    note = seen_note(split)
+    assert "optimistic" in note and "none here" not in note and "other people" not in note
     assert two["mae"][0] == pytest.approx(0.6)
     assert two["mae"][1] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert one["mae"][0] == pytest.approx(0.4) and np.isnan(one["mae"][1])

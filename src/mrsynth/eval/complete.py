@@ -67,6 +67,12 @@ VALIDATION_TSV = "validation.tsv"
 RAW_LINK = "raw"
 
 Log = Callable[[str], None]
+#: The splits of a run's data, in the order that decides a subject found in several
+#: (a fusion's runs may split differently): trained on first.
+RUN_SPLITS = ("train", "val", "test")
+#: Splits whose subjects influenced the run (trained on, or chose its checkpoint): their
+#: validation error is optimistic.
+SEEN_SPLITS = ("train", "val")
 
 
 class DerivativeError(MrsynthError):
@@ -109,6 +115,19 @@ class RunInfo:
     @property
     def contrasts(self) -> tuple[str, str]:
         return tuple(self.run.contrasts)  # type: ignore[return-value]
+
+    def split_of(self, participant: str) -> str:
+        """The split ``participant`` was in for the data this run (any of a fusion's runs)
+        trained on, from its ``config.json``: ``train``, ``val``, ``test``, or ``none`` (not
+        in its data). Matched by participant label, so a subject of another data set that
+        shares a label counts as seen: the cautious side for an error estimate."""
+        found = set()
+        for m in self.parts:
+            settings = m.run.data_settings or {}
+            for split in RUN_SPLITS:
+                if participant in (settings.get(f"{split}_subjects") or ()):
+                    found.add(split)
+        return next((k for k in RUN_SPLITS if k in found), "none")
 
 
 def file_sha256(path: Path) -> str:
@@ -181,10 +200,16 @@ class Job:
     seconds: float = 0.0
     metrics: dict[str, float] | None = None
     qc: Path | None = None
+    participant: str = ""  # sub-x (the record without its session)
 
     @property
     def sidecar(self) -> Path:
         return sidecar_path(self.output)
+
+    @property
+    def run_split(self) -> str:
+        """What this subject was to the run (:meth:`RunInfo.split_of`)."""
+        return self.run.split_of(self.participant or self.record.split("_")[0])
 
     @property
     def desc(self) -> str:
@@ -235,7 +260,7 @@ def plan_jobs(index: Any, root: Path, out: Path, runs: Sequence[RunInfo],
                 desc = r.label + ("Validation" if v else "")
                 dest = out / src.parent.relative_to(root) / derivative_name(src, desc, d.target)
                 jobs.append(Job(rec.id, r, d, src, dest, validation=v,
-                                real=real if v else None))
+                                real=real if v else None, participant=rec.participant))
     return jobs
 
 
@@ -614,6 +639,9 @@ def run_job(j: Job, root: Path, out: Path, index: Any, cache: dict, *, batch_siz
         "Command": command,
         "IntensityScale": sc.record(),
         "Validation": j.validation,
+        # train/val: the run learned from (or was chosen on) this subject, so a validation
+        # error is optimistic; test/none: unseen
+        "RunDataSplit": j.run_split,
         "Warnings": notes,
         "DateGenerated": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -723,7 +751,8 @@ def write_qc_html(out: Path, jobs: Sequence[Job]) -> Path:
 
 
 # --------------------------------------------------------------------------- validation table
-VALIDATION_FIELDS = ("subject", "model", "direction", "output", "psnr", "ssim", "mae",
+VALIDATION_FIELDS = ("subject", "model", "direction", "run_split", "output", "psnr", "ssim",
+                     "mae",
                      "through_plane_mae", "in_plane_mae", "through_plane_ratio", "n_voxels")
 
 
@@ -736,7 +765,8 @@ def write_validation_tsv(out: Path, jobs: Sequence[Job]) -> Path | None:
     lines = ["\t".join(VALIDATION_FIELDS)]
     for j in rows:
         vals = {"subject": j.record, "model": j.run.model, "direction": j.direction.label,
-                "output": j.output.relative_to(out).as_posix(), **(j.metrics or {})}
+                "run_split": j.run_split, "output": j.output.relative_to(out).as_posix(),
+                **(j.metrics or {})}
         lines.append("\t".join(_fmt(vals.get(k)) for k in VALIDATION_FIELDS))
     dest = out / VALIDATION_TSV
     atomic_write_text(dest, "\n".join(lines) + "\n")
@@ -752,17 +782,21 @@ def _fmt(v: Any) -> str:
 
 
 def validation_summary(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Mean and SD of each volume metric per model and direction. The SD is the sample SD
+    """Mean and SD of each volume metric per model, direction and whether the run saw the
+    subjects (``seen``: in its training or validation split, :data:`SEEN_SPLITS`; their error
+    is optimistic, so it is never pooled with the unseen subjects'). The SD is the sample SD
     over subjects (ddof 1), NaN for a single subject: 0 would claim no variability."""
     from mrsynth.eval.volume import VOLUME_METRICS
 
-    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    groups: dict[tuple[str, str, bool], list[dict[str, float]]] = {}
     for j in jobs:
         if j.validation and j.metrics:
-            groups.setdefault((j.run.model, j.direction.label), []).append(j.metrics)
+            seen = j.run_split in SEEN_SPLITS
+            groups.setdefault((j.run.model, j.direction.label, seen), []).append(j.metrics)
     out = []
-    for (model, direction), ms in sorted(groups.items()):
-        row: dict[str, Any] = {"model": model, "direction": direction, "n": len(ms)}
+    for (model, direction, seen), ms in sorted(groups.items()):
+        row: dict[str, Any] = {"model": model, "direction": direction, "seen": seen,
+                               "n": len(ms)}
         for k in VOLUME_METRICS:
             v = np.array([m[k] for m in ms if k in m], dtype=float)
             v = v[np.isfinite(v)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,50 @@ def validation_table(rows: list[dict[str, Any]]) -> Table:
     from mrsynth.eval.volume import VOLUME_METRICS
 
     t = Table(title="Validation: synthetic vs real volumes (mean ± SD over subjects)")
-    for col in ("model", "direction", "n", *VOLUME_METRICS.values()):
-        t.add_column(col, justify="right" if col not in ("model", "direction") else "left")
+    for col in ("model", "direction", "subjects", "n", *VOLUME_METRICS.values()):
+        t.add_column(col, justify="left" if col in ("model", "direction", "subjects")
+                     else "right")
     for r in rows:
-        t.add_row(escape(r["model"]), r["direction"], str(r["n"]),
+        t.add_row(escape(r["model"]), r["direction"],
+                  SEEN_LABEL if r.get("seen") else UNSEEN_LABEL, str(r["n"]),
                   *(_pm(r[k]) for k in VOLUME_METRICS))
     return t
+
+
+SEEN_LABEL = "seen in training"
+UNSEEN_LABEL = "unseen"
+
+
+def seen_note(rows: list[dict[str, Any]], other_sources: Sequence[str] = ()) -> str | None:
+    """A warning when some validated subjects were in a run's training or validation split
+    (``other_sources``: the runs' training data sets that are not the one completed, where
+    a shared label may name another person)."""
+    if not any(r.get("seen") for r in rows):
+        return None
+    note = (f"Rows '{SEEN_LABEL}': subjects in the run's training or validation split "
+            "(validation.tsv, run_split). The run learned from them, so their error is "
+            "optimistic; quote the 'unseen' rows as the error to expect on new data"
+            + ("." if any(not r.get("seen") for r in rows) else
+               " (none here: validate on subjects the run never saw, e.g. its test split)."))
+    if other_sources:
+        note += (f" Subjects are matched by label, and the run was trained on "
+                 f"{', '.join(other_sources)}: if that is another data set, these labels may "
+                 "name other people.")
+    return note
+
+
+def other_training_sources(jobs: Sequence[Any], bids_dir: Path) -> list[str]:
+    """The data sets the jobs' runs were trained on that are not ``bids_dir``."""
+    here = bids_dir.resolve()
+    out = set()
+    for j in jobs:
+        for m in j.run.parts:
+            src = (m.run.data_settings or {}).get("source")
+            if src and src != "builtin" and Path(src).resolve() != here:
+                out.add(str(src))
+            elif src == "builtin":
+                out.add(src)
+    return sorted(out)
 
 
 def register(app: typer.Typer) -> None:
@@ -139,6 +178,10 @@ def register(app: typer.Typer) -> None:
         rows = validation_summary(res.jobs)
         if rows:
             con.print(validation_table(rows))
+            note = seen_note(rows, other_training_sources(res.jobs, bids_dir))
+            if note:
+                con.print(f"[yellow]Note:[/yellow] {escape(note)}", highlight=False,
+                          soft_wrap=True)
         if res.validation_tsv:
             con.print(f"Validation metrics: {escape(str(res.validation_tsv))}")
         if res.qc_html:
