@@ -227,6 +227,39 @@ def test_evaluate_refuses_incompatible_data_without_partial_output(runs, prepare
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.npz"]
 
 
+def test_evaluate_refuses_test_subjects_the_run_trained_on(runs, prepared_small, tmp_path,
+                                                          capsys, mrpaired):
+    """Data prepared from the run's data set with another split, whose test split holds a
+    subject the run trained on: refused (its scores would be optimistic), nothing written.
+    The same labels from another data set, or the run's own split, are fine."""
+    from mrsynth.data.prepare import prepare_dataset
+    from mrsynth.eval.common import seen_test_subjects
+
+    run_settings = load_prepared(prepared_small).settings
+    trained = run_settings["train_subjects"]
+    assert "sub-bratscase" in trained
+    other = prepare_dataset(mrpaired, tmp_path / "resplit.npz", contrasts=("T1w", "T2w"),
+                            size=(64, 64), downsample=4, slice_step=4,
+                            test_subjects=["sub-ms19", "sub-bratscase"], seed=0)
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--runs", str(runs["simple"]), "--data", str(other),
+               "--out", str(out), "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc != 0 and "Traceback" not in err
+    assert "holds sub-bratscase, which the run" in err and "--split-from" in err
+    assert not out.exists()
+    data_settings = load_prepared(other).settings
+    assert seen_test_subjects(run_settings, data_settings) == ["sub-bratscase"]
+    assert seen_test_subjects(run_settings, run_settings) == []  # its own test split
+    elsewhere = {**data_settings, "source": str(tmp_path / "another-data-set")}
+    assert seen_test_subjects(run_settings, elsewhere) == []
+    builtin = {**run_settings, "source": "builtin", "builtin": {"seed": 0}}
+    assert seen_test_subjects(builtin, {**data_settings, "source": "builtin",
+                                        "builtin": {"seed": 0}}) == ["sub-bratscase"]
+    assert seen_test_subjects(builtin, {**data_settings, "source": "builtin",
+                                        "builtin": {"seed": 1}}) == []
+
+
 def test_evaluate_refuses_run_without_checkpoint(runs, prepared_small, tmp_path, capsys):
     broken = tmp_path / "broken-run"
     shutil.copytree(runs["simple"], broken)

@@ -96,6 +96,34 @@ def check_compatible(run: LoadedRun, run_dir: Path | str, data: PreparedData) ->
             f"prepared data {data.path} has no {', '.join(missing)} images (it has "
             f"{', '.join(data.contrasts)}). Prepare data with both contrasts."
         )
+    seen = seen_test_subjects(run.data_settings or {}, data.settings)
+    if seen:
+        raise ConfigError(
+            f"The test split of {data.path} holds {', '.join(seen)}, which the run {run_dir} "
+            "was trained on (or chose its checkpoint on): both were prepared from "
+            f"{data.settings.get('source')}, so its test scores would be optimistic. Prepare "
+            "the evaluation data with the run's split (`mrsynth data prepare ... --split-from "
+            "RUN_DATA`, the file named in the run's config.json) or with other test subjects."
+        )
+
+
+def seen_test_subjects(run_settings: dict[str, Any], data_settings: dict[str, Any]
+                       ) -> list[str]:
+    """Test subjects of ``data_settings`` that were in the training or validation split of
+    the data the run was trained on, when both were prepared from the same data set (one
+    source directory, or the built-in set with the same settings); else none: a label of
+    another data set names another person."""
+    src_run, src_data = run_settings.get("source"), data_settings.get("source")
+    if not src_run or not src_data:
+        return []
+    if src_run == "builtin" or src_data == "builtin":
+        if src_run != src_data or run_settings.get("builtin") != data_settings.get("builtin"):
+            return []
+    elif Path(src_run).resolve() != Path(src_data).resolve():
+        return []
+    used = {*(run_settings.get("train_subjects") or ()),
+            *(run_settings.get("val_subjects") or ())}
+    return sorted(used & set(data_settings.get("test_subjects") or ()))
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
