@@ -84,13 +84,16 @@ def main() -> None:
     ap.add_argument("--val-subjects", default="sub-ms07",
                     help="validation subjects (comma-separated; '' uses --val-fraction)")
     ap.add_argument("--tag", default="", help="result file suffix (demo_quality-TAG.json)")
+    ap.add_argument("--test-subjects", default=",".join(TEST_SUBJECTS),
+                    help="comma-separated test subjects (default: issue 12's)")
     args = ap.parse_args()
     from mrsynth.demo import run_demo
 
     vals = [s.strip() for s in args.val_subjects.split(",") if s.strip()] or None
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    res = run_demo(args.out, data=args.data, test_subjects=list(TEST_SUBJECTS),
+    tests = [t.strip() for t in args.test_subjects.split(",") if t.strip()]
+    res = run_demo(args.out, data=args.data, test_subjects=tests,
                    val_fraction=args.val_fraction, val_subjects=vals, device="cpu",
                    models=args.models.split(",") if args.models else None)
     wall = time.perf_counter() - t0
@@ -114,7 +117,7 @@ def main() -> None:
         f"demo_quality-{args.tag}.json" if args.tag else "demo_quality.json")
     atomic_write_json(dest, {
         "command": "mrsynth demo --data ../shared/data/mrpaired --test-subjects "
-                   f"{','.join(TEST_SUBJECTS)} "
+                   f"{','.join(tests)} "
                    + (f"--val-subjects {','.join(vals)}" if vals
                       else f"--val-fraction {args.val_fraction}")
                    + (f" --models {args.models}" if args.models else ""),

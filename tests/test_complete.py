@@ -225,8 +225,7 @@ def test_validation_of_subjects_the_run_trained_on_is_flagged(mini_bids, run_dir
     settings["train_subjects"] = sorted({*settings["train_subjects"], "sub-met00110"})
     (seen_run / "config.json").write_text(json.dumps(cfg))
     raw = make_raw(mini_bids, tmp_path / "bids")
-    rc, stdout, err = cli(raw, "--run", seen_run, "--validate", "--device", "cpu",
-                          "--no-qc")
+    rc, stdout, err = cli(raw, "--run", seen_run, "--validate", "--device", "cpu")
     assert rc == 0, err
     out = raw / "derivatives" / "mrsynth"
     rows = (out / "validation.tsv").read_text().splitlines()
@@ -238,6 +237,7 @@ def test_validation_of_subjects_the_run_trained_on_is_flagged(mini_bids, run_dir
     assert "none here" in text  # every validated subject was seen
     # the run was trained on the shared data set, this is a copy elsewhere: labels may differ
     assert "matched by label" in text and "may name other people" in text
+    assert (out / "qc.html").read_text().count("seen by the run (train split): optimistic") == 2
     sides = {p.name: json.loads(p.read_text()) for p in out.rglob("sub-*.json")}
     assert {v["RunDataSplit"] for k, v in sides.items() if "Validation" in k} == {"train"}
     # sub-ms19 is still in the run's test split; sub-bratscase (a session) is in its

@@ -732,6 +732,8 @@ def write_qc_html(out: Path, jobs: Sequence[Job]) -> Path:
             m = " · ".join(f"{k} {j.metrics[k]:.3g}" for k in ("psnr", "ssim", "mae",
                                                                  "through_plane_ratio")
                            if k in j.metrics)
+            if j.run_split in SEEN_SPLITS:
+                m += f" · seen by the run ({j.run_split} split): optimistic"
         rows.append(
             f"<section><h2>{html.escape(j.record)} · {html.escape(j.direction.label)} · "
             f"{html.escape(j.desc)}</h2><p>{html.escape(j.output.relative_to(out).as_posix())}"
