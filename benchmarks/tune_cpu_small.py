@@ -273,6 +273,14 @@ for _name in ("generators_s-unet-whole", "pix2pix-unet-whole", "cyclegan_s-unet-
         CANDIDATES[_name + _tag + "-s1"] = (CANDIDATES[_name + _tag][0],
                                             {**CANDIDATES[_name + _tag][1], "seed": 1})
 
+# Round 11: unpaired CycleGAN with the paired models' U-Net on whole slices (round 9 tried the
+# U-Net only on 64-px patches, where every model's background came out wrong; round 10 moved
+# the ResNet to whole slices): its ResNet's translations are still blobs at this budget
+CANDIDATES["cyclegan-unet-whole"] = ("cyclegan", {
+    **CANDIDATES["cyclegan-lr5e-4-b1-whole"][1], "arch.generator": "unet",
+    "arch.upsample": "resize"})
+CANDIDATES["cyclegan-unet-whole-s1"] = ("cyclegan", {**CANDIDATES["cyclegan-unet-whole"][1],
+                                                     "seed": 1})
 
 #: The recipe chosen per model (the cpu-small presets and the demo's steps per epoch are set
 #: to it; tests/test_train.py checks they agree): the lowest best-epoch validation score
