@@ -258,6 +258,10 @@ def test_evaluate_refuses_test_subjects_the_run_trained_on(runs, prepared_small,
                                         "builtin": {"seed": 0}}) == ["sub-bratscase"]
     assert seen_test_subjects(builtin, {**data_settings, "source": "builtin",
                                         "builtin": {"seed": 1}}) == []
+    # a participant the run's own split has in training and test (2-D folders are split by
+    # folder) is not a leak of a re-split
+    both = {**run_settings, "test_subjects": [*run_settings["test_subjects"], "sub-bratscase"]}
+    assert seen_test_subjects(both, data_settings) == []
 
 
 def test_evaluate_refuses_run_without_checkpoint(runs, prepared_small, tmp_path, capsys):

@@ -123,6 +123,9 @@ def seen_test_subjects(run_settings: dict[str, Any], data_settings: dict[str, An
         return []
     used = {*(run_settings.get("train_subjects") or ()),
             *(run_settings.get("val_subjects") or ())}
+    # a participant in the run's own test split as well (2-D folders split by folder, not
+    # by participant) is the user's split, not a re-split
+    used -= set(run_settings.get("test_subjects") or ())
     return sorted(used & set(data_settings.get("test_subjects") or ()))
 
 
