@@ -123,9 +123,13 @@ def learning_curves_html(runs: Sequence[Mapping[str, Any]]) -> str:
     png = learning_curves_png(docs)
     head = "<h2>Learning curves (validation split)</h2>"
     if png is None:
-        return (head + "<p class='note'>No run recorded validation scores: prepare the data "
+        return (head + "<p class='note'>No run recorded validation scores: their data had no "
+                "validation split (each run is evaluated at the checkpoint asked for, the last by "
+                "default). Prepare the data "
                 "with <code>--val-fraction</code> (or <code>--val-subjects</code>) to keep "
-                "validation subjects out of training.</p>")
+                "validation subjects out of training; <code>mrsynth demo</code> keeps them "
+                "with <code>--val-subjects</code>, or by <code>--val-fraction</code> with at "
+                "least 8 subjects outside the test split.</p>")
     best = ", ".join(
         f"{html.escape(label)}: epoch {doc['validation']['best_epoch']}"
         for label, doc in docs
