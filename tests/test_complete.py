@@ -210,6 +210,17 @@ def test_validation_metrics_match_a_recomputation(completed):
         assert r["run_split"] == "test" and side["RunDataSplit"] == "test"
     _, _, _, stdout, *_ = completed
     assert "unseen" in stdout and "seen in training" not in stdout
+    # the summary file: the mean and sample SD over the rows above (one subject: no SD)
+    lines = (out / "validation_summary.tsv").read_text().splitlines()
+    summary = [dict(zip(lines[0].split("\t"), r.split("\t"), strict=True)) for r in lines[1:]]
+    assert [(r["direction"], r["subjects"], r["n"]) for r in summary] == [
+        ("T1w2T2w", "unseen", "1"), ("T2w2T1w", "unseen", "1")]
+    for r in summary:
+        row = next(t for t in table if t["direction"] == r["direction"])
+        for k in ("mae", "psnr", "ssim", "through_plane_mae"):
+            assert float(r[f"{k}_mean"]) == pytest.approx(float(row[k]))
+            assert r[f"{k}_sd"] == "n/a"
+    assert "validation_summary.tsv" in (out / ".bidsignore").read_text().split()
 
 
 def test_validation_of_subjects_the_run_trained_on_is_flagged(mini_bids, run_dir, tmp_path):
@@ -232,6 +243,8 @@ def test_validation_of_subjects_the_run_trained_on_is_flagged(mini_bids, run_dir
     head = rows[0].split("\t")
     table = [dict(zip(head, r.split("\t"), strict=True)) for r in rows[1:]]
     assert [r["run_split"] for r in table] == ["train", "train"]
+    lines = (out / "validation_summary.tsv").read_text().splitlines()
+    assert [r.split("\t")[2] for r in lines[1:]] == ["seen", "seen"]
     text = " ".join(stdout.split())
     assert "seen in training" in text and "their error is optimistic" in text
     assert "none here" in text  # every validated subject was seen
@@ -415,3 +428,17 @@ def test_validation_summary_uses_the_sample_sd_and_none_for_one_subject():
     assert two["mae"][1] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert one["mae"][0] == pytest.approx(0.4) and np.isnan(one["mae"][1])
     assert _pm(two["mae"]) == "0.600 ± 0.141" and _pm(one["mae"]) == "0.400"
+
+
+def test_bidsignore_gains_what_an_older_one_lacks_and_keeps_the_rest(mini_bids, tmp_path):
+    from mrsynth.eval.complete import NON_BIDS, write_dataset_description
+
+    out = tmp_path / "deriv"
+    out.mkdir()
+    (out / ".bidsignore").write_text("qc/\nqc.html\nvalidation.tsv\nnotes/\n")
+    write_dataset_description(mini_bids, out)
+    lines = (out / ".bidsignore").read_text().splitlines()
+    assert lines[:4] == ["qc/", "qc.html", "validation.tsv", "notes/"]  # kept, in order
+    assert set(lines) == {*NON_BIDS, "notes/"} and len(lines) == len(set(lines))
+    write_dataset_description(mini_bids, out)  # nothing missing: unchanged
+    assert (out / ".bidsignore").read_text().splitlines() == lines

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import math
 import os
 import shlex
 import time
@@ -63,6 +64,9 @@ MAX_REFERENCE_VOLUMES = 10
 QC_DIR = "qc"
 QC_HTML = "qc.html"
 VALIDATION_TSV = "validation.tsv"
+VALIDATION_SUMMARY_TSV = "validation_summary.tsv"
+#: What the derivative holds besides BIDS files (listed in its ``.bidsignore``).
+NON_BIDS = (f"{QC_DIR}/", QC_HTML, VALIDATION_TSV, VALIDATION_SUMMARY_TSV)
 #: Raw data-set name used in the sidecars' BIDS URIs (``bids:raw:sub-01/anat/...``).
 RAW_LINK = "raw"
 
@@ -393,10 +397,12 @@ def write_dataset_description(root: Path, out: Path) -> Path:
     }
     atomic_write_json(dest, doc)
     ignore = out / ".bidsignore"
-    if not ignore.exists():
+    have = ignore.read_text().splitlines() if ignore.is_file() else []
+    missing = [n for n in NON_BIDS if n not in have]
+    if missing:  # new, or written by an older mrsynth: add what it lacks, keep the rest
         from mrsynth.utils import atomic_write_text
 
-        atomic_write_text(ignore, f"{QC_DIR}/\n{QC_HTML}\n{VALIDATION_TSV}\n")
+        atomic_write_text(ignore, "".join(f"{n}\n" for n in [*have, *missing]))
     return dest
 
 
@@ -775,6 +781,30 @@ def write_validation_tsv(out: Path, jobs: Sequence[Job]) -> Path | None:
     return dest
 
 
+def write_validation_summary(out: Path, jobs: Sequence[Job]) -> Path | None:
+    """:func:`validation_summary` as a TSV: per model, direction and ``subjects`` (``unseen``
+    or ``seen``: in the run's training or validation split), the number of subjects and each
+    volume metric's mean and sample SD (``n/a`` for one subject)."""
+    from mrsynth.eval.volume import VOLUME_METRICS
+    from mrsynth.utils import atomic_write_text
+
+    rows = validation_summary(jobs)
+    if not rows:
+        return None
+    head = ["model", "direction", "subjects", "n"]
+    for k in VOLUME_METRICS:
+        head += [f"{k}_mean", f"{k}_sd"]
+    lines = ["\t".join(head)]
+    for r in rows:
+        vals = [r["model"], r["direction"], "seen" if r["seen"] else "unseen", r["n"]]
+        for k in VOLUME_METRICS:
+            vals += [v if math.isfinite(v) else None for v in r[k]]
+        lines.append("\t".join(_fmt(v) for v in vals))
+    dest = out / VALIDATION_SUMMARY_TSV
+    atomic_write_text(dest, "\n".join(lines) + "\n")
+    return dest
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
@@ -815,6 +845,7 @@ class CompleteResult:
     jobs: list[Job]
     dry_run: bool = False
     validation_tsv: Path | None = None
+    validation_summary_tsv: Path | None = None
     qc_html: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -933,6 +964,7 @@ def complete_dataset(
             progress(j, i + 1, len(todo))
     if validate:
         result.validation_tsv = write_validation_tsv(dest, jobs)
+        result.validation_summary_tsv = write_validation_summary(dest, jobs)
     if qc:
         result.qc_html = write_qc_html(dest, jobs)
     return result

@@ -184,6 +184,8 @@ def register(app: typer.Typer) -> None:
                           soft_wrap=True)
         if res.validation_tsv:
             con.print(f"Validation metrics: {escape(str(res.validation_tsv))}")
+        if res.validation_summary_tsv:
+            con.print(f"Validation summary: {escape(str(res.validation_summary_tsv))}")
         if res.qc_html:
             con.print(f"QC page: {escape(str(res.qc_html))}")
         if res.failed:
