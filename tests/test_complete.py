@@ -225,7 +225,7 @@ def test_validation_metrics_match_a_recomputation(completed):
 
 def test_validation_of_subjects_the_run_trained_on_is_flagged(mini_bids, run_dir, tmp_path):
     """A run whose data had sub-met00110 in its training split: the validation rows, the
-    sidecars and the summary say so, and the command warns that the error is optimistic;
+    sidecars and the summary say so, and the command warns that the error is no estimate;
     the split comes from the run's config.json, matched by participant (sessions too)."""
     seen_run = tmp_path / "run-seen"
     shutil.copytree(run_dir, seen_run)
@@ -246,11 +246,12 @@ def test_validation_of_subjects_the_run_trained_on_is_flagged(mini_bids, run_dir
     lines = (out / "validation_summary.tsv").read_text().splitlines()
     assert [r.split("\t")[2] for r in lines[1:]] == ["seen", "seen"]
     text = " ".join(stdout.split())
-    assert "seen in training" in text and "their error is optimistic" in text
+    assert "seen in training" in text and "their error is no estimate for new data" in text
     assert "none here" in text  # every validated subject was seen
     # the run was trained on the shared data set, this is a copy elsewhere: labels may differ
     assert "matched by label" in text and "may name other people" in text
-    assert (out / "qc.html").read_text().count("seen by the run (train split): optimistic") == 2
+    qc_page = (out / "qc.html").read_text()
+    assert qc_page.count("seen by the run (train split): no estimate for new data") == 2
     sides = {p.name: json.loads(p.read_text()) for p in out.rglob("sub-*.json")}
     assert {v["RunDataSplit"] for k, v in sides.items() if "Validation" in k} == {"train"}
     # sub-ms19 is still in the run's test split; sub-bratscase (a session) is in its

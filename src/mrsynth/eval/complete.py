@@ -75,7 +75,7 @@ Log = Callable[[str], None]
 #: (a fusion's runs may split differently): trained on first.
 RUN_SPLITS = ("train", "val", "test")
 #: Splits whose subjects influenced the run (trained on, or chose its checkpoint): their
-#: validation error is optimistic.
+#: validation error is no estimate for new data (usually optimistic).
 SEEN_SPLITS = ("train", "val")
 
 
@@ -646,7 +646,7 @@ def run_job(j: Job, root: Path, out: Path, index: Any, cache: dict, *, batch_siz
         "IntensityScale": sc.record(),
         "Validation": j.validation,
         # train/val: the run learned from (or was chosen on) this subject, so a validation
-        # error is optimistic; test/none: unseen
+        # error is no estimate for new data; test/none: unseen
         "RunDataSplit": j.run_split,
         "Warnings": notes,
         "DateGenerated": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -739,7 +739,7 @@ def write_qc_html(out: Path, jobs: Sequence[Job]) -> Path:
                                                                  "through_plane_ratio")
                            if k in j.metrics)
             if j.run_split in SEEN_SPLITS:
-                m += f" · seen by the run ({j.run_split} split): optimistic"
+                m += f" · seen by the run ({j.run_split} split): no estimate for new data"
         rows.append(
             f"<section><h2>{html.escape(j.record)} · {html.escape(j.direction.label)} · "
             f"{html.escape(j.desc)}</h2><p>{html.escape(j.output.relative_to(out).as_posix())}"
@@ -816,8 +816,9 @@ def _fmt(v: Any) -> str:
 def validation_summary(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     """Mean and SD of each volume metric per model, direction and whether the run saw the
     subjects (``seen``: in its training or validation split, :data:`SEEN_SPLITS`; their error
-    is optimistic, so it is never pooled with the unseen subjects'). The SD is the sample SD
-    over subjects (ddof 1), NaN for a single subject: 0 would claim no variability."""
+    is no estimate for new data, so it is never pooled with the unseen subjects'). The SD is
+    the sample SD over subjects (ddof 1), NaN for a single subject: 0 would claim no
+    variability."""
     from mrsynth.eval.volume import VOLUME_METRICS
 
     groups: dict[tuple[str, str, bool], list[dict[str, float]]] = {}

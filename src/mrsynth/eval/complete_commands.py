@@ -87,8 +87,9 @@ def seen_note(rows: list[dict[str, Any]], other_sources: Sequence[str] = ()) -> 
     if not any(r.get("seen") for r in rows):
         return None
     note = (f"Rows '{SEEN_LABEL}': subjects in the run's training or validation split "
-            "(validation.tsv, run_split). The run learned from them, so their error is "
-            "optimistic; quote the 'unseen' rows as the error to expect on new data"
+            "(validation.tsv, run_split). The run learned from them, so their error is no "
+            "estimate for new data (usually an optimistic one); quote the 'unseen' rows as "
+            "the error to expect on new data"
             + ("." if any(not r.get("seen") for r in rows) else
                " (none here: validate on subjects the run never saw, e.g. its test split)."))
     if other_sources:
