@@ -72,11 +72,6 @@ def score(syn: np.ndarray, test: Any, tgt: str, stacks: list[Any]) -> dict[str, 
 def views_figure(dest: Path, test: Any, syn: dict[str, np.ndarray], tgt: str,
                  stacks: list[Any], subject: str, aspect: float) -> None:
     """Coronal and sagittal planes through one test subject's stacked slices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     st = next(s for s in stacks if s.subject == subject)
     vols = {f"real {tgt}": st.assemble(test.images[tgt], -1.0),
             **{k: st.assemble(v, -1.0) for k, v in syn.items()}}
@@ -87,16 +82,35 @@ def views_figure(dest: Path, test: Any, syn: dict[str, np.ndarray], tgt: str,
            for ax in (0, 1)]
     x0, x1, y0, y1 = (max(int(box[0][0]) - 4, 0), int(box[0][-1]) + 5,
                       max(int(box[1][0]) - 4, 0), int(box[1][-1]) + 5)
-    fig, axes = plt.subplots(2, len(vols), figsize=(2.6 * len(vols), 4.4), squeeze=False)
+    plane_views_png(dest, vols, (cx, cy), (slice(x0, x1), slice(y0, y1), slice(None)),
+                    aspect, f"{subject} (test), T1w2{tgt}: planes across the stacked axial "
+                    "slices", panel=(2.6, 4.4))
+
+
+def plane_views_png(dest: Path, vols: dict[str, np.ndarray], centre: tuple[int, int],
+                    box: tuple[slice, slice, slice], aspect: float, title: str,
+                    panel: tuple[float, float]) -> None:
+    """One column per volume: the coronal plane at y = ``centre[1]`` and the sagittal plane
+    at x = ``centre[0]``, cut to ``box`` (x, y, z), drawn with ``aspect`` (pixel height /
+    width after the rotation); written atomically as PNG. ``panel``: (width per column,
+    height) in inches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cx, cy = centre
+    bx, by, bz = box
+    fig, axes = plt.subplots(2, len(vols), figsize=(panel[0] * len(vols), panel[1]),
+                             squeeze=False)
     for j, (name, v) in enumerate(vols.items()):
-        for i, (plane, img) in enumerate((("coronal", v[x0:x1, cy, :]),
-                                          ("sagittal", v[cx, y0:y1, :]))):
+        for i, (plane, img) in enumerate((("coronal", v[bx, cy, bz]),
+                                          ("sagittal", v[cx, by, bz]))):
             ax = axes[i, j]
             ax.imshow(np.rot90(img), cmap="gray", vmin=-1, vmax=1, aspect=aspect)
             ax.set_title(f"{name}\n{plane}" if i == 0 else plane, fontsize=9)
             ax.axis("off")
-    fig.suptitle(f"{subject} (test), T1w2{tgt}: planes across the stacked axial slices",
-                 fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, dpi=90, format="png")

@@ -35,6 +35,7 @@ the test subjects (the latest checkpoint, no setting varied). Writes
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ from mrsynth.train.trainer import train
 from mrsynth.utils import atomic_write_json, environment_info
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # context_slices: the shared plane figure
 TEST_SUBJECTS = ("sub-ms19", "sub-fg6692")
 VAL_SUBJECTS = ("sub-ms07",)
 MODEL = "generators_s"
@@ -137,12 +139,7 @@ def views_figure(dest: Path, subject: str, vols: dict[str, np.ndarray], mask: np
                  z: np.ndarray) -> None:
     """Coronal and sagittal planes through the brain's centre of one subject's volumes (on
     the axial grid: 2 mm pixels in x and y, 1 mm along z, drawn in true proportions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mrsynth.utils import atomic_path
+    from context_slices import plane_views_png
 
     m = mask.copy()
     keep = np.zeros(m.shape[2], bool)
@@ -153,21 +150,10 @@ def views_figure(dest: Path, subject: str, vols: dict[str, np.ndarray], mask: np
     box = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in (0, 1)]
     x0, x1 = max(int(box[0][0]) - 3, 0), int(box[0][-1]) + 4
     y0, y1 = max(int(box[1][0]) - 3, 0), int(box[1][-1]) + 4
-    fig, axes = plt.subplots(2, len(vols), figsize=(2.8 * len(vols), 4.6), squeeze=False)
-    for j, (name, v) in enumerate(vols.items()):
-        shown = np.where(m, v, -1.0)
-        for i, (plane, img) in enumerate((("coronal", shown[x0:x1, cy, z0:z1]),
-                                          ("sagittal", shown[cx, y0:y1, z0:z1]))):
-            ax = axes[i, j]
-            ax.imshow(np.rot90(img), cmap="gray", vmin=-1, vmax=1, aspect=0.5)
-            ax.set_title(f"{name}\n{plane}" if i == 0 else plane, fontsize=9)
-            ax.axis("off")
-    fig.suptitle(f"{subject} (test), T1w2T2w, generators_s at the demo's budget: planes "
-                 "across the axial slices", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    plane_views_png(dest, {name: np.where(m, v, -1.0) for name, v in vols.items()}, (cx, cy),
+                    (slice(x0, x1), slice(y0, y1), slice(z0, z1)), 0.5,
+                    f"{subject} (test), T1w2T2w, generators_s at the demo's budget: planes "
+                    "across the axial slices", panel=(2.8, 4.6))
 
 
 def main() -> None:
