@@ -272,11 +272,11 @@ def _resolve_val(
         return val, "given"
     if val_fraction <= 0:
         return set(), "none"
-    if len(pool) < max(2, val_min_subjects):
-        warn(f"Only {len(pool)} participant(s) outside the test split: no validation split is kept "
-             f"(--val-fraction {val_fraction} needs at least {max(2, val_min_subjects)}); every "
-             "one trains. Name validation subjects (--val-subjects) to keep one anyway.",
-             warnings_out)
+    need = max(2, val_min_subjects)
+    if len(pool) < need:
+        warn(f"Only {len(pool)} participant(s) outside the test split: no validation split is "
+             f"kept (--val-fraction {val_fraction} needs at least {need}); every one trains. "
+             "Name validation subjects (--val-subjects) to keep one anyway.", warnings_out)
         return set(), "none"
     return set(split_participants(pool, val_fraction, seed + VAL_SEED_OFFSET)), "seed"
 

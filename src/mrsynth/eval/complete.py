@@ -760,8 +760,8 @@ def write_qc_html(out: Path, jobs: Sequence[Job]) -> Path:
 
 # --------------------------------------------------------------------------- validation table
 VALIDATION_FIELDS = ("subject", "model", "direction", "run_split", "output", "psnr", "ssim",
-                     "mae",
-                     "through_plane_mae", "in_plane_mae", "through_plane_ratio", "n_voxels")
+                     "mae", "through_plane_mae", "in_plane_mae", "through_plane_ratio",
+                     "n_voxels")
 
 
 def write_validation_tsv(out: Path, jobs: Sequence[Job]) -> Path | None:

@@ -79,10 +79,9 @@ def preparation_differences(
     a run was trained on, as ``{key: (run's, data's)}`` (values compared as JSON). Resume
     and evaluation both refuse such data."""
     run_settings = run_settings or {}
-    return {k: (run_settings.get(k, _UNSET.get(k)), data_settings.get(k, _UNSET.get(k)))
-            for k in keys
-            if _canon(run_settings.get(k, _UNSET.get(k)))
-            != _canon(data_settings.get(k, _UNSET.get(k)))}
+    pairs = {k: (run_settings.get(k, _UNSET.get(k)), data_settings.get(k, _UNSET.get(k)))
+             for k in keys}
+    return {k: (a, b) for k, (a, b) in pairs.items() if _canon(a) != _canon(b)}
 
 
 #: What a preparation setting means where it is not recorded.
