@@ -282,6 +282,18 @@ CANDIDATES["cyclegan-unet-whole"] = ("cyclegan", {
 CANDIDATES["cyclegan-unet-whole-s1"] = ("cyclegan", {**CANDIDATES["cyclegan-unet-whole"][1],
                                                      "seed": 1})
 
+# Round 12: an intensity branch in the paired U-Nets (arch.intensity_channels: 1x1 convolutions
+# without normalisation on the raw input, joined to the decoder's last features). On issue 12's
+# T2w->T1w the U-Nets lost to simple (a per-voxel map) on the MS subject's upper slices: every
+# U-Net path is instance-normalised, so it sees only each slice's relative intensities.
+for _name in ("generators_s-unet-whole", "pix2pix-unet-whole", "cyclegan_s-unet-whole"):
+    _model, _over = CANDIDATES[_name]
+    for _seed, _tag in ((0, ""), (1, "-s1")):
+        # int0: the round-9 recipe rerun beside it on this machine (a control)
+        for _n in (0, 16):
+            CANDIDATES[f"{_name}-int{_n}{_tag}"] = (_model, {**_over, "seed": _seed,
+                                                            "arch.intensity_channels": _n})
+
 #: The recipe chosen per model (the cpu-small presets and the demo's steps per epoch are set
 #: to it; tests/test_train.py checks they agree): the lowest best-epoch validation score
 #: (mean in-brain MAE of both directions) at about the old compute (6 models x 1,000
@@ -300,6 +312,10 @@ CANDIDATES["cyclegan-unet-whole-s1"] = ("cyclegan", {**CANDIDATES["cyclegan-unet
 #: better validation scores with both seeds (0.864 vs 0.886, 0.980 vs 1.132) and a right
 #: background on whole slices; UNIT did worse on whole slices and keeps patches. Flips, a
 #: random input gamma and a weight average stayed within the seed noise: not chosen.
+#: Round 12: the U-Nets' intensity branch (arch.intensity_channels 16) scored within the
+#: seed noise of the same recipe without it rerun beside it (generators_s 0.503 / 0.505
+#: against 0.481 / 0.525 with seeds 0 / 1, pix2pix 0.531 against 0.522, cyclegan_s 0.509
+#: against 0.536): not chosen.
 CHOSEN = {
     "cyclegan": "cyclegan-lr5e-4-b1-whole",
     "cyclegan_s": "cyclegan_s-unet-whole",

@@ -147,9 +147,11 @@ def test_demo_test_subjects_on_a_bids_subset(mini_bids, tmp_path, capsys):
     assert not (out / "data" / "prepared.npz").exists()
 
 
-def test_demo_on_few_real_subjects_trains_every_one(mini_bids, tmp_path, capsys):
+def test_demo_on_few_real_subjects_trains_every_one(mini_bids, tmp_path, capsys,
+                                                   monkeypatch):
     """The default --val-fraction keeps no validation split with fewer than VAL_MIN_SUBJECTS
-    non-test subjects: every one trains, the last epoch is evaluated, and the demo says so."""
+    non-test subjects: every one trains, the last epoch is evaluated, and the demo says so.
+    A rerun naming the same data folder by another (relative) path resumes."""
     from mrsynth.demo import VAL_MIN_SUBJECTS
 
     assert VAL_MIN_SUBJECTS > 2  # mini_bids: three subjects, one of them for the test
@@ -165,6 +167,16 @@ def test_demo_on_few_real_subjects_trains_every_one(mini_bids, tmp_path, capsys)
     assert "no validation split is kept" in err and "checkpoints: latest" in err
     man = json.loads((out / "eval" / "eval.json").read_text())
     assert [r["checkpoint"] for r in man["runs"]] == ["latest"]
+    assert json.loads((out / "demo-settings.json").read_text())["data"] == str(
+        mini_bids.resolve())
+
+    # the same folder named relative to another working directory resumes (nothing redone)
+    before = (out / "eval" / "eval.json").stat().st_mtime_ns
+    monkeypatch.chdir(mini_bids.parent)
+    args[args.index("--data") + 1] = mini_bids.name
+    assert main(args) == 0
+    assert "reusing it" in capsys.readouterr().err
+    assert (out / "eval" / "eval.json").stat().st_mtime_ns == before
 
 
 def test_demo_steps_per_epoch_per_model():

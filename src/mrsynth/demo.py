@@ -246,12 +246,21 @@ def _subset_bids(src: Path, dest: Path, n: int, keep: Sequence[str] = (),
     return dest
 
 
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    """Whether a stored demo setting equals this invocation's. The data folder is compared
+    as a resolved path: the same folder named relative to another working directory (or
+    stored relative by an older version) is the same data."""
+    if key == "data" and isinstance(old, str) and old != new and "builtin" not in (old, new):
+        return Path(old).resolve() == Path(new).resolve()
+    return old == new
+
+
 def _check_same_settings(root: Path, settings: dict[str, Any]) -> None:
     """Resuming only makes sense with the data settings the directory was started with."""
     path = root / "demo-settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [k for k in settings if old.get(k) != settings[k]]
+        diff = [k for k in settings if not _same_setting(k, old.get(k), settings[k])]
         if diff:
             what = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff)
             raise ConfigError(
@@ -350,7 +359,8 @@ def _run_demo(
         geo["downsample"] = downsample
     tests = sorted(test_subjects) if test_subjects else None
     vals = sorted(val_subjects) if val_subjects else None
-    settings: dict[str, Any] = {"data": str(data), "subjects": subjects, "size": geo["size"],
+    settings: dict[str, Any] = {"data": "builtin" if builtin else str(Path(data).resolve()),
+                                "subjects": subjects, "size": geo["size"],
                                 "downsample": geo["downsample"], "slice_step": slice_step,
                                 "seed": seed}
     # recorded only when used, so demo directories from before these options still resume

@@ -146,6 +146,12 @@ class TranslationModel(nn.Module):
             value = cfg["arch"].get(key)  # absent for models without the setting
             if value is not None and value not in choices:
                 problems.append(f"arch.{key} must be one of {', '.join(choices)}")
+        n = cfg["arch"].get("intensity_channels", 0)
+        if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 256):
+            problems.append("arch.intensity_channels must be an integer from 0 (off) to 256")
+        elif n and cfg["arch"].get("generator", "resnet") != "unet":
+            problems.append("arch.intensity_channels needs arch.generator=unet: only the "
+                            "U-Net has the intensity branch")
         k = cfg["arch"].get("context_slices", 0)
         if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_CONTEXT_SLICES):
             problems.append(f"arch.context_slices must be an integer from 0 (2-D) to "

@@ -182,6 +182,38 @@ def _upsampling(cin: int, cout: int, upsample: str) -> list[nn.Module]:
 GENERATORS = ("resnet", "unet")
 
 
+class IntensityBranch(nn.Module):
+    """A per-voxel function of the raw input: one hidden layer of ``hidden`` 1x1 units with
+    ReLUs, no normalisation, ``out_channels`` outputs that :class:`UnetGenerator` adds to
+    its output layer's pre-activation.
+
+    It keeps its own init, which :func:`init_weights` leaves alone (its weights are plain
+    parameters, not ``Conv2d`` layers): Glorot-uniform hidden weights with biases that put
+    each hinge (where its ReLU turns on) at a point drawn uniformly from the data's range
+    [-1, 1], so the hidden units span every intensity, and a zero output layer, so a new
+    generator computes what it would without the branch and the branch grows from the
+    first step at Adam's rate.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int = 1) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(hidden, in_channels, 1, 1))
+        self.b1 = nn.Parameter(torch.empty(hidden))
+        self.w2 = nn.Parameter(torch.zeros(out_channels, hidden, 1, 1))
+        self.b2 = nn.Parameter(torch.zeros(out_channels))
+        nn.init.xavier_uniform_(self.w1)
+        with torch.no_grad():
+            kinks = torch.empty(hidden).uniform_(-1.0, 1.0)
+            self.b1.copy_(-self.w1.sum(dim=(1, 2, 3)) * kinks)
+
+    @property
+    def hidden(self) -> int:
+        return int(self.w1.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.relu(F.conv2d(x, self.w1, self.b1)), self.w2, self.b2)
+
+
 class UnetGenerator(nn.Module):
     """A U-Net with the ResNet generator's two stride-2 stages and residual bottleneck.
 
@@ -192,6 +224,14 @@ class UnetGenerator(nn.Module):
     ``out_channels``, tanh). A 1x1 output layer learned the background level slowly: with
     Adam's step bounded per weight, an output fed by 16 weights moves 49 times slower than
     one fed by 16 x 49.
+
+    ``intensity_channels`` > 0 adds an intensity branch (:class:`IntensityBranch`): a
+    per-voxel MLP of the raw input with that many hidden units and no normalisation, added
+    to the output layer's pre-activation, so the output is tanh(spatial U-Net + f(voxel)).
+    Every other path goes through instance norms, which keep only each slice's relative
+    intensities (the network gives the same output for a*x + b, a > 0); the branch sees the
+    absolute normalised intensity, from which a per-voxel contrast map (what the
+    lookup-table baseline and ``simple`` learn) is one small function.
 
     Why: the ResNet generator must carry every full-resolution detail through its 1/4
     resolution bottleneck, and at a few thousand steps it has not learned to, so its output
@@ -211,6 +251,7 @@ class UnetGenerator(nn.Module):
         n_blocks: int = 9,
         norm: str = "instance",
         upsample: str = "resize",
+        intensity_channels: int = 0,
     ) -> None:
         super().__init__()
 
@@ -230,8 +271,9 @@ class UnetGenerator(nn.Module):
             for i in reversed(range(self.levels)))
         self.fuse = nn.ModuleList(nn.Sequential(*conv(2 * ch[i], ch[i]))
                                   for i in reversed(range(self.levels)))
-        self.out = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ch[0], out_channels, 7),
-                                 nn.Tanh())
+        n = intensity_channels
+        self.intensity = IntensityBranch(in_channels, n, out_channels) if n > 0 else None
+        self.out = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ch[0], out_channels, 7))
 
     def forward(self, x: Tensor) -> Tensor:
         x, h, w = pad_to_multiple(x, 2**self.levels)
@@ -241,14 +283,20 @@ class UnetGenerator(nn.Module):
         y = self.bottleneck(skips.pop())
         for up, fuse in zip(self.ups, self.fuse, strict=True):
             y = fuse(torch.cat([up(y), skips.pop()], dim=1))
-        return self.out(y)[..., :h, :w]
+        y = self.out(y)
+        if self.intensity is not None:
+            y = y + self.intensity(x)
+        return torch.tanh(y)[..., :h, :w]
 
 
 def build_generator(arch: dict[str, Any], in_channels: int) -> nn.Module:
     """The generator ``arch`` names (``arch.generator``, default the study's ResNet)."""
-    cls = UnetGenerator if arch.get("generator", "resnet") == "unet" else ResnetGenerator
-    return cls(in_channels, 1, arch["ngf"], arch["n_blocks"], arch["norm"],
-               arch.get("upsample", "transpose"))
+    if arch.get("generator", "resnet") == "unet":
+        return UnetGenerator(in_channels, 1, arch["ngf"], arch["n_blocks"], arch["norm"],
+                             arch.get("upsample", "transpose"),
+                             arch.get("intensity_channels", 0))
+    return ResnetGenerator(in_channels, 1, arch["ngf"], arch["n_blocks"], arch["norm"],
+                           arch.get("upsample", "transpose"))
 
 
 class SamePad(nn.Module):

@@ -48,10 +48,10 @@ from mrsynth.models.blocks import (
 RESNET_ARCH = {
     "paper": {"ngf": 32, "n_blocks": 9, "ndf": 64, "d_layers": 3, "norm": "instance",
               "init": "normal", "context_slices": 0, "upsample": "transpose",
-              "generator": "resnet"},
+              "generator": "resnet", "intensity_channels": 0},
     "cpu-small": {"ngf": 16, "n_blocks": 3, "ndf": 16, "d_layers": 3, "norm": "instance",
                   "init": "normal", "context_slices": 0, "upsample": "transpose",
-                  "generator": "resnet"},
+                  "generator": "resnet", "intensity_channels": 0},
 }
 #: Adam: the study's step for ``paper``; ``cpu-small``'s short runs (1,000 steps in the demo)
 #: learn faster at 5e-4, chosen on a validation split (benchmarks/tune_cpu_small.py).
