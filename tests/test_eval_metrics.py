@@ -67,6 +67,33 @@ def test_mi_cross_checks_with_skimage_nmi():
     assert 0 < mi < st.entropy(np.histogram(rz, bins=bins)[0])
 
 
+def test_joint_histogram_counts_what_numpy_histogram2d_counts():
+    """MI and NMI share one joint histogram made by a bincount; it must put every pair in
+    numpy's bin: values on the inner edges (rounded data), the closed last bin, a constant
+    image (numpy widens its range by 0.5), several bin counts. NMI from it equals
+    scikit-image's on the same pairs."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n = int(rng.integers(2, 3000))
+        a = rng.normal(size=n) * rng.uniform(0.1, 10)
+        b = 0.5 * a + rng.normal(size=n)
+        if trial % 3 == 0:
+            a = np.round(a * 2) / 2  # many values exactly on bin edges
+        if trial % 5 == 0:
+            b = np.full(n, 3.0)
+        bins = int(rng.integers(2, 300))
+        expected, _, _ = np.histogram2d(a, b, bins=bins)
+        assert np.array_equal(M.joint_histogram(a, b, bins), expected), trial
+        if trial % 5:
+            assert M.normalized_mutual_information(a, b, bins=bins) == pytest.approx(
+                normalized_mutual_information(a, b, bins=bins), rel=1e-12)
+    img = _crafted()
+    m = M.image_metrics(img, img + np.random.default_rng(8).normal(0, 9, img.shape), _mask())
+    rz = M.zscore(img, _mask())[_mask()]
+    sz = M.zscore(img + np.random.default_rng(8).normal(0, 9, img.shape), _mask())[_mask()]
+    assert m["nmi"] == pytest.approx(normalized_mutual_information(rz, sz, bins=256), rel=1e-12)
+
+
 def test_psnr_matches_closed_form_for_known_additive_noise():
     rng = np.random.default_rng(4)
     real_z = M.zscore(_crafted(seed=5))

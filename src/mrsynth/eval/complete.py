@@ -713,7 +713,9 @@ def qc_figure(dest: Path, views: dict[str, np.ndarray], mask: np.ndarray,
             if c == 0:
                 ax.set_ylabel(pname, fontsize=9)
     if im_err is not None:
-        fig.colorbar(im_err, ax=[axes[r][-1] for r in range(3)], shrink=0.6)
+        # an axis of its own: a colorbar taken from the error column would shrink its panels
+        fig.subplots_adjust(right=0.9)
+        fig.colorbar(im_err, cax=fig.add_axes((0.92, 0.3, 0.015, 0.4)))
     fig.suptitle(title, fontsize=10)
     try:
         with atomic_path(dest) as tmp:

@@ -23,9 +23,11 @@ definitions are ours; they are fixed here and in ``docs/evaluation.md``:
   **nats** (natural log) from ``numpy.histogram2d`` with ``bins`` (default
   256) equal-width bins spanning each image's own min..max in the region.
   For identical images it equals the entropy of the discretised image.
-* **NMI** = scikit-image's ``normalized_mutual_information`` with the same bins:
-  ``(H(real) + H(syn)) / H(real, syn)``, between 1 (independent) and 2
-  (identical). A different quantity from MI, reported in its own column.
+* **NMI** = Studholme's ``(H(real) + H(syn)) / H(real, syn)`` from the same joint
+  histogram, between 1 (independent) and 2 (identical): what scikit-image's
+  ``normalized_mutual_information`` returns with the same bins (tested), computed
+  from the one histogram MI uses because the two library calls took a quarter of
+  an evaluation's time. A different quantity from MI, reported in its own column.
 * **SSIM** = scikit-image's ``structural_similarity`` (7x7 uniform window) with
   ``data_range`` = the same peak as PSNR.
 """
@@ -33,7 +35,6 @@ definitions are ours; they are fixed here and in ``docs/evaluation.md``:
 from __future__ import annotations
 
 import numpy as np
-from skimage.metrics import normalized_mutual_information as _sk_nmi
 from skimage.metrics import structural_similarity as _sk_ssim
 
 #: Metric names in the order they appear in tables.
@@ -105,6 +106,32 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def joint_histogram(a: np.ndarray, b: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """The ``bins`` x ``bins`` joint histogram of two equally long arrays, bin for bin what
+    ``numpy.histogram2d(a, b, bins)`` counts (equal-width bins over each array's min..max,
+    the last bin closed; a constant array spans min - 0.5..max + 0.5), in one ``bincount``:
+    histogram2d's general N-d code was most of the time of MI on a 128 x 128 slice."""
+
+    def index(v: np.ndarray) -> np.ndarray:
+        lo, hi = float(v.min()), float(v.max())
+        if lo == hi:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, bins + 1)
+        i = np.searchsorted(edges, v, side="right") - 1
+        i[v == edges[-1]] = bins - 1
+        return i
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    flat = np.bincount(index(a) * bins + index(b), minlength=bins * bins)
+    return flat.reshape(bins, bins)
+
+
+def _entropies(joint: np.ndarray) -> tuple[float, float, float]:
+    """H(a), H(b), H(a, b) in nats of a joint histogram."""
+    pxy = joint / joint.sum()
+    return _entropy(pxy.sum(axis=1)), _entropy(pxy.sum(axis=0)), _entropy(pxy.ravel())
+
+
 def mutual_information(
     a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = DEFAULT_BINS
 ) -> float:
@@ -114,17 +141,20 @@ def mutual_information(
     bins; 256 equal-width bins over each image's range is the usual choice for
     8-bit-like images and is what the report states.
     """
-    x, y = _region(a, mask), _region(b, mask)
-    joint, _, _ = np.histogram2d(x, y, bins=bins)
-    pxy = joint / joint.sum()
-    return _entropy(pxy.sum(axis=1)) + _entropy(pxy.sum(axis=0)) - _entropy(pxy.ravel())
+    ha, hb, hab = _entropies(joint_histogram(_region(a, mask), _region(b, mask), bins))
+    return ha + hb - hab
 
 
 def normalized_mutual_information(
     a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = DEFAULT_BINS
 ) -> float:
-    """Studholme's NMI ``(H(a) + H(b)) / H(a, b)`` via scikit-image (1 to 2)."""
-    return float(_sk_nmi(_region(a, mask), _region(b, mask), bins=bins))
+    """Studholme's NMI ``(H(a) + H(b)) / H(a, b)`` (1 to 2), as scikit-image computes it."""
+    ha, hb, hab = _entropies(joint_histogram(_region(a, mask), _region(b, mask), bins))
+    return _nmi(ha, hb, hab)
+
+
+def _nmi(ha: float, hb: float, hab: float) -> float:
+    return (ha + hb) / hab if hab > 0 else float("nan")
 
 
 def ssim(real_z: np.ndarray, syn_z: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -159,11 +189,12 @@ def image_metrics(
     if mask is not None and int(np.count_nonzero(mask)) < 2:
         return {m: float("nan") for m in METRICS}
     rz, sz = zscore(real, mask), zscore(syn, mask)
+    ha, hb, hab = _entropies(joint_histogram(_region(rz, mask), _region(sz, mask), bins))
     return {
         "mae": mae(rz, sz, mask),
         "psnr": psnr(rz, sz, mask),
-        "mi": mutual_information(rz, sz, mask, bins),
-        "nmi": normalized_mutual_information(rz, sz, mask, bins),
+        "mi": ha + hb - hab,
+        "nmi": _nmi(ha, hb, hab),
         "ssim": ssim(rz, sz, mask),
     }
 
