@@ -290,6 +290,29 @@ def test_evaluate_refuses_checkpoint_of_another_model(runs, prepared_small, tmp_
     assert not out.exists()
 
 
+def test_evaluate_refuses_a_run_given_twice(runs, prepared_small, tmp_path, capsys):
+    """The same run directory twice (here once through a symbolic link, once plainly; the
+    directory is named after its model, the usual layout) is refused before anything is
+    written; three different copies whose labels would collide are refused by name."""
+    link = tmp_path / "again"
+    link.symlink_to(runs["simple"], target_is_directory=True)
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--runs", str(runs["simple"]), str(link), "--data",
+               str(prepared_small), "--out", str(out), "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc != 0 and "is given twice" in err and str(runs["simple"]) in err
+    assert not out.exists()
+    copies = []
+    for parent in ("a", "b", "c"):
+        copies.append(tmp_path / parent / "simple")
+        shutil.copytree(runs["simple"], copies[-1])
+    rc = main(["evaluate", "--runs", *map(str, copies), "--data", str(prepared_small),
+               "--out", str(out), "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc != 0 and "distinct names" in err and str(copies[2]) in err
+    assert not out.exists()
+
+
 def test_evaluate_refuses_existing_output(evaluation, runs, prepared_small, capsys):
     before = (evaluation / "eval.json").stat().st_mtime_ns
     rc = main(["evaluate", "--runs", str(runs["simple"]), "--data", str(prepared_small),

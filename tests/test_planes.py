@@ -236,6 +236,12 @@ def test_translate_with_several_runs_writes_their_mean(plane_runs, mini_bids, tm
     _cli("translate", "--run", str(plane_runs["axial"]), "--run", str(plane_runs["coronal"]),
          "--direction", "T1w2T2w", "--input", str(src.parent), "--output", str(tmp_path / "f"))
     assert (tmp_path / "f" / "sub-ms19_desc-simplefused_T2w.nii.gz").is_file()
+    # one run twice (the second time by a path through '..') is not a fusion: refused
+    axial = plane_runs["axial"]
+    again = axial.parent / ".." / axial.parent.name / axial.name
+    assert main(["translate", "--run", str(axial), "--run", str(again), "--direction",
+                 "T1w2T2w", "--input", str(src), "--output", str(tmp_path / "twice.nii.gz")]) != 0
+    assert not (tmp_path / "twice.nii.gz").exists()
 
 
 def test_complete_fuses_runs_of_one_model_in_different_planes(plane_runs, mini_bids, tmp_path):

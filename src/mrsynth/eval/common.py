@@ -49,6 +49,18 @@ def parse_direction(text: str, contrasts: Sequence[str], run_dir: Path | str = "
     return directions(contrasts)[0 if name == "A2B" else 1]
 
 
+def refuse_repeated_runs(run_dirs: Sequence[str | Path]) -> None:
+    """A run directory named twice (perhaps by two paths) would be scored or fused twice
+    as if it were two runs: refuse it, naming both spellings."""
+    seen: dict[Path, Path | str] = {}
+    for rd in run_dirs:
+        key = Path(rd).resolve()
+        if key in seen:
+            raise ConfigError(f"Run {rd} is given twice (also as {seen[key]}); list each run "
+                              "directory once.")
+        seen[key] = rd
+
+
 def load_run_checked(run_dir: str | Path, device: str = "cpu",
                      checkpoint: str | int = "latest") -> LoadedRun:
     """``mrsynth.train.runs.load_run`` with a clear error for a path that is not a run.

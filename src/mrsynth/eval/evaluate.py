@@ -73,6 +73,7 @@ from mrsynth.eval.common import (
     check_compatible,
     directions,
     load_run_checked,
+    refuse_repeated_runs,
     safe_name,
     write_csv,
 )
@@ -304,6 +305,7 @@ def evaluate(
     runs: list[tuple[str, Path, LoadedRun]] = []
     labels: set[str] = set()
     pair: tuple[str, str] | None = None
+    refuse_repeated_runs(list(run_dirs))
     for rd in run_dirs:
         rd = Path(rd)
         run = load_run_checked(rd, device, checkpoint)
@@ -322,7 +324,9 @@ def evaluate(
         if label in labels or label in bl.BASELINES:
             label = safe_name(f"{run.model_name}-{rd.name}")
         if label in labels:
-            raise ConfigError(f"Run {rd} is given twice; list each run directory once.")
+            raise ConfigError(
+                f"Run {rd} would be labelled {label!r} like an earlier run (same model, same "
+                "directory name); give the run directories distinct names.")
         labels.add(label)
         runs.append((label, rd, run))
     assert pair is not None

@@ -94,7 +94,12 @@ from mrsynth.data.volumes import (
     open_image,
 )
 from mrsynth.errors import ConfigError, DataError
-from mrsynth.eval.common import Direction, load_run_checked, parse_direction
+from mrsynth.eval.common import (
+    Direction,
+    load_run_checked,
+    parse_direction,
+    refuse_repeated_runs,
+)
 from mrsynth.utils import atomic_path, check_can_write, check_writable
 
 if TYPE_CHECKING:
@@ -619,6 +624,7 @@ def translate_path(
     run_dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
     if not run_dirs:
         raise ConfigError("Give at least one --run.")
+    refuse_repeated_runs(run_dirs)
     members: list[tuple[LoadedRun, Geometry]] = []
     for rd in run_dirs:
         run = load_run_checked(rd, device, checkpoint)
