@@ -216,6 +216,26 @@ def test_nan_volume(mini_bids: Path, tmp_path: Path, capsys):
     _subject_fails(_prep_args(root, tmp_path / "x.npz"), capsys, "sub-met00110", str(p), "2 NaN")
 
 
+def test_every_training_subject_failing_is_said(mini_bids: Path, tmp_path: Path, capsys):
+    """When every subject planned for training fails, the file still holds the test split
+    (a test-only file is useful for evaluation), but the summary says that nothing is left
+    to train on, beside the failures, instead of reporting 0 train subjects in passing."""
+    root = _copy(mini_bids, tmp_path)
+    for s in ("sub-met00110", "sub-bratscase"):
+        p = root / s / "anat" / f"{s}_T2w.nii.gz"
+        img = nib.load(p)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        data[40, 50, 30] = np.inf
+        nib.save(nib.Nifti1Image(data, img.affine), p)
+    out = tmp_path / "x.npz"
+    assert main(_prep_args(root, out, "--test-subjects", "sub-ms19")) == 0
+    text = " ".join(capsys.readouterr().err.split())
+    assert "None of the train subjects produced slices" in text
+    assert "nothing to train on" in text and "sub-met00110 failed and is skipped" in text
+    d = load_prepared(out)
+    assert d.settings["train_subjects"] == [] and d.settings["test_subjects"] == ["sub-ms19"]
+
+
 def test_4d_volume(mini_bids: Path, tmp_path: Path, capsys):
     root = _copy(mini_bids, tmp_path)
     p = root / "sub-bratscase" / "anat" / "sub-bratscase_T1w.nii.gz"

@@ -101,7 +101,8 @@ def info_cmd(
     if info.n_problems:
         raise DataError(
             f"{info.n_problems} problem(s) found in {info.source} (listed above). Fix or remove "
-            "the files named there; `mrsynth data prepare` stops at the first of them.",
+            "the files named there: `mrsynth data prepare` skips the subjects they belong to "
+            "(with --strict it stops at the first).",
             exit_code=1,
         )
 

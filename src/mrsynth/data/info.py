@@ -1,8 +1,8 @@
 """``mrsynth data info``: what is in a data set, and what is wrong with it.
 
-Unlike ``prepare``, which stops at the first bad file, ``info`` reads every
-volume, records each problem next to the file it concerns and carries on, so
-one run lists everything a user has to fix.
+Unlike ``prepare``, which skips a subject at its first bad file (or stops there with
+``--strict``), ``info`` reads every volume, records each problem next to the file it
+concerns and carries on, so one run lists everything a user has to fix.
 """
 
 from __future__ import annotations

@@ -438,9 +438,11 @@ def finalize(part: Path, dest: Path, *, compress: bool = False, replace: bool = 
         return sorted({subjects[e["subject"]]["participant"] for e in entries
                        if e["split"] == split})
 
-    planned_test = any(r["split"] == "test" for r in plan["records"])
-    if planned_test and not who("test"):
-        notes.append("None of the test subjects produced slices; the test split is empty.")
+    for split, what in (("test", "the test split is empty"),
+                        ("train", "the train split is empty: nothing to train on")):
+        if any(r["split"] == split for r in plan["records"]) and not who(split):
+            notes.append(f"None of the {split} subjects produced slices; {what}.")
+            warn(notes[-1])
     settings.update(
         created_utc=plan["created_utc"], test_subjects=who("test"), train_subjects=who("train"),
         val_subjects=who("val"), skipped_subjects=plan["skipped"], failed_subjects=failed,
