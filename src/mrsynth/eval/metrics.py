@@ -26,8 +26,8 @@ definitions are ours; they are fixed here and in ``docs/evaluation.md``:
 * **NMI** = Studholme's ``(H(real) + H(syn)) / H(real, syn)`` from the same joint
   histogram, between 1 (independent) and 2 (identical): what scikit-image's
   ``normalized_mutual_information`` returns with the same bins (tested), computed
-  from the one histogram MI uses because the two library calls took a quarter of
-  an evaluation's time. A different quantity from MI, reported in its own column.
+  from the one histogram MI uses because the two library calls took about a sixth
+  of an evaluation's time. A different quantity from MI, reported in its own column.
 * **SSIM** = scikit-image's ``structural_similarity`` (7x7 uniform window) with
   ``data_range`` = the same peak as PSNR.
 """
