@@ -282,8 +282,8 @@ CANDIDATES["cyclegan-unet-whole"] = ("cyclegan", {
 CANDIDATES["cyclegan-unet-whole-s1"] = ("cyclegan", {**CANDIDATES["cyclegan-unet-whole"][1],
                                                      "seed": 1})
 
-# Round 12: an intensity branch in the paired U-Nets (arch.intensity_channels: 1x1 convolutions
-# without normalisation on the raw input, joined to the decoder's last features). On issue 12's
+# Round 12: an intensity branch in the paired U-Nets (arch.intensity_channels: a per-voxel MLP
+# of the raw input without normalisation, added before the output's tanh). On issue 12's
 # T2w->T1w the U-Nets lost to simple (a per-voxel map) on the MS subject's upper slices: every
 # U-Net path is instance-normalised, so it sees only each slice's relative intensities.
 for _name in ("generators_s-unet-whole", "pix2pix-unet-whole", "cyclegan_s-unet-whole"):

@@ -20,8 +20,9 @@ definitions are ours; they are fixed here and in ``docs/evaluation.md``:
   intends), and is what scikit-image would use for ``data_range`` on that
   image. Identical images give ``inf``.
 * **MI** = plain mutual information ``H(real) + H(syn) - H(real, syn)`` in
-  **nats** (natural log) from ``numpy.histogram2d`` with ``bins`` (default
-  256) equal-width bins spanning each image's own min..max in the region.
+  **nats** (natural log) from the joint histogram ``numpy.histogram2d`` counts with
+  ``bins`` (default 256) equal-width bins spanning each image's own min..max in the
+  region (:func:`joint_histogram`).
   For identical images it equals the entropy of the discretised image.
 * **NMI** = Studholme's ``(H(real) + H(syn)) / H(real, syn)`` from the same joint
   histogram, between 1 (independent) and 2 (identical): what scikit-image's
@@ -126,8 +127,10 @@ def joint_histogram(a: np.ndarray, b: np.ndarray, bins: int = DEFAULT_BINS) -> n
     return flat.reshape(bins, bins)
 
 
-def _entropies(joint: np.ndarray) -> tuple[float, float, float]:
-    """H(a), H(b), H(a, b) in nats of a joint histogram."""
+def _entropies(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None,
+               bins: int) -> tuple[float, float, float]:
+    """H(a), H(b), H(a, b) in nats over ``mask``, from one joint histogram (MI and NMI)."""
+    joint = joint_histogram(_region(a, mask), _region(b, mask), bins)
     pxy = joint / joint.sum()
     return _entropy(pxy.sum(axis=1)), _entropy(pxy.sum(axis=0)), _entropy(pxy.ravel())
 
@@ -141,7 +144,7 @@ def mutual_information(
     bins; 256 equal-width bins over each image's range is the usual choice for
     8-bit-like images and is what the report states.
     """
-    ha, hb, hab = _entropies(joint_histogram(_region(a, mask), _region(b, mask), bins))
+    ha, hb, hab = _entropies(a, b, mask, bins)
     return ha + hb - hab
 
 
@@ -149,7 +152,7 @@ def normalized_mutual_information(
     a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = DEFAULT_BINS
 ) -> float:
     """Studholme's NMI ``(H(a) + H(b)) / H(a, b)`` (1 to 2), as scikit-image computes it."""
-    ha, hb, hab = _entropies(joint_histogram(_region(a, mask), _region(b, mask), bins))
+    ha, hb, hab = _entropies(a, b, mask, bins)
     return _nmi(ha, hb, hab)
 
 
@@ -189,7 +192,7 @@ def image_metrics(
     if mask is not None and int(np.count_nonzero(mask)) < 2:
         return {m: float("nan") for m in METRICS}
     rz, sz = zscore(real, mask), zscore(syn, mask)
-    ha, hb, hab = _entropies(joint_histogram(_region(rz, mask), _region(sz, mask), bins))
+    ha, hb, hab = _entropies(rz, sz, mask, bins)
     return {
         "mae": mae(rz, sz, mask),
         "psnr": psnr(rz, sz, mask),

@@ -77,6 +77,11 @@ class StepContext:
             self.scaler.update()
 
 
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    """An integer setting (not a bool) within [lo, hi]."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
 class TranslationModel(nn.Module):
     """Base class: networks, optimisers and a training step for one model family.
 
@@ -147,13 +152,13 @@ class TranslationModel(nn.Module):
             if value is not None and value not in choices:
                 problems.append(f"arch.{key} must be one of {', '.join(choices)}")
         n = cfg["arch"].get("intensity_channels", 0)
-        if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 256):
+        if not _int_in(n, 0, 256):
             problems.append("arch.intensity_channels must be an integer from 0 (off) to 256")
         elif n and cfg["arch"].get("generator", "resnet") != "unet":
             problems.append("arch.intensity_channels needs arch.generator=unet: only the "
                             "U-Net has the intensity branch")
         k = cfg["arch"].get("context_slices", 0)
-        if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_CONTEXT_SLICES):
+        if not _int_in(k, 0, MAX_CONTEXT_SLICES):
             problems.append(f"arch.context_slices must be an integer from 0 (2-D) to "
                             f"{MAX_CONTEXT_SLICES}: the neighbouring slices on each side given "
                             "to the generators")
